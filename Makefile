@@ -1,0 +1,33 @@
+# xmx — two commands are all a fresh machine needs:
+#   make run    set up (once) and run the default experiment (a synthetic CPU demo)
+#   make test   set up (once) and run the test suite
+# The virtualenv lives outside the clone, keyed on a hash of the install files, so reruns skip the install.
+
+PYTHON ?= python3
+INSTALL_HASH := $(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
+VENV ?= $(HOME)/.cache/xmx/venv-$(INSTALL_HASH)
+VPY := $(VENV)/bin/python
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup run test bench-smoke clean-venv
+
+setup: $(VENV)/.installed
+
+# The marker is written last: an interrupted install leaves no marker and is redone from scratch.
+$(VENV)/.installed: pyproject.toml Makefile
+	rm -rf "$(VENV)"
+	$(PYTHON) -m venv "$(VENV)"
+	"$(VPY)" -m pip install --quiet --upgrade pip
+	"$(VPY)" -m pip install --quiet -e '.[test]'
+	touch "$@"
+
+run: setup
+	"$(VPY)" -m xmx.run $(ARGS)
+
+test: setup
+	"$(VPY)" -m pytest -q $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf "$(VENV)"
