@@ -1,0 +1,471 @@
+"""Image feature extraction through a frozen CLIP image encoder, optionally cached in the :class:`FeatureStore`.
+
+Two ways to turn files into normalised ``[3, S, S]`` inputs, both with the same transforms (spec §0):
+
+- ``decode="pil"`` (reference, CPU): PIL decodes in DataLoader workers (``.convert("RGB")`` handles CMYK, greyscale
+  and PNG files named ``.jpg``), torchvision's functional transforms resize/crop the PIL image.
+- ``decode="gpu"`` (fast path; ``decode="tensor"`` runs the same code on the CPU, for tests): workers only read
+  file bytes (and the JPEG header, for the crop parameters);
+  ``torchvision.io.decode_jpeg(list, device="cuda")`` decodes a batch with nvjpeg, and the same functional
+  transforms resize/crop the uint8 tensors on the GPU; the encoder runs under autocast. Files that are not
+  RGB/greyscale JPEGs (PNG, CMYK, ...) or that nvjpeg rejects are decoded by PIL and then follow the same tensor ops.
+  Without CUDA, ``decode="gpu"`` falls back to ``"pil"``.
+
+Presets: ``none`` = CLIP eval transform (resize the short side to S, bicubic, centre crop S); ``tip`` =
+RandomResizedCrop(S, scale (0.5, 1), bicubic) + horizontal flip; ``coop`` = the same with scale (0.08, 1). CLIP
+mean/std normalisation always; optional Gaussian noise ``noise_std`` added to the normalised image (spec §3.8).
+Every random draw of view ``v`` of item ``i`` comes from a generator seeded by ``(seed, v, i)``, so the result does
+not depend on worker count or batch size, and both decode paths use the very same crops, flips and noise.
+
+Outputs are raw encoder features (spec §0) ``[V, N, C]`` in the store precision (fp16 or fp32).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import InterpolationMode, RandomResizedCrop
+from torchvision.transforms.v2 import functional as TF
+
+from xmx.errors import XmxError
+from xmx.features.store import FeatureStore, tensors_checksum
+
+log = logging.getLogger(__name__)
+
+EXTRACT_VERSION = 1  # bump when a change here changes the numbers: it is part of every feature key
+PRESETS = {"none": None, "tip": (0.5, 1.0), "coop": (0.08, 1.0)}  # preset -> RandomResizedCrop scale
+RATIO = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's default aspect-ratio range
+PRECISIONS = {"fp16": torch.float16, "fp32": torch.float32}
+AMP = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def _seed(*parts) -> int:
+    """A 63-bit seed from any parts (stable across processes and Python versions)."""
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+
+
+# ---- the transform, shared by both decode paths -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Preprocess:
+    """Geometry + normalisation + noise of one preset, with the per-(seed, view, index) random draws."""
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bicubic"
+    preset: str = "none"
+    noise_std: float = 0.0
+    seed: int = 0
+
+    @classmethod
+    def from_backbone(cls, backbone, preset: str = "none", noise_std: float = 0.0, seed: int = 0) -> "Preprocess":
+        if preset not in PRESETS:
+            raise XmxError(f"unknown augmentation preset {preset!r}; valid choices: {', '.join(PRESETS)}")
+        if not noise_std >= 0:
+            raise XmxError(f"noise_std must be >= 0, got {noise_std}")
+        return cls(backbone.image_size, tuple(backbone.image_mean), tuple(backbone.image_std),
+                   str(backbone.interpolation), preset, float(noise_std), int(seed))
+
+    @property
+    def deterministic(self) -> bool:
+        """True when every view of an image is the same (eval transform, no noise)."""
+        return PRESETS[self.preset] is None and self.noise_std == 0
+
+    @property
+    def _interp(self) -> InterpolationMode:
+        return InterpolationMode(self.interpolation)
+
+    def view_params(self, index: int, view: int, height: int, width: int) -> tuple | None:
+        """Crop box ``(top, left, h, w)`` and flip for view ``view`` of item ``index`` of an ``height x width``
+        image; None for the eval transform. torchvision draws from the global RNG, so it runs inside a fork."""
+        scale = PRESETS[self.preset]
+        if scale is None:
+            return None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_seed(self.seed, view, index, "crop"))
+            # get_params only reads the (C, H, W) of its argument: an expanded 1-element tensor costs nothing
+            top, left, h, w = RandomResizedCrop.get_params(torch.empty(1).expand(3, height, width), list(scale),
+                                                           list(RATIO))
+            flip = bool(torch.rand(1) < 0.5)
+        return top, left, h, w, flip
+
+    def noise(self, index: int, view: int) -> torch.Tensor | None:
+        """Gaussian noise [3,S,S] (fp32) added to the normalised image, or None."""
+        if self.noise_std == 0:
+            return None
+        g = torch.Generator().manual_seed(_seed(self.seed, view, index, "noise"))
+        return torch.randn(3, self.size, self.size, generator=g) * self.noise_std
+
+    def geometry(self, img, params):
+        """PIL image or uint8 tensor [..,3,H,W] -> the same type at [..,3,S,S] (the preset's resize/crop/flip)."""
+        if params is None:
+            img = TF.resize(img, [self.size], interpolation=self._interp, antialias=True)
+            return TF.center_crop(img, [self.size, self.size])
+        top, left, h, w, flip = params
+        img = TF.resized_crop(img, top, left, h, w, [self.size, self.size], interpolation=self._interp,
+                              antialias=True)
+        return TF.horizontal_flip(img) if flip else img
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 [..,3,S,S] -> float32 CLIP-normalised (same as ToTensor + Normalize)."""
+        mean = torch.tensor(self.mean, device=x.device).view(3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(3, 1, 1)
+        return (x.float() / 255.0 - mean) / std
+
+    # ---- the two single-image reference paths (the tests compare them) ------------------------------------------
+    def pil_view(self, img: Image.Image, index: int, view: int) -> torch.Tensor:
+        """PIL RGB image -> normalised float [3,S,S] (+ noise): the reference path."""
+        x = self.normalise(TF.pil_to_tensor(self.geometry(img, self.view_params(index, view, img.height, img.width))))
+        n = self.noise(index, view)
+        return x if n is None else x + n
+
+    def tensor_view(self, img: torch.Tensor, index: int, view: int) -> torch.Tensor:
+        """uint8 [3,H,W] (any device) -> normalised float [3,S,S] (+ noise): what the GPU path does per image."""
+        x = self.normalise(self.geometry(img, self.view_params(index, view, img.shape[-2], img.shape[-1])))
+        n = self.noise(index, view)
+        return x if n is None else x + n.to(x.device)
+
+
+def open_rgb(path: str | os.PathLike) -> Image.Image:
+    """Decode any image file PIL understands (CMYK, greyscale, palette, PNG named .jpg) to RGB."""
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+# ---- datasets run in DataLoader workers ---------------------------------------------------------------------------
+class _PILViews(Dataset):
+    """item i -> {"index", "x": normalised [V,3,S,S]} or {"index", "error"}."""
+
+    def __init__(self, paths: Sequence[str], pp: Preprocess, views: int):
+        self.paths, self.pp, self.views = paths, pp, views
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            img = open_rgb(self.paths[i])
+        except Exception as e:  # noqa: BLE001 - reported as one line by the main process
+            return {"index": i, "error": f"{self.paths[i]}: {type(e).__name__}: {e}"}
+        return {"index": i, "x": torch.stack([self.pp.pil_view(img, i, v) for v in range(self.views)])}
+
+
+def _collate_pil(items):
+    errors = [it["error"] for it in items if "error" in it]
+    if errors:
+        return {"errors": errors}
+    return {"index": torch.tensor([it["index"] for it in items]), "x": torch.stack([it["x"] for it in items])}
+
+
+class _JPEGBytes(Dataset):
+    """item i -> file bytes (JPEG for nvjpeg) or a PIL-decoded uint8 image (anything else), the per-view crop
+    parameters (from the header's size) and noise; the expensive work happens later, on the GPU."""
+
+    def __init__(self, paths: Sequence[str], pp: Preprocess, views: int):
+        self.paths, self.pp, self.views = paths, pp, views
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        path = self.paths[i]
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            with Image.open(io.BytesIO(data)) as im:  # reads the header only
+                width, height = im.size
+                jpeg = data[:3] == _JPEG_MAGIC and im.format == "JPEG" and im.mode in ("RGB", "L")
+                image = None if jpeg else TF.pil_to_tensor(im.convert("RGB"))  # uint8 [3,H,W]
+        except Exception as e:  # noqa: BLE001
+            return {"index": i, "error": f"{path}: {type(e).__name__}: {e}"}
+        noise = [self.pp.noise(i, v) for v in range(self.views)]
+        return {"index": i, "data": data if jpeg else None, "image": image,
+                "params": [self.pp.view_params(i, v, height, width) for v in range(self.views)],
+                "noise": None if noise[0] is None else torch.stack(noise).half()}  # [V,3,S,S]
+
+
+def _collate_bytes(items):
+    """One shared-memory blob per batch instead of one tensor per file (keeps file descriptors in check)."""
+    errors = [it["error"] for it in items if "error" in it]
+    if errors:
+        return {"errors": errors}
+    blobs = [it["data"] or b"" for it in items]
+    offsets = [0]
+    for b in blobs:
+        offsets.append(offsets[-1] + len(b))
+    blob = torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8) if offsets[-1] else torch.empty(0, dtype=torch.uint8)
+    return {"index": torch.tensor([it["index"] for it in items]), "blob": blob, "offsets": offsets,
+            "images": [it["image"] for it in items], "params": [it["params"] for it in items],
+            "noise": None if items[0]["noise"] is None else torch.stack([it["noise"] for it in items])}
+
+
+# ---- extraction ---------------------------------------------------------------------------------------------------
+def resolve_decode(decode: str, device: torch.device) -> str:
+    """``auto`` -> ``gpu`` on a CUDA device, else ``pil``; ``gpu`` without CUDA -> ``pil`` (logged); ``tensor`` (the
+    fast path's code on any device: torchvision decode + tensor transforms; on CPU, for tests) -> ``gpu`` on CUDA."""
+    if decode not in ("auto", "pil", "gpu", "tensor"):
+        raise XmxError(f"decode must be auto, pil, gpu or tensor, got {decode!r}")
+    cuda = device.type == "cuda" and torch.cuda.is_available()
+    if decode == "tensor":
+        return "gpu" if cuda else "tensor"
+    if decode == "gpu" and not cuda:
+        log.warning("decode=gpu needs a CUDA device; using the PIL path on %s", device)
+    return "gpu" if decode in ("auto", "gpu") and cuda else "pil"
+
+
+def _default_device(device) -> torch.device:
+    return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _as_paths(images, root) -> list[str]:
+    """Absolute paths from paths (absolute, or relative to ``root``) or Datums (relative to the $DATA ``root``)."""
+    out = []
+    for it in images:
+        p = getattr(it, "path", it)
+        p = Path(p)
+        if not p.is_absolute():
+            if root is None:
+                raise XmxError(f"image path {p} is relative but no data root was given; pass root=<$DATA folder>")
+            p = Path(root) / p
+        out.append(str(p))
+    return out
+
+
+def _gpu_decode(blobs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """JPEG bytes (CPU uint8 [n]) -> uint8 RGB [3,H,W] on ``device``: one batched nvjpeg call; should nvjpeg reject
+    the batch, image by image, and PIL for the ones it cannot decode at all."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 deprecates io in favour of torchcodec
+        try:
+            return decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            out = []
+            for b in blobs:
+                try:
+                    out.append(decode_jpeg(b, mode=ImageReadMode.RGB, device=device))
+                except RuntimeError:
+                    with Image.open(io.BytesIO(b.numpy().tobytes())) as im:
+                        out.append(TF.pil_to_tensor(im.convert("RGB")).to(device))
+            return out
+
+
+class _Progress:
+    def __init__(self, enabled: bool, total: int, label: str):
+        self.bar = None
+        if enabled and total:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
+            self.task = self.bar.add_task(label, total=total, rate="")
+            self.bar.start()
+
+    def update(self, n: int, rate: float):
+        if self.bar is not None:
+            self.bar.update(self.task, advance=n, rate=f"{rate:,.0f} img/s")
+
+    def finish(self, line: str):
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar.console.print(line)
+
+
+@torch.no_grad()
+def extract_image_features(backbone, images: Sequence, root: str | os.PathLike | None = None, *,
+                           preset: str = "none", views: int = 1, seed: int = 0, noise_std: float = 0.0,
+                           precision: str = "fp16", decode: str = "auto", device=None, amp: str = "fp16",
+                           batch_size: int = 256, num_workers: int | None = None, progress: bool = True,
+                           stats: dict | None = None) -> torch.Tensor:
+    """Raw image features ``[V, N, C]`` (CPU, ``precision``) of ``images`` (absolute paths, or paths / Datums
+    relative to ``root``) under ``views`` draws of ``preset`` (+ ``noise_std``).
+
+    ``device``: where the encoder runs (default cuda when available; the backbone is moved there for the call and
+    moved back). ``amp``: autocast dtype on CUDA (fp16/bf16/fp32; CPU always runs fp32). ``batch_size``: images x
+    views per encoder call. ``stats`` (optional dict) receives images, seconds, images_per_s, decode and counts.
+    """
+    if precision not in PRECISIONS:
+        raise XmxError(f"features precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if amp not in AMP:
+        raise XmxError(f"amp must be one of {', '.join(AMP)}, got {amp!r}")
+    if not isinstance(views, int) or views < 1:
+        raise XmxError(f"views must be a positive integer, got {views!r}")
+    pp = Preprocess.from_backbone(backbone, preset, noise_std, seed)
+    paths = _as_paths(images, root)
+    device = _default_device(device)
+    decode = resolve_decode(decode, device)
+    v_run = 1 if pp.deterministic else views  # identical views are encoded once and repeated
+    per_batch = max(1, batch_size // v_run)
+    if num_workers is None:
+        num_workers = min(16 if decode == "gpu" else 8, max(0, (os.cpu_count() or 1) - 1))
+    fast = decode in ("gpu", "tensor")
+    ds = (_JPEGBytes if fast else _PILViews)(paths, pp, v_run)
+    loader = DataLoader(ds, batch_size=per_batch, shuffle=False, num_workers=num_workers,
+                        collate_fn=_collate_bytes if fast else _collate_pil,
+                        prefetch_factor=4 if num_workers else None, persistent_workers=False)
+    amp_dtype = AMP[amp] if device.type == "cuda" else None
+    home = backbone.device
+    backbone.to(device)
+    out = torch.empty(v_run, len(paths), backbone.embed_dim, dtype=PRECISIONS[precision])  # [V,N,C]
+    counts = {"gpu_decoded": 0, "cpu_decoded": 0}
+    bar = _Progress(progress, len(paths) * v_run, f"image features ({decode}, {backbone.name})")
+    t0 = time.perf_counter()
+    done = 0
+    try:
+        for batch in loader:
+            if "errors" in batch:
+                raise XmxError(f"cannot read image {batch['errors'][0]}"
+                               + (f" (+{len(batch['errors']) - 1} more in the batch)" if len(batch["errors"]) > 1 else ""))
+            idx = batch["index"]  # [B]
+            if fast:
+                x = _gpu_batch(batch, pp, device, counts)  # [B*V,3,S,S] float on device
+            else:
+                x = batch["x"].flatten(0, 1)  # [B,V,3,S,S] -> [B*V,3,S,S]
+                counts["cpu_decoded"] += len(idx)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                f = backbone.encode_image(x.to(device, non_blocking=True))  # [B*V,C]
+            out[:, idx] = f.float().view(len(idx), v_run, -1).transpose(0, 1).to("cpu", PRECISIONS[precision])
+            done += len(idx) * v_run
+            bar.update(len(idx) * v_run, done / max(time.perf_counter() - t0, 1e-9))
+    finally:
+        backbone.to(home)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    rate = done / max(seconds, 1e-9)
+    line = (f"extracted {len(paths)} images x {v_run} views in {seconds:.1f}s: {rate:,.0f} images/s "
+            f"(decode={decode}, device={device}, {backbone.name})")
+    bar.finish(line)
+    log.info(line)
+    if stats is not None:
+        stats.update(images=len(paths), views=views, encoded=done, seconds=seconds, images_per_s=rate,
+                     decode=decode, device=str(device), **counts)
+    return out.expand(views, -1, -1).clone() if v_run != views else out
+
+
+def _gpu_batch(batch: dict, pp: Preprocess, device: torch.device, counts: dict) -> torch.Tensor:
+    """A collated byte batch -> normalised float [B*V,3,S,S] on ``device``."""
+    offsets, blob = batch["offsets"], batch["blob"]
+    jpeg_pos = [k for k, im in enumerate(batch["images"]) if im is None]
+    decoded = _gpu_decode([blob[offsets[k]:offsets[k + 1]] for k in jpeg_pos], device) if jpeg_pos else []
+    imgs = list(batch["images"])
+    for k, im in zip(jpeg_pos, decoded):
+        imgs[k] = im
+    counts["gpu_decoded" if device.type == "cuda" else "cpu_decoded"] += len(jpeg_pos)
+    counts["cpu_decoded"] += len(imgs) - len(jpeg_pos)
+    crops = []
+    for im, params in zip(imgs, batch["params"]):
+        im = im.to(device, non_blocking=True)  # uint8 [3,H,W]
+        crops.extend(pp.geometry(im, p) for p in params)  # V x uint8 [3,S,S]
+    x = pp.normalise(torch.stack(crops))  # [B*V,3,S,S]
+    if batch["noise"] is not None:
+        x = x + batch["noise"].to(device, non_blocking=True).flatten(0, 1).float()
+    return x
+
+
+# ---- keys and the store -------------------------------------------------------------------------------------------
+def backbone_identity(backbone) -> dict:
+    """What identifies the encoder's numbers: the weights file's sha256, or for random init a checksum of the
+    parameters themselves (two random inits must never share an entry)."""
+    d = backbone.describe()
+    ident = {k: d.get(k) for k in ("name", "arch", "precision", "sha256", "random_init", "quick_gelu")}
+    if not d.get("sha256"):
+        ident["params_sha256"] = tensors_checksum(dict(backbone.model.state_dict()))
+    return ident
+
+
+def paths_digest(paths: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(f"{p}\n".encode())
+    return h.hexdigest()
+
+
+def image_feature_key(backbone, *, dataset: str, split: str, subset_digest: str, n: int, preset: str = "none",
+                      views: int = 1, seed: int = 0, noise_std: float = 0.0, precision: str = "fp16",
+                      decode: str = "pil", amp: str = "fp16", device_type: str = "cpu") -> dict:
+    """The store key for image features: everything that changes the numbers. ``decode`` must be resolved
+    (``pil``/``gpu``); the seed is dropped when the views are deterministic (eval features shared across seeds)."""
+    pp = Preprocess.from_backbone(backbone, preset, noise_std, seed)
+    return {"extract_version": EXTRACT_VERSION, "output": "image_features_raw", "backbone": backbone_identity(backbone),
+            "image_size": pp.size, "mean": list(pp.mean), "std": list(pp.std), "interpolation": pp.interpolation,
+            "preset": preset, "noise_std": float(noise_std), "views": int(views),
+            "seed": None if pp.deterministic else int(seed), "dataset": dataset, "split": split,
+            "subset": subset_digest, "n": int(n), "precision": precision, "decode": decode,
+            "compute": amp if device_type == "cuda" else "fp32"}
+
+
+def cached_image_features(store: FeatureStore, backbone, items: Sequence, root: str | os.PathLike | None = None, *,
+                          dataset: str, split: str, preset: str = "none", views: int = 1, seed: int = 0,
+                          noise_std: float = 0.0, precision: str = "fp16", decode: str = "auto", device=None,
+                          amp: str = "fp16", batch_size: int = 256, num_workers: int | None = None,
+                          progress: bool = True) -> torch.Tensor:
+    """``extract_image_features`` through the store: raw features ``[V, N, C]`` of ``items`` (Datums relative to
+    the $DATA ``root``, or paths). The subset digest is over (path, label) for Datums, over the paths otherwise.
+    ``store.last_outcome`` says hit / miss / rebuilt."""
+    from xmx.data.fewshot import subset_digest
+    items = list(items)
+    digest = subset_digest(items) if items and hasattr(items[0], "label") else paths_digest([str(p) for p in items])
+    device = _default_device(device)
+    decode = resolve_decode(decode, device)
+    key = image_feature_key(backbone, dataset=dataset, split=split, subset_digest=digest, n=len(items),
+                            preset=preset, views=views, seed=seed, noise_std=noise_std, precision=precision,
+                            decode=decode, amp=amp, device_type=device.type)
+
+    def compute():
+        return {"features": extract_image_features(
+            backbone, items, root, preset=preset, views=views, seed=seed, noise_std=noise_std, precision=precision,
+            decode=decode, device=device, amp=amp, batch_size=batch_size, num_workers=num_workers,
+            progress=progress)}
+
+    return store.get_or_compute("image_features", key, compute)["features"]
+
+
+def list_image_folder(folder: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[str]:
+    """Image files under ``folder`` (recursive), as sorted POSIX paths relative to it."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise XmxError(f"image folder {folder} does not exist")
+    exts = {e.lower() for e in extensions}
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if p.suffix.lower() in exts and p.is_file())
+
+
+def embed_image_folder(store: FeatureStore, backbone, folder: str | os.PathLike, *,
+                       extensions: Sequence[str] = IMAGE_EXTENSIONS, preset: str = "none", precision: str = "fp16",
+                       decode: str = "auto", device=None, amp: str = "fp16", batch_size: int = 256,
+                       num_workers: int | None = None, progress: bool = True) -> tuple[torch.Tensor, list[str]]:
+    """Embed every image under ``folder`` (e.g. the X-adapter retrieval index) through the store:
+    ``(features [N, C] raw, relative paths [N])``. The key covers the listing with each file's size and mtime, so
+    an added, removed or rewritten file makes a new entry."""
+    folder = Path(folder).expanduser().resolve()
+    rel = list_image_folder(folder, extensions)
+    if not rel:
+        raise XmxError(f"image folder {folder} holds no images with extensions {', '.join(extensions)}")
+    h = hashlib.sha256()
+    for r in rel:
+        st = (folder / r).stat()
+        h.update(f"{r}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    device = _default_device(device)
+    decode = resolve_decode(decode, device)
+    key = image_feature_key(backbone, dataset="folder", split="all", subset_digest=h.hexdigest(), n=len(rel),
+                            preset=preset, views=1, precision=precision, decode=decode, amp=amp,
+                            device_type=device.type)
+
+    def compute():
+        return {"features": extract_image_features(
+            backbone, rel, folder, preset=preset, views=1, precision=precision, decode=decode, device=device,
+            amp=amp, batch_size=batch_size, num_workers=num_workers, progress=progress)[0]}
+
+    return store.get_or_compute("image_features", key, compute)["features"], rel
