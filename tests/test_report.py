@@ -183,6 +183,7 @@ def test_compare_with_shipped_and_user_references(tmp_path, capsys):
     t = tip.iloc[0]
     assert (t.dataset, t.column, t.reference) == ("average", 16, 70.32)
     assert t["diff"] == pytest.approx(1.0) and t.source == "Tip-Adapter log: seed 1, test-selected"
+    assert t.note == "ours averages 1 datasets, the reference 11"  # a 1-dataset mean is not the 11-dataset one
     mine = cmp[cmp.source == "our lab notebook"].iloc[0]
     assert mine.label == "my_new_method [RN50]" and mine["diff"] == pytest.approx(0.5)
     assert "+1.00" in stdout and "Tip-Adapter log: seed 1, test-selected" in stdout and "+0.50" in stdout

@@ -517,7 +517,8 @@ def load_references(path=None) -> pd.DataFrame:
                      "methods": {_norm(m) for m in [e["method"], *([aliases] if isinstance(aliases, str) else aliases)]},
                      "backbones": {_bb(b) for b in ([bb] if isinstance(bb, str) else bb)},
                      "dataset": dataset_name(e["dataset"]), "column": str(e["column"]), "value": value,
-                     "source": str(e["source"])})
+                     "source": str(e["source"]),
+                     "n_datasets": int(e["n_datasets"]) if str(e.get("n_datasets") or "").strip() else None})
     return pd.DataFrame(rows)
 
 
@@ -533,11 +534,14 @@ def compare(cells: pd.DataFrame, refs: pd.DataFrame) -> pd.DataFrame:
             if (r.table == c.table and _norm(c.method) in r.methods and r.dataset == c.dataset
                     and r.column in ("*", c.column)
                     and (not r.backbones or not c.backbone or _bb(c.backbone) in r.backbones)):
+                note = ""
+                if c.dataset == AVG and r.n_datasets and not pd.isna(r.n_datasets) and c.n_datasets != r.n_datasets:
+                    note = f"ours averages {int(c.n_datasets)} datasets, the reference {int(r.n_datasets)}"
                 rows.append({"table": c.table, "label": c.label, "dataset": c.dataset, "column": c.column,
                              "ours": c.mean, "reference": r.value, "diff": c.mean - r.value, "source": r.source,
-                             "ours_text": c.text, "complete": c.complete})
+                             "ours_text": c.text, "complete": c.complete, "note": note})
     return pd.DataFrame(rows, columns=["table", "label", "dataset", "column", "ours", "reference", "diff", "source",
-                                       "ours_text", "complete"])
+                                       "ours_text", "complete", "note"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -601,11 +605,15 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", str(s)).strip("_").lower() or "x"
 
 
+def _md(s) -> str:
+    return str(s).replace("|", "\\|")
+
+
 def markdown_table(df: pd.DataFrame) -> str:
     head = [df.index.name or ""] + [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * len(df.columns)) + "|"]
+    lines = ["| " + " | ".join(map(_md, head)) + " |", "|" + "|".join(["---"] + ["---:"] * len(df.columns)) + "|"]
     for idx, row in df.iterrows():
-        lines.append("| " + " | ".join([str(idx)] + [str(v) for v in row]) + " |")
+        lines.append("| " + " | ".join([_md(idx)] + [_md(v) for v in row]) + " |")
     return "\n".join(lines)
 
 
@@ -647,13 +655,17 @@ def plot_fewshot(cells: pd.DataFrame, refs: pd.DataFrame | None) -> dict[str, by
     out = {}
     if not len(fs):
         return out
+    # a row measured at 0 shots only (zero-shot) is drawn as a horizontal line, so 0 gets no tick of its own
+    only0 = fs.groupby("label").column.agg(lambda c: set(c) == {"0"})
     shots = sorted(fs.column.unique(), key=_col_order)
+    if "0" in shots and len(shots) > 1 and not (~only0[fs[fs.column == "0"].label.unique()]).any():
+        shots.remove("0")
     pos = {s: i for i, s in enumerate(shots)}
     for d in sorted(fs.dataset.unique(), key=_dataset_order):
         fig, ax = plt.subplots(figsize=(5.5, 4))
         for label, g in fs[fs.dataset == d].groupby("label"):
             g = g.sort_values("column", key=lambda c: c.map(_col_order))
-            if len(g) == 1 and len(shots) > 1 and g.column.iloc[0] == "0":
+            if only0[label] and "0" not in pos:
                 ax.axhline(g["mean"].iloc[0], ls=":", color="gray", label=label)
                 continue
             ax.errorbar([pos[c] for c in g.column], g["mean"], yerr=g["std"].fillna(0), marker="o", capsize=3,
@@ -675,7 +687,7 @@ def plot_fewshot(cells: pd.DataFrame, refs: pd.DataFrame | None) -> dict[str, by
         ax.set_ylabel("test accuracy (%)")
         ax.set_title("Average over datasets" if d == AVG else d)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         out[f"fewshot_{_slug(d)}.png"] = _png(fig)
     return out
 
@@ -697,10 +709,12 @@ def plot_sweeps(runs: pd.DataFrame, obs: pd.DataFrame, swept: dict, params: list
         o = obs[obs.run.isin(sel.index)]
         for key in keys:
             xs = {i: sel.cfg[i].get(key) for i in sel.index}
+            xs = {i: v for i, v in xs.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
             if len({json.dumps(v, sort_keys=True, default=str) for v in xs.values()}) < 2:
                 continue
+            o = obs[obs.run.isin(list(xs))]
             others = {i: ", ".join(f"{k}={_fmt_value(sel.cfg[i].get(k))}" for k in swept[gkey] if k != key)
-                      for i in sel.index}
+                      for i in xs}
             d = o.assign(x=o.run.map(xs), other=o.run.map(others), xkey=o.run.map(lambda i: str(xs[i])))
             numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in xs.values())
             agg = (d.groupby(["dataset", "column", "other", "xkey"])
@@ -710,6 +724,10 @@ def plot_sweeps(runs: pd.DataFrame, obs: pd.DataFrame, swept: dict, params: list
                 if {"base", "new"} <= set(w.columns):
                     agg = pd.concat([agg, w.assign(column="hm", mean=[hm(b, n) for b, n in zip(w.base, w.new)],
                                                    std=np.nan)[agg.columns]], ignore_index=True)
+            # only the lines that were actually swept (two or more values of the key)
+            agg = agg[agg.groupby(["dataset", "column", "other"]).xkey.transform("nunique") > 1]
+            if agg.empty:
+                continue
             cats = sorted(agg.xkey.unique(), key=lambda s: (float(s) if numeric else 0, s))
             fig, ax = plt.subplots(figsize=(5.5, 4))
             for (ds, col, other), g in agg.groupby(["dataset", "column", "other"]):
@@ -723,7 +741,7 @@ def plot_sweeps(runs: pd.DataFrame, obs: pd.DataFrame, swept: dict, params: list
             ax.set_ylabel("metric (%)")
             ax.set_title(" ".join(p for p in [gkey[1], f"({gkey[2]})" if gkey[2] else "", gkey[0]] if p))
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
             out[f"sweep_{_slug(gkey[0])}_{_slug(gkey[1])}_{_slug(gkey[2])}_{_slug(key)}.png"] = _png(fig)
     return out
 
@@ -789,14 +807,14 @@ def build_report(folders, out="report", seeds=None, params=(), references=(), do
     files["skipped.csv"] = skipped.to_csv(index=False).encode()
     if len(skipped):
         md += ["## Skipped runs", "", "| results.json | reason |", "|---|---|"]
-        md += [f"| {p} | {r} |" for p, r in skipped.itertuples(index=False)] + [""]
+        md += [f"| {_md(p)} | {_md(r)} |" for p, r in skipped.itertuples(index=False)] + [""]
     if cmp is not None:
         md += ["## Comparison with references", ""]
         if len(cmp):
-            md += ["| table | method | dataset | column | ours | reference | ours − ref | reference source |",
-                   "|---|---|---|---|---:|---:|---:|---|"]
-            md += [f"| {r.table} | {r.label} | {r.dataset} | {r.column} | {r.ours_text} | {r.reference:.2f} | "
-                   f"{r.diff:+.2f} | {r.source} |" for r in cmp.itertuples()] + [""]
+            md += ["| table | method | dataset | column | ours | reference | ours − ref | reference source | note |",
+                   "|---|---|---|---|---:|---:|---:|---|---|"]
+            md += [f"| {r.table} | {_md(r.label)} | {r.dataset} | {r.column} | {r.ours_text} | {r.reference:.2f} | "
+                   f"{r.diff:+.2f} | {_md(r.source)} | {r.note} |" for r in cmp.itertuples()] + [""]
         else:
             md += ["No cell has a reference number.", ""]
         files["compare.csv"] = cmp.drop(columns="ours_text").to_csv(index=False).encode()
@@ -840,7 +858,7 @@ def main(argv=None) -> int:
             print("  no cell has a reference number")
         for r in res["compare"].itertuples():
             print(f"  {r.table:13s} {r.label} | {r.dataset} | {r.column}: {r.ours_text} vs {r.reference:.2f} "
-                  f"→ {r.diff:+.2f}  [{r.source}]")
+                  f"→ {r.diff:+.2f}  [{r.source}]" + (f"  ({r.note})" if r.note else ""))
     print(f"\nwrote {len(res['files'])} files to {args.out}/")
     return 0
 
