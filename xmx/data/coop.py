@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
+from itertools import repeat
 from pathlib import Path
 from typing import Iterable
 
@@ -197,8 +198,27 @@ def imagenet_classnames(root: Path, own_dir: str | None = None) -> tuple[dict[st
         if d and (Path(root) / d / "classnames.txt").is_file():
             path = Path(root) / d / "classnames.txt"
             return read_classnames_txt(path), str(path)
-    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
-    return dict(zip(shipped_wnids("imagenet"), IMAGENET_CLASSNAMES)), "open_clip.zero_shot_metadata"
+    return dict(zip(shipped_wnids("imagenet"), open_clip_imagenet_classnames())), "open_clip.zero_shot_metadata"
+
+
+@lru_cache(maxsize=1)
+def open_clip_imagenet_classnames() -> tuple[str, ...]:
+    """open_clip's bundled ImageNet class names (sorted-wnid order), read from its pure-data module without
+    importing the open_clip package (which would import torch) when that has not happened already."""
+    import importlib.util
+    import sys
+    mod = sys.modules.get("open_clip.zero_shot_metadata")
+    if mod is None:
+        spec = importlib.util.find_spec("open_clip")
+        if spec is None or not spec.submodule_search_locations:
+            raise XmxError("ImageNet class names: no classnames.txt under $DATA/imagenet/ and open_clip is not "
+                           "installed; add CoOp's classnames.txt ('<wnid> <class name>' lines) or pip install "
+                           "open_clip_torch")
+        path = Path(list(spec.submodule_search_locations)[0]) / "zero_shot_metadata.py"
+        sub = importlib.util.spec_from_file_location("_xmx_open_clip_zero_shot_metadata", path)
+        mod = importlib.util.module_from_spec(sub)
+        sub.loader.exec_module(mod)
+    return tuple(mod.IMAGENET_CLASSNAMES)
 
 
 def index_folders(root: Path, rel_dir: str, folders: list[str], labels: list[int],
@@ -216,7 +236,7 @@ def index_folders(root: Path, rel_dir: str, folders: list[str], labels: list[int
             absent.append(f"{rel_dir}/{folder}/")
             continue
         prefix = f"{rel_dir}/{folder}/"
-        items.extend(Datum(prefix + n, label, cname) for n in names)
+        items.extend(map(Datum, [prefix + n for n in names], repeat(label), repeat(cname)))
     return items, absent
 
 
