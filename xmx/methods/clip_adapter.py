@@ -1,0 +1,60 @@
+"""CLIP-Adapter (Gao et al.), visual branch only; spec `methods.md` §1.
+
+    A(v)  = ReLU(Linear_{C/4→C}(ReLU(Linear_{C→C/4}(v))))      # no biases [code]
+    v'    = norm(ratio·A(v) + (1−ratio)·v)                     # ratio = 0.2; v are the raw image features
+    logit = exp(logit_scale)·v'·W                              # W [C, N]: the frozen zero-shot classifier
+
+The LightningModule that trains this adapter lives below the math in this file (added separately).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xmx.errors import XmxError
+
+
+class ClipAdapter(nn.Module):
+    """`v' = norm(ratio·A(v) + (1−ratio)·v)`; `fc` is the bottleneck MLP `A` (C → C/reduction → C, no biases)."""
+
+    def __init__(self, dim: int, reduction: int = 4, ratio: float = 0.2):
+        super().__init__()
+        if dim <= 0 or reduction <= 0 or dim % reduction:
+            raise XmxError(f"CLIP-Adapter: dim {dim} is not divisible by reduction {reduction}; pick a reduction "
+                           f"dividing the CLIP width")
+        if not 0.0 <= ratio <= 1.0:
+            raise XmxError(f"CLIP-Adapter: ratio={ratio} is outside [0, 1]; the residual ratio must be a fraction "
+                           f"(default 0.2)")
+        self.dim, self.ratio = dim, float(ratio)
+        self.fc = nn.Sequential(
+            nn.Linear(dim, dim // reduction, bias=False), nn.ReLU(),
+            nn.Linear(dim // reduction, dim, bias=False), nn.ReLU(),
+        )
+
+    def _check_image(self, image_feats: torch.Tensor) -> None:
+        if image_feats.ndim != 2 or image_feats.shape[-1] != self.dim:
+            raise XmxError(f"CLIP-Adapter: image features have shape {tuple(image_feats.shape)} but the adapter "
+                           f"expects [B, {self.dim}]; build it with the backbone's embed_dim")
+        if not bool(torch.isfinite(image_feats).all()):
+            raise XmxError("CLIP-Adapter: image features contain NaN or inf; recompute or clear the cached features")
+
+    def forward(self, image_feats: torch.Tensor) -> torch.Tensor:
+        """Adapted, normalised image features `v' [B, C]` from raw (or normalised) features `v [B, C]`."""
+        self._check_image(image_feats)
+        v = image_feats  # [B, C]
+        return F.normalize(self.ratio * self.fc(v) + (1 - self.ratio) * v, dim=-1)  # [B, C]
+
+    def logits(self, image_feats: torch.Tensor, W: torch.Tensor, logit_scale) -> torch.Tensor:
+        """`exp(logit_scale)·v'·W` → [B, N]; `W [C, N]` is the normalised zero-shot classifier (spec §0)."""
+        if W.ndim != 2 or W.shape[0] != self.dim:
+            raise XmxError(f"CLIP-Adapter: classifier W has shape {tuple(W.shape)} but must be [{self.dim}, N] "
+                           f"(embed_dim × classes); pass the text classifier, not its transpose")
+        if W.shape[1] == 0:
+            raise XmxError("CLIP-Adapter: the class list is empty (W has N=0 columns); give at least one class name")
+        if not bool(torch.isfinite(W).all()):
+            raise XmxError("CLIP-Adapter: classifier W contains NaN or inf; recompute the text classifier")
+        v_ad = self(image_feats)  # [B, C]
+        scale = torch.as_tensor(logit_scale, dtype=v_ad.dtype, device=v_ad.device).exp()
+        return scale * v_ad @ W  # [B, N]
