@@ -223,6 +223,8 @@ def test_domain_shift_glue_and_colour_tables(tmp_path):
         write_result(r, method="xmadapter", dataset="imagenet", protocol="domain_shift", seed=seed,
                      metrics={"test/acc": base, "test_imagenetv2/acc": base - 10, "test_imagenet_sketch/acc": 30.0,
                               "test_imagenet_a/acc": 20.0, "test_imagenet_r/acc": 50.0})
+    write_result(r, method="xmadapter", dataset="imagenet", protocol="transfer", seed=1,
+                 metrics={"test/acc": 60.0, "test_caltech101/acc": 90.0, "test_dtd/acc": 40.0})
     write_result(r, method="xadapter", dataset="cola", protocol="glue", shots=0, arch="bert-base-uncased",
                  metrics={"test/mcc": 50.0, "test/acc": 80.0})
     write_result(r, method="xadapter", dataset="mrpc", protocol="glue", shots=0, arch="bert-base-uncased",
@@ -236,6 +238,9 @@ def test_domain_shift_glue_and_colour_tables(tmp_path):
                                 "Average"]
     assert ds.loc["xmadapter", "ImageNet (source)"] == "61.00 ± 1.41"
     assert cell(cells, table="domain_shift", column="average")["mean"] == pytest.approx((51 + 30 + 20 + 50) / 4)
+    cd = tables["cross_dataset_imagenet"]
+    assert list(cd.columns) == ["ImageNet (source)", "Caltech101", "DTD", "Average"]
+    assert cd.loc["xmadapter", "Average"] == "65.00"
     glue = tables["glue"]
     assert glue.loc["xadapter", "CoLA matthews"] == "50.00" and glue.loc["xadapter", "MRPC f1"] == "88.00"
     assert glue.loc["xadapter", "GLUE score"] == f"{((50 + 80) / 2 + (88 + 84) / 2) / 2:.2f}"

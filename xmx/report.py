@@ -36,7 +36,7 @@ import pandas as pd
 import yaml
 
 from xmx.errors import XmxError
-from xmx.utils import atomic_write_bytes, atomic_write_text
+from xmx.utils import atomic_write_bytes
 
 SCHEMA = "xmx.results/1"
 TABLES = ("fewshot", "base2new", "domain_shift", "cross_dataset", "glue", "colour")
@@ -259,7 +259,8 @@ def load_runs(paths) -> tuple[pd.DataFrame, pd.DataFrame]:
             runs.append({"path": str(path), "mtime": Path(path).stat().st_mtime, "table": table,
                          "method": str(rec["method"]), "experiment": str(rec.get("experiment") or ""),
                          "backbone": _backbone(rec), "protocol": protocol, "dataset": dataset,
-                         "shots": shots, "seed": seed, "cfg": _flatten(rec.get("config")), "obs": obs})
+                         "shots": shots, "seed": seed, "obs": obs,
+                         "cfg": _flatten(rec["config"]) if isinstance(rec.get("config"), dict) else {}})
         except _Skip as e:
             skipped.append({"path": str(path), "reason": str(e)})
     return pd.DataFrame(runs), pd.DataFrame(skipped, columns=["path", "reason"])
