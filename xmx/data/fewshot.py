@@ -1,4 +1,6 @@
-"""Few-shot subsets: K images per class drawn with a generator seeded from (seed, split) alone, never global state."""
+"""Few-shot subsets: K images per class drawn with a generator seeded from (seed, split) alone, never global state;
+:func:`select_fewshot` picks a run's subset (a user's file, else the CoOp-protocol subset shipped in
+``fewshot_subsets/<dataset>/shot_<K>-seed_<S>.json.gz``, else seeded sampling)."""
 
 from __future__ import annotations
 
