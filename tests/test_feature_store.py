@@ -172,6 +172,26 @@ def test_bad_keys_and_results_raise_one_line_errors(tmp_path):
     assert store.entries() == []
 
 
+def test_failing_compute_leaves_nothing_and_is_retried(tmp_path):
+    store = FeatureStore(tmp_path)
+
+    def boom():
+        raise RuntimeError("CUDA out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        store.get_or_compute(KIND, BASE_KEY, boom)
+    assert store.entries() == [] and not store.path_for(KIND, BASE_KEY).exists()
+    compute = Counter()
+    store.get_or_compute(KIND, BASE_KEY, compute)
+    assert compute.calls == 1 and store.last_outcome == "miss"
+
+
+def test_unwritable_root_is_a_one_line_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(XmxError, match="not writable"):
+        FeatureStore(tmp_path / "file" / "store").get_or_compute(KIND, BASE_KEY, Counter())
+
+
 def test_disk_full_leaves_nothing_accepted(tmp_path, monkeypatch):
     store = FeatureStore(tmp_path)
     real_save = store_mod.save_file

@@ -226,7 +226,10 @@ def resolve_decode(decode: str, device: torch.device) -> str:
 
 
 def _default_device(device) -> torch.device:
-    return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())  # nvjpeg and events want an explicit index
+    return device
 
 
 def _as_paths(images, root) -> list[str]:
@@ -276,9 +279,13 @@ class _Progress:
         if self.bar is not None:
             self.bar.update(self.task, advance=n, rate=f"{rate:,.0f} img/s")
 
+    def stop(self):
+        if self.bar is not None and self.bar.live.is_started:
+            self.bar.stop()
+
     def finish(self, line: str):
         if self.bar is not None:
-            self.bar.stop()
+            self.stop()
             self.bar.console.print(line)
 
 
@@ -313,7 +320,8 @@ def extract_image_features(backbone, images: Sequence, root: str | os.PathLike |
     ds = (_JPEGBytes if fast else _PILViews)(paths, pp, v_run)
     loader = DataLoader(ds, batch_size=per_batch, shuffle=False, num_workers=num_workers,
                         collate_fn=_collate_bytes if fast else _collate_pil,
-                        prefetch_factor=4 if num_workers else None, persistent_workers=False)
+                        prefetch_factor=4 if num_workers else None, persistent_workers=False,
+                        pin_memory=device.type == "cuda" and not fast)  # the fast path ships bytes, not pixels
     amp_dtype = AMP[amp] if device.type == "cuda" else None
     home = backbone.device
     backbone.to(device)
@@ -322,6 +330,14 @@ def extract_image_features(backbone, images: Sequence, root: str | os.PathLike |
     bar = _Progress(progress, len(paths) * v_run, f"image features ({decode}, {backbone.name})")
     t0 = time.perf_counter()
     done = 0
+    pending = None  # the previous batch's features, copied to the host without blocking the GPU
+
+    def land(p):  # wait for one batch's copy and scatter it into `out`
+        b_idx, host, event = p
+        if event is not None:
+            event.synchronize()
+        out[:, b_idx] = host.view(len(b_idx), v_run, -1).transpose(0, 1).to(out.dtype)  # [V,B,C]
+
     try:
         for batch in loader:
             if "errors" in batch:
@@ -335,13 +351,23 @@ def extract_image_features(backbone, images: Sequence, root: str | os.PathLike |
                 counts["cpu_decoded"] += len(idx)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 f = backbone.encode_image(x.to(device, non_blocking=True))  # [B*V,C]
-            out[:, idx] = f.float().view(len(idx), v_run, -1).transpose(0, 1).to("cpu", PRECISIONS[precision])
+            if device.type == "cuda":  # no host sync here: the CPU goes on to prepare the next batch
+                host = torch.empty(f.shape, dtype=f.dtype, pin_memory=True)
+                host.copy_(f, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+            else:
+                host, event = f, None
+            if pending is not None:
+                land(pending)
+            pending = (idx, host, event)
             done += len(idx) * v_run
             bar.update(len(idx) * v_run, done / max(time.perf_counter() - t0, 1e-9))
+        if pending is not None:
+            land(pending)
     finally:
         backbone.to(home)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        bar.stop()  # also when a file cannot be read: never leave a live display behind
     seconds = time.perf_counter() - t0
     rate = done / max(seconds, 1e-9)
     line = (f"extracted {len(paths)} images x {v_run} views in {seconds:.1f}s: {rate:,.0f} images/s "

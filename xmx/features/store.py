@@ -182,7 +182,11 @@ class FeatureStore:
             return self._hit(kind, path, tensors)
         except (FileNotFoundError, CorruptEntry):
             pass
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise XmxError(f"feature store root {self.root} is not writable ({e.strerror}); point the feature "
+                           "store at a writable folder") from None
         try:
             with self._lock(path):
                 try:  # someone else may have written it while we waited
