@@ -28,7 +28,8 @@ from xmx.errors import XmxError
 
 __all__ = [
     "TIP_DATASETS", "TIP_DEFAULT", "tip_dataset_config", "norm", "affinity", "build_cache", "check_cache",
-    "tip_logits", "TipAdapter", "TipAdapterF", "search_grid", "search_alpha_beta", "SearchResult", "correct_counts", "accuracy",
+    "tip_logits", "TipAdapter", "TipAdapterF", "search_grid", "search_alpha_beta", "SearchResult", "correct_counts",
+    "accuracy",
 ]
 
 ZS_SCALE = 100.0  # Tip-Adapter's fixed CLIP logit scale

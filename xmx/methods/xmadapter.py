@@ -37,7 +37,7 @@ from xmx.methods.tip_adapter import (ZS_SCALE, _check_feats, _chunk_rows, affini
 
 __all__ = ["IMG2TXT", "GAMMA_MODES", "TXT_KEYS_FROM", "Img2TxtNet", "MetaNet", "TextMixture", "LinearImg2Txt",
            "PseudoTokenImg2Txt", "make_pseudo_token_prompt", "hard_sample_weights", "XMAdapter", "XMSearchResult",
-           "search_xmadapter", "gamma_grid"]
+           "search_xmadapter", "gamma_grid", "Branches", "TXT_KEYS_REFRESH"]
 
 IMG2TXT = ("text_mixture", "linear", "pseudo_token")
 GAMMA_MODES = ("fixed", "searched", "learned")
