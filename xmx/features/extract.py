@@ -28,6 +28,7 @@ import logging
 import os
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -401,13 +402,18 @@ def _gpu_batch(batch: dict, pp: Preprocess, device: torch.device, counts: dict) 
 
 
 # ---- keys and the store -------------------------------------------------------------------------------------------
+_PARAMS_SHA: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # backbone -> checksum (frozen weights)
+
+
 def backbone_identity(backbone) -> dict:
     """What identifies the encoder's numbers: the weights file's sha256, or for random init a checksum of the
-    parameters themselves (two random inits must never share an entry)."""
+    parameters themselves (two random inits must never share an entry; computed once per backbone object)."""
     d = backbone.describe()
     ident = {k: d.get(k) for k in ("name", "arch", "precision", "sha256", "random_init", "quick_gelu")}
     if not d.get("sha256"):
-        ident["params_sha256"] = tensors_checksum(dict(backbone.model.state_dict()))
+        if backbone not in _PARAMS_SHA:
+            _PARAMS_SHA[backbone] = tensors_checksum(dict(backbone.model.state_dict()))
+        ident["params_sha256"] = _PARAMS_SHA[backbone]
     return ident
 
 
