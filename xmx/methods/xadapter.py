@@ -28,6 +28,7 @@ metrics (:class:`GlueMetrics`).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -267,7 +268,7 @@ def plm_view_texts(tokenizer, input_ids: torch.Tensor, hide: torch.Tensor | None
                 run.append(t)
         if run:
             pieces.append(tokenizer.decode(run).strip())
-        out.append(" ".join(p for p in pieces if p))
+        out.append(tokenizer.clean_up_tokenization(" ".join(p for p in pieces if p)))  # "word ." -> "word."
     return out
 
 
@@ -468,7 +469,9 @@ class GlueMetrics(nn.Module):
             "pearson": lambda: torchmetrics.PearsonCorrCoef(),
             "spearman": lambda: torchmetrics.SpearmanCorrCoef(),
         }
-        self.metrics = torchmetrics.MetricCollection({m: make[m]() for m in self.task.metrics})
+        with warnings.catch_warnings():  # Spearman keeps all predictions: fine for GLUE dev sets (<= 40k rows)
+            warnings.filterwarnings("ignore", message=".*will save all targets and predictions.*")
+            self.metrics = torchmetrics.MetricCollection({m: make[m]() for m in self.task.metrics})
 
     @property
     def main_metric(self) -> str:
