@@ -26,6 +26,8 @@ import hashlib
 import io
 import logging
 import os
+import queue
+import threading
 import time
 import warnings
 import weakref
@@ -339,14 +341,15 @@ def extract_image_features(backbone, images: Sequence, root: str | os.PathLike |
             event.synchronize()
         out[:, b_idx] = host.view(len(b_idx), v_run, -1).transpose(0, 1).to(out.dtype)  # [V,B,C]
 
+    batches = _decode_ahead(loader, device, counts) if fast else ((b, None) for b in loader)
     try:
-        for batch in loader:
+        for batch, imgs in batches:
             if "errors" in batch:
                 raise XmxError(f"cannot read image {batch['errors'][0]}"
                                + (f" (+{len(batch['errors']) - 1} more in the batch)" if len(batch["errors"]) > 1 else ""))
             idx = batch["index"]  # [B]
             if fast:
-                x = _gpu_batch(batch, pp, device, counts)  # [B*V,3,S,S] float on device
+                x = _transform_batch(batch, imgs, pp, device)  # [B*V,3,S,S] float on device
             else:
                 x = batch["x"].flatten(0, 1)  # [B,V,3,S,S] -> [B*V,3,S,S]
                 counts["cpu_decoded"] += len(idx)
@@ -367,6 +370,8 @@ def extract_image_features(backbone, images: Sequence, root: str | os.PathLike |
         if pending is not None:
             land(pending)
     finally:
+        if fast:
+            batches.close()  # stops the decode thread
         backbone.to(home)
         bar.stop()  # also when a file cannot be read: never leave a live display behind
     seconds = time.perf_counter() - t0
@@ -381,8 +386,9 @@ def extract_image_features(backbone, images: Sequence, root: str | os.PathLike |
     return out.expand(views, -1, -1).clone() if v_run != views else out
 
 
-def _gpu_batch(batch: dict, pp: Preprocess, device: torch.device, counts: dict) -> torch.Tensor:
-    """A collated byte batch -> normalised float [B*V,3,S,S] on ``device``."""
+def _decode_batch(batch: dict, device: torch.device, counts: dict) -> list[torch.Tensor]:
+    """A collated byte batch -> its images, uint8 [3,H,W] each: JPEGs decoded on ``device`` in one batched call
+    (nvjpeg on CUDA), the PIL-decoded fallbacks moved there."""
     offsets, blob = batch["offsets"], batch["blob"]
     jpeg_pos = [k for k, im in enumerate(batch["images"]) if im is None]
     decoded = _gpu_decode([blob[offsets[k]:offsets[k + 1]] for k in jpeg_pos], device) if jpeg_pos else []
@@ -391,14 +397,60 @@ def _gpu_batch(batch: dict, pp: Preprocess, device: torch.device, counts: dict) 
         imgs[k] = im
     counts["gpu_decoded" if device.type == "cuda" else "cpu_decoded"] += len(jpeg_pos)
     counts["cpu_decoded"] += len(imgs) - len(jpeg_pos)
+    return [im.to(device, non_blocking=True) for im in imgs]
+
+
+def _transform_batch(batch: dict, imgs: list[torch.Tensor], pp: Preprocess, device: torch.device) -> torch.Tensor:
+    """Decoded images (uint8 [3,H,W] on ``device``) + the batch's view parameters and noise -> normalised float
+    [B*V,3,S,S] (image-major, view-minor: the order the PIL path flattens [B,V,...] in)."""
     crops = []
     for im, params in zip(imgs, batch["params"]):
-        im = im.to(device, non_blocking=True)  # uint8 [3,H,W]
         crops.extend(pp.geometry(im, p) for p in params)  # V x uint8 [3,S,S]
     x = pp.normalise(torch.stack(crops))  # [B*V,3,S,S]
     if batch["noise"] is not None:
         x = x + batch["noise"].to(device, non_blocking=True).flatten(0, 1).float()
     return x
+
+
+_END = object()
+
+
+def _decode_ahead(loader, device: torch.device, counts: dict, depth: int = 2):
+    """Yields ``(batch, images)`` with the decode of the next batches running in a thread (the decoder releases
+    the GIL), so that decoding overlaps the per-image resize/crop of the current batch in the caller's thread."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work():
+        try:
+            for batch in loader:
+                if not put((batch, None if "errors" in batch else _decode_batch(batch, device, counts))):
+                    return
+            put(_END)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            put(e)
+
+    thread = threading.Thread(target=work, name="xmx-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 # ---- keys and the store -------------------------------------------------------------------------------------------
