@@ -1,0 +1,38 @@
+"""Shared fixtures: Hydra compose in-process (subprocesses cost ~10 s of imports each) and a session cache dir where
+the synthetic dataset is generated once."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import open_dict
+
+from xmx.config import config_dir
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+@pytest.fixture(scope="session")
+def xmx_cache(tmp_path_factory):
+    """A cache dir (synthetic data, feature store) shared by the whole session."""
+    return tmp_path_factory.mktemp("xmx_cache")
+
+
+@pytest.fixture
+def make_cfg(xmx_cache, tmp_path):
+    """make_cfg(overrides) -> a composed config writing into tmp_path, with the session cache."""
+
+    def _make(overrides=(), output_dir=None):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose("config", overrides=list(overrides) + [f"paths.cache_dir={xmx_cache}"])
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir or tmp_path / "run")
+        return cfg
+
+    yield _make
+    GlobalHydra.instance().clear()

@@ -1,0 +1,235 @@
+"""CLIPDataModule: a CoOp-layout dataset under a protocol, served as images or as cached frozen-CLIP features.
+
+Feature-based methods (linear probe, CLIP-Adapter, Tip-Adapter, MMA, XMAdapter) set ``inputs: features``: every image
+goes through the frozen encoder once per augmented view, through the feature store, and batches are
+``(raw_features[B,C], labels[B])``. Methods that run encoders inside the training step set ``inputs: images``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from xmx.data.datasets import Datum, load_dataset
+from xmx.data.fewshot import subset_digest, subset_to_json
+from xmx.data.images import ImageListDataset, collate_skip
+from xmx.data.protocols import EvalSet, build_protocol
+from xmx.data.templates import resolve_templates
+from xmx.data.transforms import build_transform
+from xmx.errors import XmxError
+
+log = logging.getLogger(__name__)
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """Each epoch's randomness comes from (seed, epoch) alone, so a resumed run sees the same data order."""
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+
+
+class EpochBatchSampler(Sampler):
+    """Yields ``[B,2]`` tensors of (sample, view) pairs: a fresh permutation and one random view per sample each
+    epoch, both drawn from (seed, epoch). Lightning calls ``set_epoch`` before every epoch."""
+
+    def __init__(self, n: int, views: int, batch_size: int | None, seed: int, shuffle: bool = True):
+        self.n, self.views, self.seed, self.shuffle = n, views, seed, shuffle
+        self.batch_size = batch_size or n
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def __iter__(self):
+        g = epoch_generator(self.seed, self.epoch)
+        order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+        view = torch.randint(self.views, (self.n,), generator=g) if self.views > 1 else torch.zeros(self.n, dtype=torch.long)
+        for i in range(0, self.n, self.batch_size):
+            idx = order[i:i + self.batch_size]
+            yield torch.stack([idx, view[idx]], dim=1)
+
+
+class FeatureBatches(Dataset):
+    """Indexed by a ``[B,2]`` (sample, view) tensor: returns ``(features[B,C], labels[B])`` in one gather."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor):
+        self.features = features if features.dim() == 3 else features[None]  # [V,N,C]
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return self.features.shape[1]
+
+    def __getitem__(self, pairs: torch.Tensor):
+        return self.features[pairs[:, 1], pairs[:, 0]].float(), self.labels[pairs[:, 0]]
+
+
+class CLIPDataModule(L.LightningDataModule):
+    def __init__(self, name: str, root: str, backbone, protocol: dict | None = None, shots: int = 16, seed: int = 1,
+                 subset_seed: int | None = None, subset_file: str | None = None, val_shots: int | None = None,
+                 templates=None, augment: dict | None = None, inputs: str = "features",
+                 features: dict | None = None, batch_size: int | None = 256, eval_batch_size: int = 1024,
+                 num_workers: int = 2, unreadable: str = "error", plm=None):
+        super().__init__()
+        if inputs not in ("features", "images"):
+            raise XmxError(f"method.inputs={inputs!r}; valid choices: features, images")
+        self.name, self.root, self.backbone, self.plm = name, Path(str(root)).expanduser(), backbone, plm
+        self.protocol_cfg = dict(protocol or {"name": "fewshot"})
+        self.shots, self.seed, self.subset_seed, self.subset_file = int(shots), int(seed), subset_seed, subset_file
+        self.val_shots, self.templates_choice = val_shots, templates
+        self.augment = {"preset": "none", "views": 1, "noise_std": 0.0, "noise_on_eval": False, **(augment or {})}
+        self.inputs = inputs
+        self.features_cfg = {"enabled": True, "root": None, "precision": "fp32", "batch_size": 256,
+                             "num_workers": num_workers, "device": "auto", **(features or {})}
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.num_workers, self.unreadable = num_workers, unreadable
+        self._ready = False
+        self._text_cache: dict = {}
+        self.store = None
+        if self.features_cfg.get("enabled") and self.features_cfg.get("root"):
+            from xmx.features.store import FeatureStore
+            self.store = FeatureStore(self.features_cfg["root"])
+
+    # ---- setup ------------------------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self._ready:
+            return
+        splits = load_dataset(self.name, self.root)
+        self.templates = resolve_templates(self.templates_choice, splits.templates)
+        explicit = self.templates_choice is not None
+        self.protocol = build_protocol(
+            self.protocol_cfg, splits, self.shots, self.seed, self.templates, subset_seed=self.subset_seed,
+            subset_file=self.subset_file, val_shots=self.val_shots, root=self.root,
+            target_templates=None if explicit else (lambda t: list(t.templates)))
+        self.classnames = self.protocol.classnames
+        self.val_set: EvalSet = self.protocol.val
+        self.eval_sets: list[EvalSet] = self.protocol.eval_sets
+        self.logit_scale = self.backbone.logit_scale
+        if self.inputs == "features":
+            aug = self.augment
+            self.train_features = self._image_features(self.protocol.train, "train", aug["preset"],
+                                                       int(aug["views"]), aug["noise_std"])  # [V,N,C]
+            self.train_labels = torch.tensor([d.label for d in self.protocol.train])
+            eval_noise = aug["noise_std"] if aug["noise_on_eval"] else 0.0
+            self._eval_features = {s.name: self._image_features(s.items, s.name, "none", 1, eval_noise)[0]
+                                   for s in [self.val_set, *self.eval_sets]}
+        self._ready = True
+
+    # ---- features ---------------------------------------------------------------------------------------------
+    def feature_key(self, items: list[Datum], split: str, preset: str, views: int, noise_std: float) -> dict:
+        b = self.backbone.describe()
+        random_views = views > 1 or preset != "none" or noise_std > 0
+        return {"kind": "image/pooled", "backbone": b["arch"], "weights": b["sha256"] or b["source"],
+                "quick_gelu": b["quick_gelu"], "precision": b["precision"],
+                "transform": {"preset": preset, "size": self.backbone.image_size, "mean": self.backbone.image_mean,
+                              "std": self.backbone.image_std, "interpolation": self.backbone.interpolation},
+                "noise_std": float(noise_std), "views": int(views), "view_seed": self.seed if random_views else None,
+                "dataset": self.name, "split": split, "n": len(items), "subset": subset_digest(items),
+                "store_precision": self.features_cfg["precision"], "unreadable": self.unreadable}
+
+    def _device(self) -> torch.device:
+        want = self.features_cfg.get("device", "auto")
+        if want == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(want)
+
+    def _cached(self, kind: str, key: dict, compute) -> dict:
+        if self.store is None:
+            return compute()
+        return self.store.get_or_compute(kind, key, compute)
+
+    def _image_features(self, items: list[Datum], split: str, preset: str, views: int,
+                        noise_std: float) -> torch.Tensor:
+        key = self.feature_key(items, split, preset, views, noise_std)
+        return self._cached("image", key, lambda: {"features": self._encode(items, preset, views, noise_std)})[
+            "features"]
+
+    @torch.no_grad()
+    def _encode(self, items: list[Datum], preset: str, views: int, noise_std: float) -> torch.Tensor:
+        """Encode every item once per view -> raw features [V,N,C]."""
+        bb, device = self.backbone, self._device()
+        bb.to(device)
+        tf = build_transform(preset, bb.image_size, bb.image_mean, bb.image_std, bb.interpolation, noise_std)
+        random_views = views > 1 or preset != "none" or noise_std > 0
+        dtype = torch.float16 if self.features_cfg["precision"] == "fp16" else torch.float32
+        out = torch.empty(views, len(items), bb.embed_dim, dtype=dtype)
+        for v in range(views):
+            ds = ImageListDataset(self.root, items, tf, unreadable="error", seed=self.seed if random_views else None,
+                                  view=v)
+            dl = DataLoader(ds, batch_size=int(self.features_cfg["batch_size"]),
+                            num_workers=int(self.features_cfg["num_workers"]), shuffle=False)
+            i = 0
+            for x, _ in dl:
+                f = bb.encode_image(x.to(device))
+                out[v, i:i + len(f)] = f.to("cpu", dtype)
+                i += len(f)
+        return out
+
+    def text_classifier(self, classnames: list[str], templates: list[str] | None = None) -> torch.Tensor:
+        """The zero-shot classifier W [C,N] for ``classnames`` (spec §0), computed once and cached."""
+        templates = list(templates or self.templates)
+        memo = (tuple(classnames), tuple(templates))
+        if memo not in self._text_cache:
+            b = self.backbone.describe()
+            key = {"kind": "text/classifier", "backbone": b["arch"], "weights": b["sha256"] or b["source"],
+                   "quick_gelu": b["quick_gelu"], "precision": b["precision"], "classnames": list(classnames),
+                   "templates": templates}
+            self.backbone.to(self._device())
+            self._text_cache[memo] = self._cached(
+                "text", key, lambda: {"W": self.backbone.text_classifier(classnames, templates).float().cpu()})["W"]
+        return self._text_cache[memo]
+
+    def features_of(self, eval_set: EvalSet) -> torch.Tensor:
+        return self._eval_features[eval_set.name]
+
+    # ---- loaders ----------------------------------------------------------------------------------------------
+    def _eval_loader(self, s: EvalSet) -> DataLoader:
+        if self.inputs == "features":
+            feats = self.features_of(s)
+            labels = torch.tensor([d.label for d in s.items])
+            return DataLoader(FeatureBatches(feats, labels), batch_size=None,
+                              sampler=EpochBatchSampler(len(labels), 1, self.eval_batch_size, 0, shuffle=False))
+        bb = self.backbone
+        tf = build_transform("none", bb.image_size, bb.image_mean, bb.image_std, bb.interpolation,
+                             self.augment["noise_std"] if self.augment["noise_on_eval"] else 0.0)
+        return DataLoader(ImageListDataset(self.root, s.items, tf, self.unreadable), batch_size=self.eval_batch_size,
+                          num_workers=self.num_workers, collate_fn=collate_skip)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.inputs == "features":
+            n = self.train_features.shape[1]
+            return DataLoader(FeatureBatches(self.train_features, self.train_labels), batch_size=None,
+                              sampler=EpochBatchSampler(n, self.train_features.shape[0], self.batch_size, self.seed))
+        bb, aug = self.backbone, self.augment
+        tf = build_transform(aug["preset"], bb.image_size, bb.image_mean, bb.image_std, bb.interpolation,
+                             aug["noise_std"])
+        return DataLoader(ImageListDataset(self.root, self.protocol.train, tf, self.unreadable),
+                          batch_size=self.batch_size or len(self.protocol.train), shuffle=True,
+                          num_workers=self.num_workers, collate_fn=collate_skip, drop_last=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.val_set)
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return [self._eval_loader(s) for s in self.eval_sets]
+
+    # ---- records ----------------------------------------------------------------------------------------------
+    def summarize(self, metrics: dict) -> dict:
+        return self.protocol.summarize(metrics)
+
+    def subset_record(self) -> dict:
+        """The exact images used, as portable JSON (paths relative to $DATA)."""
+        return {"dataset": self.name, "shots": self.shots, "seed": self.seed, "source": self.protocol.subset_source,
+                **subset_to_json({"train": self.protocol.train, "val": self.val_set.items})}
+
+    def data_record(self) -> dict:
+        sets = {"train": (self.protocol.train, self.classnames), "val": (self.val_set.items, self.val_set.classnames)}
+        sets.update({s.name: (s.items, s.classnames) for s in self.eval_sets})
+        return {"dataset": self.name, "root": str(self.root), "protocol": self.protocol.name,
+                "subset_source": self.protocol.subset_source, "templates": self.templates,
+                "splits": {k: {"n": len(items), "classes": len(names), "sha256": subset_digest(items)}
+                           for k, (items, names) in sets.items()}}

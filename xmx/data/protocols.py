@@ -1,0 +1,124 @@
+"""Evaluation protocols (spec §6): which images train, which select, and which label sets are tested.
+
+- ``fewshot``: K shots per class of every class; test on the dataset's test split.
+- ``base2new``: sorted label ids, base = first ceil(N·ratio) (or floor), new = the rest, each relabelled from 0; the
+  training subset is the all-class few-shot subset filtered to base classes (not resampled); test base and new
+  separately, each with only its own classes; HM = 2BN/(B+N).
+- ``cross_dataset`` / ``domain_shift``: train few-shot on the source dataset; test on the source and on every
+  target's test split with the target's own classes (ImageNet-A/-R: their 200-class subsets).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from xmx.data.datasets import Datum, DatasetSplits, load_dataset
+from xmx.data.fewshot import sample_fewshot
+from xmx.errors import XmxError
+
+
+@dataclass
+class EvalSet:
+    """A labelled image list with its own label space; ``name`` is the metric prefix (``test`` -> ``test/acc``)."""
+    name: str
+    items: list[Datum]  # labels relabelled to 0..len(classnames)-1
+    classnames: list[str]
+    dataset: str
+    templates: list[str]
+    # for each class of this set, its index among the training classes (None where the class was never trained):
+    # methods whose outputs are tied to training classes (linear probe, caches) read their columns through it
+    train_index: list[int | None] = field(default_factory=list)
+
+    @property
+    def seen_only(self) -> bool:
+        return all(i is not None for i in self.train_index)
+
+
+@dataclass
+class ProtocolData:
+    name: str
+    train: list[Datum]
+    classnames: list[str]  # the training label space
+    templates: list[str]
+    val: EvalSet
+    eval_sets: list[EvalSet]
+    subset_source: str = "sampled"
+
+    def summarize(self, metrics: dict) -> dict:
+        """Protocol-level numbers derived from per-set metrics (base-to-new: the harmonic mean)."""
+        if self.name == "base2new" and "test_base/acc" in metrics and "test_new/acc" in metrics:
+            b, n = metrics["test_base/acc"], metrics["test_new/acc"]
+            return {"hm": 2 * b * n / (b + n) if b + n > 0 else 0.0}
+        return {}
+
+
+def _relabel(items: list[Datum], keep: list[int]) -> list[Datum]:
+    new = {old: i for i, old in enumerate(keep)}
+    return [Datum(d.path, new[d.label], d.classname) for d in items if d.label in new]
+
+
+def _index_in(classnames: list[str], train_classnames: list[str]) -> list[int | None]:
+    pos = {c: i for i, c in enumerate(train_classnames)}
+    return [pos.get(c) for c in classnames]
+
+
+def n_base_classes(n: int, base_split: str = "ceil", base_ratio: float = 0.5) -> int:
+    if base_split not in ("ceil", "floor"):
+        raise XmxError(f"protocol.base_split={base_split!r}; valid choices: ceil, floor")
+    if not 0 < base_ratio < 1:
+        raise XmxError(f"protocol.base_ratio={base_ratio} must lie strictly between 0 and 1")
+    return (math.ceil if base_split == "ceil" else math.floor)(n * base_ratio)
+
+
+def select_subsets(splits: DatasetSplits, shots: int, seed: int, subset_seed: int | None,
+                   subset_file: str | None, val_shots: int | None) -> tuple[list[Datum], list[Datum], str]:
+    """Few-shot train and validation subsets of every class (the data layer's CoOp-aware selection)."""
+    from xmx.data import fewshot
+    select = getattr(fewshot, "select_fewshot", None)
+    if select is not None:
+        return select(splits.name, splits, shots, seed, subset_seed=subset_seed, subset_file=subset_file,
+                      val_shots=val_shots)
+    s = seed if subset_seed is None else subset_seed
+    vs = min(shots, 4) if val_shots is None else val_shots
+    return (sample_fewshot(splits.train, shots, s, "train"), sample_fewshot(splits.val, vs, s, "val"),
+            f"sampled(seed={s})")
+
+
+def build_protocol(cfg: dict, splits: DatasetSplits, shots: int, seed: int, templates: list[str],
+                   subset_seed: int | None = None, subset_file: str | None = None,
+                   val_shots: int | None = None, root: str | Path | None = None,
+                   target_templates=None) -> ProtocolData:
+    name = cfg.get("name", "fewshot")
+    if name not in ("fewshot", "base2new", "cross_dataset", "domain_shift"):
+        raise XmxError(f"protocol.name={name!r}; valid choices: fewshot, base2new, cross_dataset, domain_shift")
+    train, val, source = select_subsets(splits, shots, seed, subset_seed, subset_file, val_shots)
+    classnames = list(splits.classnames)
+    ds = splits.name
+
+    if name == "base2new":
+        n = len(classnames)
+        nb = n_base_classes(n, cfg.get("base_split", "ceil"), float(cfg.get("base_ratio", 0.5)))
+        base, new = list(range(nb)), list(range(nb, n))
+        base_names, new_names = [classnames[i] for i in base], [classnames[i] for i in new]
+        val_set = EvalSet("val", _relabel(val, base), base_names, ds, templates, list(range(nb)))
+        return ProtocolData(
+            name, _relabel(train, base), base_names, templates, val_set,
+            [EvalSet("test_base", _relabel(splits.test, base), base_names, ds, templates, list(range(nb))),
+             EvalSet("test_new", _relabel(splits.test, new), new_names, ds, templates, [None] * len(new))],
+            source)
+
+    val_set = EvalSet("val", val, classnames, ds, templates, list(range(len(classnames))))
+    test = EvalSet("test", splits.test, classnames, ds, templates, list(range(len(classnames))))
+    eval_sets = [test]
+    if name in ("cross_dataset", "domain_shift"):
+        targets = list(cfg.get("targets") or [])
+        if not targets:
+            raise XmxError(f"protocol={name} needs protocol.targets (a list of dataset names)")
+        for t in targets:
+            tsplits = load_dataset(t, root if root is not None else splits.root)
+            tt = templates if target_templates is None else target_templates(tsplits)
+            eval_sets.append(EvalSet(f"test_{t}", tsplits.test, list(tsplits.classnames), t, tt,
+                                     _index_in(tsplits.classnames, classnames)))
+    return ProtocolData(name, train, classnames, templates, val_set, eval_sets, source)

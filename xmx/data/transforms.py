@@ -1,0 +1,50 @@
+"""Image transforms (spec §0): augmentation presets on top of CLIP's own resize and mean/std normalisation.
+
+- ``none``: CLIP eval transform (resize the short side to ``size``, bicubic, centre crop)
+- ``tip``:  RandomResizedCrop(size, scale 0.5-1, bicubic) + horizontal flip (Tip-Adapter's cache views)
+- ``coop``: RandomResizedCrop(size, scale 0.08-1, bicubic) + horizontal flip (CoOp)
+``noise_std`` adds Gaussian noise to the normalised image (MMA's robustness study, spec §3.8).
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from xmx.errors import XmxError
+
+PRESETS = {"none": None, "tip": (0.5, 1.0), "coop": (0.08, 1.0)}
+_INTERP = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}
+
+
+class AddGaussianNoise(torch.nn.Module):
+    def __init__(self, std: float):
+        super().__init__()
+        self.std = float(std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.randn_like(x) * self.std
+
+    def __repr__(self) -> str:
+        return f"AddGaussianNoise(std={self.std})"
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Greyscale, CMYK, palette and alpha images (and PNGs saved as .jpg) all become RGB."""
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def build_transform(preset: str, size: int, mean, std, interpolation: str = "bicubic",
+                    noise_std: float = 0.0) -> T.Compose:
+    if preset not in PRESETS:
+        raise XmxError(f"augment.preset={preset!r} is unknown; valid choices: {', '.join(PRESETS)}")
+    interp = _INTERP.get(interpolation, T.InterpolationMode.BICUBIC)
+    if PRESETS[preset] is None:
+        spatial = [T.Resize(size, interpolation=interp), T.CenterCrop(size)]
+    else:
+        spatial = [T.RandomResizedCrop(size, scale=PRESETS[preset], interpolation=interp), T.RandomHorizontalFlip()]
+    steps = [T.Lambda(to_rgb), *spatial, T.ToTensor(), T.Normalize(mean, std)]
+    if noise_std:
+        steps.append(AddGaussianNoise(noise_std))
+    return T.Compose(steps)

@@ -1,0 +1,140 @@
+"""The shared LightningModule: evaluation over the datamodule's eval sets, predictions kept for results, optimisers
+built from config partials, and checkpoints that leave the frozen encoders out.
+
+A method implements ``build(dm)`` (create parameters from the set-up datamodule), ``logits(x, eval_set)`` and,
+when it trains, ``training_step``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from xmx.errors import XmxError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A ``.ckpt`` file, or a run folder holding ``checkpoints/best.ckpt`` / ``checkpoints/last.ckpt``."""
+    p = Path(str(path)).expanduser()
+    if p.is_file():
+        return p
+    for cand in (p / "checkpoints" / "best.ckpt", p / "checkpoints" / "last.ckpt", p / "best.ckpt", p / "last.ckpt"):
+        if cand.is_file():
+            return cand
+    raise XmxError(f"init_from={path}: no checkpoint there; pass a .ckpt file or a run folder containing "
+                   "checkpoints/best.ckpt or checkpoints/last.ckpt")
+
+
+class XmxModule(L.LightningModule):
+    needs_fit: bool = True  # training-free methods (zero-shot, Tip-Adapter) set False
+    frozen_prefixes: tuple[str, ...] = ("backbone.", "plm.")  # never written into checkpoints
+
+    def __init__(self, name: str | None = None, inputs: str = "features", batch_size: int | None = 256,
+                 epochs: int | None = None, optimizer=None, scheduler=None):
+        """``name``/``inputs``/``batch_size``/``epochs`` describe what the method asks of the run (the datamodule
+        and trainer configs read them); ``optimizer``/``scheduler`` are partials (``_partial_: true``)."""
+        super().__init__()
+        self.method_name, self.inputs, self.batch_size, self.epochs = name, inputs, batch_size, epochs
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.init_from: str | None = None
+        self.strict_loading = False  # checkpoints omit the frozen encoders
+        self.predictions: dict[str, dict[str, torch.Tensor]] = {}
+        self._built = False
+
+    # ---- construction -----------------------------------------------------------------------------------------
+    def build(self, dm) -> None:
+        raise NotImplementedError
+
+    def setup(self, stage: str) -> None:
+        if self._built:
+            return
+        dm = self.trainer.datamodule
+        dm.setup(stage)
+        self.dm = dm
+        self.build(dm)
+        self.val_acc = MulticlassAccuracy(num_classes=max(len(dm.val_set.classnames), 2), average="micro")
+        self.test_accs = nn.ModuleList(MulticlassAccuracy(num_classes=max(len(s.classnames), 2), average="micro")
+                                       for s in dm.eval_sets)
+        self._built = True
+        if self.init_from:
+            self.load_weights(self.init_from)
+
+    def load_weights(self, path) -> None:
+        ckpt = resolve_checkpoint(path)
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+        own = self.state_dict()
+        usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        skipped = sorted(set(state) - set(usable))
+        self.load_state_dict(usable, strict=False)
+        log.info("init_from %s: loaded %d tensors, skipped %d (%s)", ckpt, len(usable), len(skipped),
+                 ", ".join(skipped[:5]))
+
+    # ---- the method's part ------------------------------------------------------------------------------------
+    def image_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw CLIP image features [B,C]: cached features pass through, images [B,3,H,W] go through the encoder."""
+        if x.dim() == 4:
+            with torch.no_grad():
+                return self.dm.backbone.encode_image(x).float()
+        return x
+
+    def logits(self, x: torch.Tensor, eval_set) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_results(self) -> dict:
+        return {}
+
+    # ---- evaluation -------------------------------------------------------------------------------------------
+    def validation_step(self, batch, batch_idx):
+        if batch is None:
+            return
+        x, y = batch
+        self.val_acc.update(self.logits(x, self.dm.val_set), y)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_acc.update_called:
+            self.log("val/acc", 100.0 * self.val_acc.compute(), prog_bar=True)  # percent, as papers report
+        self.val_acc.reset()
+
+    def on_test_epoch_start(self) -> None:
+        self._test_out = {s.name: ([], []) for s in self.dm.eval_sets}
+
+    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        if batch is None:
+            return
+        x, y = batch
+        s = self.dm.eval_sets[dataloader_idx]
+        logits = self.logits(x, s)
+        self.test_accs[dataloader_idx].update(logits, y)
+        self._test_out[s.name][0].append(logits.detach().to("cpu", torch.float16))
+        self._test_out[s.name][1].append(y.detach().cpu())
+
+    def on_test_epoch_end(self) -> None:
+        for s, acc in zip(self.dm.eval_sets, self.test_accs):
+            if acc.update_called:
+                self.log(f"{s.name}/acc", 100.0 * acc.compute())
+            acc.reset()
+        self.predictions = {name: {"logits": torch.cat(l), "labels": torch.cat(y)}
+                            for name, (l, y) in self._test_out.items() if l}
+
+    # ---- optimisation -----------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.optimizer_factory is None or not params:
+            return None
+        opt = self.optimizer_factory(params=params)
+        if self.scheduler_factory is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=opt),
+                                                   "interval": "epoch"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        sd = checkpoint.get("state_dict", {})
+        for k in [k for k in sd if k.startswith(self.frozen_prefixes)]:
+            del sd[k]
