@@ -153,8 +153,9 @@ def test_gpu_path_agrees_with_pil_path(tmp_path):
         p = tmp_path / f"{i}.jpg"
         _smooth_image(rng, 500 - i, 375).save(p, quality=90)
         paths.append(str(p))
-    _smooth_image(rng, 320, 240).convert("CMYK").save(tmp_path / "cmyk.jpg")
-    paths.append(str(tmp_path / "cmyk.jpg"))
+    _smooth_image(rng, 320, 240).convert("L").save(tmp_path / "grey.jpg")  # nvjpeg, RGB output
+    _smooth_image(rng, 320, 240).convert("CMYK").save(tmp_path / "cmyk.jpg")  # PIL fallback
+    paths += [str(tmp_path / "grey.jpg"), str(tmp_path / "cmyk.jpg")]
     torch.manual_seed(0)
     bb = CLIPBackbone("ViT-B-16", None)
     for preset in ("none", "tip"):
@@ -163,8 +164,9 @@ def test_gpu_path_agrees_with_pil_path(tmp_path):
                                      progress=False, precision="fp32")
         gpu = extract_image_features(bb, paths, preset=preset, views=2, device="cuda", decode="gpu", num_workers=2,
                                      progress=False, precision="fp32", stats=stats)
-        assert stats["decode"] == "gpu" and stats["gpu_decoded"] == 48 and stats["cpu_decoded"] == 1
-        assert F.cosine_similarity(ref, gpu, dim=-1).mean() >= 0.999
+        assert stats["decode"] == "gpu" and stats["gpu_decoded"] == 49 and stats["cpu_decoded"] == 1
+        cos = F.cosine_similarity(ref, gpu, dim=-1)  # [V,N]
+        assert cos.mean() >= 0.999 and cos.min() >= 0.99, (preset, cos.min(), cos.argmin())
 
 
 def test_datums_relative_to_root(images, backbone):

@@ -141,6 +141,11 @@ class Preprocess:
         return x if n is None else x + n.to(x.device)
 
 
+def _one_line(path, e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else ""
+    return f"{path}: {type(e).__name__}: {text}"
+
+
 def open_rgb(path: str | os.PathLike) -> Image.Image:
     """Decode any image file PIL understands (CMYK, greyscale, palette, PNG named .jpg) to RGB."""
     with Image.open(path) as im:
@@ -161,7 +166,7 @@ class _PILViews(Dataset):
         try:
             img = open_rgb(self.paths[i])
         except Exception as e:  # noqa: BLE001 - reported as one line by the main process
-            return {"index": i, "error": f"{self.paths[i]}: {type(e).__name__}: {e}"}
+            return {"index": i, "error": _one_line(self.paths[i], e)}
         return {"index": i, "x": torch.stack([self.pp.pil_view(img, i, v) for v in range(self.views)])}
 
 
@@ -192,11 +197,11 @@ class _JPEGBytes(Dataset):
                 jpeg = data[:3] == _JPEG_MAGIC and im.format == "JPEG" and im.mode in ("RGB", "L")
                 image = None if jpeg else TF.pil_to_tensor(im.convert("RGB"))  # uint8 [3,H,W]
         except Exception as e:  # noqa: BLE001
-            return {"index": i, "error": f"{path}: {type(e).__name__}: {e}"}
+            return {"index": i, "error": _one_line(path, e)}
         noise = [self.pp.noise(i, v) for v in range(self.views)]
         return {"index": i, "data": data if jpeg else None, "image": image,
                 "params": [self.pp.view_params(i, v, height, width) for v in range(self.views)],
-                "noise": None if noise[0] is None else torch.stack(noise).half()}  # [V,3,S,S]
+                "noise": None if noise[0] is None else torch.stack(noise).half()}  # [V,3,S,S], fp16 halves IPC
 
 
 def _collate_bytes(items):
