@@ -31,11 +31,16 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 class EpochBatchSampler(Sampler):
-    """Yields ``[B,2]`` tensors of (sample, view) pairs: a fresh permutation and one random view per sample each
-    epoch, both drawn from (seed, epoch). Lightning calls ``set_epoch`` before every epoch."""
+    """Yields ``[B,2]`` tensors of (sample, view) pairs: a fresh permutation each epoch and, per ``view_sampling``,
+    one random view per sample (``random``) or the same view for every sample, cycling ``epoch % views``
+    (``cycle``: Tip-Adapter-F's "one cached view per epoch"); all drawn from (seed, epoch). Lightning calls
+    ``set_epoch`` before every epoch."""
 
-    def __init__(self, n: int, views: int, batch_size: int | None, seed: int, shuffle: bool = True):
-        self.n, self.views, self.seed, self.shuffle = n, views, seed, shuffle
+    def __init__(self, n: int, views: int, batch_size: int | None, seed: int, shuffle: bool = True,
+                 view_sampling: str = "random"):
+        if view_sampling not in ("random", "cycle"):
+            raise XmxError(f"data.view_sampling={view_sampling!r}; valid choices: random, cycle")
+        self.n, self.views, self.seed, self.shuffle, self.view_sampling = n, views, seed, shuffle, view_sampling
         self.batch_size = batch_size or n
         self.epoch = 0
 
@@ -48,7 +53,10 @@ class EpochBatchSampler(Sampler):
     def __iter__(self):
         g = epoch_generator(self.seed, self.epoch)
         order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
-        view = torch.randint(self.views, (self.n,), generator=g) if self.views > 1 else torch.zeros(self.n, dtype=torch.long)
+        if self.views > 1 and self.view_sampling == "random":
+            view = torch.randint(self.views, (self.n,), generator=g)
+        else:
+            view = torch.full((self.n,), self.epoch % self.views, dtype=torch.long)
         for i in range(0, self.n, self.batch_size):
             idx = order[i:i + self.batch_size]
             yield torch.stack([idx, view[idx]], dim=1)
@@ -73,7 +81,7 @@ class CLIPDataModule(L.LightningDataModule):
                  subset_seed: int | None = None, subset_file: str | None = None, val_shots: int | None = None,
                  templates=None, augment: dict | None = None, inputs: str = "features",
                  features: dict | None = None, batch_size: int | None = 256, eval_batch_size: int = 1024,
-                 num_workers: int = 2, unreadable: str = "error", plm=None):
+                 num_workers: int = 2, unreadable: str = "error", view_sampling: str = "random", plm=None):
         super().__init__()
         if inputs not in ("features", "images"):
             raise XmxError(f"method.inputs={inputs!r}; valid choices: features, images")
@@ -86,7 +94,7 @@ class CLIPDataModule(L.LightningDataModule):
         self.features_cfg = {"enabled": True, "root": None, "precision": "fp32", "batch_size": 256,
                              "num_workers": num_workers, "device": "auto", **(features or {})}
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.num_workers, self.unreadable = num_workers, unreadable
+        self.num_workers, self.unreadable, self.view_sampling = num_workers, unreadable, view_sampling
         self._ready = False
         self._text_cache: dict = {}
         self.store = None
@@ -203,7 +211,8 @@ class CLIPDataModule(L.LightningDataModule):
         if self.inputs == "features":
             n = self.train_features.shape[1]
             return DataLoader(FeatureBatches(self.train_features, self.train_labels), batch_size=None,
-                              sampler=EpochBatchSampler(n, self.train_features.shape[0], self.batch_size, self.seed))
+                              sampler=EpochBatchSampler(n, self.train_features.shape[0], self.batch_size, self.seed,
+                                                        view_sampling=self.view_sampling))
         bb, aug = self.backbone, self.augment
         tf = build_transform(aug["preset"], bb.image_size, bb.image_mean, bb.image_std, bb.interpolation,
                              aug["noise_std"])
