@@ -76,3 +76,18 @@ def test_unknown_dataset_and_too_many_shots(make_cfg):
         run(make_cfg(["data.name=nope"]))
     with pytest.raises(XmxError, match="shots=50 but class"):
         run(make_cfg(["shots=50"]))
+
+
+def test_second_run_reads_features_from_the_store(make_cfg, tmp_path, xmx_cache):
+    from xmx.features import FeatureStore
+    cfg = make_cfg(["method=zeroshot", "seed=7", f"paths.feature_dir={tmp_path / 'store'}"],
+                   output_dir=tmp_path / "first")
+    first = run(cfg)
+    store = FeatureStore(tmp_path / "store")
+    entries = {e.path: e.created for e in store.entries()}
+    assert any(e.kind == "image_features" for e in store.entries()) and any(e.kind == "text" for e in store.entries())
+    cfg2 = make_cfg(["method=zeroshot", "seed=7", f"paths.feature_dir={tmp_path / 'store'}"],
+                    output_dir=tmp_path / "second")
+    second = run(cfg2)
+    assert {e.path: e.created for e in store.entries()} == entries  # nothing recomputed
+    assert second["metrics"] == first["metrics"]

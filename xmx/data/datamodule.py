@@ -127,65 +127,45 @@ class CLIPDataModule(L.LightningDataModule):
                                    for s in [self.val_set, *self.eval_sets]}
         self._ready = True
 
-    # ---- features ---------------------------------------------------------------------------------------------
-    def feature_key(self, items: list[Datum], split: str, preset: str, views: int, noise_std: float) -> dict:
-        b = self.backbone.describe()
-        random_views = views > 1 or preset != "none" or noise_std > 0
-        return {"kind": "image/pooled", "backbone": b["arch"], "weights": b["sha256"] or b["source"],
-                "quick_gelu": b["quick_gelu"], "precision": b["precision"],
-                "transform": {"preset": preset, "size": self.backbone.image_size, "mean": self.backbone.image_mean,
-                              "std": self.backbone.image_std, "interpolation": self.backbone.interpolation},
-                "noise_std": float(noise_std), "views": int(views), "view_seed": self.seed if random_views else None,
-                "dataset": self.name, "split": split, "n": len(items), "subset": subset_digest(items),
-                "store_precision": self.features_cfg["precision"], "unreadable": self.unreadable}
-
+    # ---- features ----------------------------------------------------------------------------------------------
     def _device(self) -> torch.device:
         want = self.features_cfg.get("device", "auto")
-        if want == "auto":
+        if want in ("auto", None):
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(want)
 
     def _cached(self, kind: str, key: dict, compute) -> dict:
         if self.store is None:
             return compute()
-        return self.store.get_or_compute(kind, key, compute)
+        out = self.store.get_or_compute(kind, key, compute)
+        log.info("feature store %s: %s (%s)", self.store.last_outcome, kind, key.get("split", key.get("kind")))
+        return out
 
     def _image_features(self, items: list[Datum], split: str, preset: str, views: int,
                         noise_std: float) -> torch.Tensor:
-        key = self.feature_key(items, split, preset, views, noise_std)
-        return self._cached("image", key, lambda: {"features": self._encode(items, preset, views, noise_std)})[
-            "features"]
-
-    @torch.no_grad()
-    def _encode(self, items: list[Datum], preset: str, views: int, noise_std: float) -> torch.Tensor:
-        """Encode every item once per view -> raw features [V,N,C]."""
-        bb, device = self.backbone, self._device()
-        bb.to(device)
-        tf = build_transform(preset, bb.image_size, bb.image_mean, bb.image_std, bb.interpolation, noise_std)
-        random_views = views > 1 or preset != "none" or noise_std > 0
-        dtype = torch.float16 if self.features_cfg["precision"] == "fp16" else torch.float32
-        out = torch.empty(views, len(items), bb.embed_dim, dtype=dtype)
-        for v in range(views):
-            ds = ImageListDataset(self.root, items, tf, unreadable="error", seed=self.seed if random_views else None,
-                                  view=v)
-            dl = DataLoader(ds, batch_size=int(self.features_cfg["batch_size"]),
-                            num_workers=int(self.features_cfg["num_workers"]), shuffle=False)
-            i = 0
-            for x, _ in dl:
-                f = bb.encode_image(x.to(device))
-                out[v, i:i + len(f)] = f.to("cpu", dtype)
-                i += len(f)
-        return out
+        """Raw features [V,N,C] of ``items``: through the feature store (keyed on everything that changes the
+        numbers), or extracted in memory when ``features.enabled`` is false."""
+        from xmx.features.extract import cached_image_features, extract_image_features
+        f = self.features_cfg
+        opts = dict(preset=preset, views=int(views), seed=self.seed, noise_std=float(noise_std),
+                    precision=f["precision"], decode=f.get("decode", "auto"), device=self._device(),
+                    amp=f.get("amp", "fp16"), batch_size=int(f["batch_size"]), num_workers=int(f["num_workers"]))
+        if self.store is None:
+            return extract_image_features(self.backbone, items, self.root, **opts)
+        feats = cached_image_features(self.store, self.backbone, items, self.root, dataset=self.name, split=split,
+                                      **opts)
+        log.info("feature store %s: %s/%s (%d images x %d views)", self.store.last_outcome, self.name, split,
+                 len(items), views)
+        return feats
 
     def text_classifier(self, classnames: list[str], templates: list[str] | None = None) -> torch.Tensor:
         """The zero-shot classifier W [C,N] for ``classnames`` (spec §0), computed once and cached."""
         templates = list(templates or self.templates)
         memo = (tuple(classnames), tuple(templates))
         if memo not in self._text_cache:
-            b = self.backbone.describe()
-            key = {"kind": "text/classifier", "backbone": b["arch"], "weights": b["sha256"] or b["source"],
-                   "quick_gelu": b["quick_gelu"], "precision": b["precision"], "classnames": list(classnames),
-                   "templates": templates}
+            from xmx.features.extract import backbone_identity
+            key = {"kind": "text/classifier", "backbone": backbone_identity(self.backbone),
+                   "classnames": list(classnames), "templates": templates}
             self.backbone.to(self._device())
             self._text_cache[memo] = self._cached(
                 "text", key, lambda: {"W": self.backbone.text_classifier(classnames, templates).float().cpu()})["W"]
