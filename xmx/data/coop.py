@@ -14,6 +14,7 @@ one :class:`XmxError` line naming what is missing and the layout expected.
 
 from __future__ import annotations
 
+import gc
 import os
 from functools import lru_cache
 from itertools import repeat
@@ -228,6 +229,17 @@ def index_folders(root: Path, rel_dir: str, folders: list[str], labels: list[int
     items: list[Datum] = []
     absent = []
     base = os.path.join(root, rel_dir)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # a million new objects, no cycles: the cyclic collector would only rescan them again and again
+    try:
+        _index_into(items, absent, base, rel_dir, folders, labels, classnames)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return items, absent
+
+
+def _index_into(items, absent, base, rel_dir, folders, labels, classnames) -> None:
     for folder, label, cname in zip(folders, labels, classnames):
         try:
             with os.scandir(os.path.join(base, folder)) as it:
@@ -237,7 +249,6 @@ def index_folders(root: Path, rel_dir: str, folders: list[str], labels: list[int
             continue
         prefix = f"{rel_dir}/{folder}/"
         items.extend(map(Datum, [prefix + n for n in names], repeat(label), repeat(cname)))
-    return items, absent
 
 
 def _require_dir(folder: Path, info: DatasetInfo) -> None:
