@@ -299,6 +299,12 @@ def test_unknown_names_list_choices(kw, valid):
         assert name in msg
 
 
+def test_fast_path_refuses_other_variants():
+    m = MultiModalAdapter(64, mask="bias")
+    v, t = feats(2, 3, 64)
+    one_line_error(lambda: m.raw_attention_block(v, t), "mask=bias", "raw_attention_dense")
+
+
 def test_bad_sizes():
     one_line_error(lambda: MultiModalAdapter(66, reduction=4), "reduction")
     one_line_error(lambda: MultiModalAdapter(64, heads=3), "heads=3")

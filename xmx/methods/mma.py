@@ -155,6 +155,9 @@ class MultiModalAdapter(nn.Module):
         Text rows attend to the single image key, so softmax = 1 and their output is `out_proj(V(down(v_b)))`,
         the same for every class; the image row attends over the N text keys (a [B, heads, N] score matrix).
         """
+        if not self.fast:
+            raise XmxError(f"MMA: the block fast path needs mask=block and block=mha (this adapter has "
+                           f"mask={self.mask}, block={self.block}); use raw_attention_dense")
         self._check(image_feats, text_feats)
         v, t = _norm(image_feats), _norm(text_feats)  # [B, C], [N, C]
         B, N, H, dh = v.shape[0], t.shape[0], self.heads, self.hidden // self.heads
