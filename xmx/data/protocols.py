@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from xmx.data.datasets import Datum, DatasetSplits, load_dataset
-from xmx.data.fewshot import sample_fewshot
+from xmx.data.fewshot import select_fewshot
 from xmx.errors import XmxError
 
 
@@ -72,20 +72,6 @@ def n_base_classes(n: int, base_split: str = "ceil", base_ratio: float = 0.5) ->
     return (math.ceil if base_split == "ceil" else math.floor)(n * base_ratio)
 
 
-def select_subsets(splits: DatasetSplits, shots: int, seed: int, subset_seed: int | None,
-                   subset_file: str | None, val_shots: int | None) -> tuple[list[Datum], list[Datum], str]:
-    """Few-shot train and validation subsets of every class (the data layer's CoOp-aware selection)."""
-    from xmx.data import fewshot
-    select = getattr(fewshot, "select_fewshot", None)
-    if select is not None:
-        return select(splits.name, splits, shots, seed, subset_seed=subset_seed, subset_file=subset_file,
-                      val_shots=val_shots)
-    s = seed if subset_seed is None else subset_seed
-    vs = min(shots, 4) if val_shots is None else val_shots
-    return (sample_fewshot(splits.train, shots, s, "train"), sample_fewshot(splits.val, vs, s, "val"),
-            f"sampled(seed={s})")
-
-
 def build_protocol(cfg: dict, splits: DatasetSplits, shots: int, seed: int, templates: list[str],
                    subset_seed: int | None = None, subset_file: str | None = None,
                    val_shots: int | None = None, root: str | Path | None = None,
@@ -93,7 +79,8 @@ def build_protocol(cfg: dict, splits: DatasetSplits, shots: int, seed: int, temp
     name = cfg.get("name", "fewshot")
     if name not in ("fewshot", "base2new", "cross_dataset", "domain_shift"):
         raise XmxError(f"protocol.name={name!r}; valid choices: fewshot, base2new, cross_dataset, domain_shift")
-    train, val, source = select_subsets(splits, shots, seed, subset_seed, subset_file, val_shots)
+    train, val, source = select_fewshot(splits.name, splits, shots, seed, subset_seed=subset_seed,
+                                        subset_file=subset_file, val_shots=val_shots)
     classnames = list(splits.classnames)
     ds = splits.name
 
