@@ -12,12 +12,17 @@ initialised with ``F`` (its rows are not re-normalised while training, as in the
 ``alpha`` and ``beta`` are then chosen by an exhaustive grid search on the validation split
 (:func:`search_alpha_beta`).
 
-The Lightning module for these lives below the equations (added by the method layer); everything here is plain
-PyTorch.
+Below the equations: the Lightning modules :class:`TipAdapterMethod` (training-free, alpha/beta searched on
+validation in ``build``) and :class:`TipAdapterFMethod` (keys trained, epoch selected on validation, then alpha/beta
+searched on validation before testing); the equations above them are plain PyTorch.
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import logging
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -25,12 +30,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xmx.errors import XmxError
+from xmx.methods.base import XmxModule, resolve_checkpoint
 
 __all__ = [
     "TIP_DATASETS", "TIP_DEFAULT", "tip_dataset_config", "norm", "affinity", "build_cache", "check_cache",
     "tip_logits", "TipAdapter", "TipAdapterF", "search_grid", "search_alpha_beta", "SearchResult", "correct_counts",
-    "accuracy",
+    "accuracy", "TipAdapterMethod", "TipAdapterFMethod", "grid_summary",
 ]
+
+log = logging.getLogger(__name__)
 
 ZS_SCALE = 100.0  # Tip-Adapter's fixed CLIP logit scale
 
@@ -288,3 +296,289 @@ def accuracy(logits: Tensor, y: Tensor) -> float:
     """Top-1 accuracy in percent."""
     return float((logits.argmax(dim=-1) == y.to(logits.device)).double().mean() * 100.0)
 
+
+
+# =================================================================================================================
+# The Lightning modules (method layer): Tip-Adapter (training-free) and Tip-Adapter-F on the datamodule's cached
+# features. ``conf/method/tip_adapter.yaml`` / ``tip_adapter_f.yaml`` hold every choice; the per-dataset table there
+# mirrors :data:`TIP_DATASETS`.
+# =================================================================================================================
+
+ENTRY_KEYS = ("beta_max", "alpha_max", "init_alpha", "init_beta", "n_beta", "n_alpha", "epochs")
+FULL_GRID_CELLS = 4000  # results_grid=auto writes the whole validation grid up to this many cells
+
+
+def _labels(eval_set) -> Tensor:
+    return torch.tensor([d.label for d in eval_set.items], dtype=torch.long)
+
+
+def _digest(names) -> str:
+    return hashlib.sha256("\n".join(map(str, names)).encode()).hexdigest()
+
+
+def _backbone_id(dm) -> dict | None:
+    bb = getattr(dm, "backbone", None)
+    if bb is None:
+        return None
+    try:
+        from xmx.features.extract import backbone_identity
+        return backbone_identity(bb)
+    except Exception:  # noqa: BLE001  (an identity is a convenience for the refusal below, never a requirement)
+        d = bb.describe()
+        return {k: d.get(k) for k in ("arch", "sha256", "source")}
+
+
+def grid_summary(grid: Tensor, betas: list[float], full: bool) -> dict:
+    """Validation grid ``[n_beta, ...]`` (accuracy %) -> the best accuracy of every beta row (and, when ``full``, the
+    whole grid as nested lists)."""
+    rows = grid.flatten(1).max(dim=1).values
+    out = {"betas": list(betas), "best_val_acc_per_beta": [round(float(a), 4) for a in rows]}
+    if full:
+        out["val_acc_grid"] = grid.tolist()
+    return out
+
+
+class TipAdapterMethod(XmxModule):
+    """Training-free Tip-Adapter (spec §2). ``build``: cache keys = norm(mean over the cached augmented views of the
+    training features), values = one-hot labels, W the zero-shot classifier of the training classes; then the
+    (beta, alpha) grid search on the validation features picks the values used at test time.
+
+    Per-dataset ``beta_max``/``alpha_max``/``init_alpha``/``init_beta``/``n_beta``/``n_alpha``/``epochs`` come from
+    ``datasets`` (the config table, keyed by dataset name); a dataset not in it uses :func:`tip_dataset_config`
+    (ImageNet's variants ImageNet's entry, anything else :data:`TIP_DEFAULT`); a non-null top-level key wins over
+    both. Eval sets whose classes are a subset of the training classes (ImageNet-A/-R) read their columns through
+    ``eval_set.train_index``; unseen classes are refused (a cache holds values for training classes only)."""
+
+    needs_fit = False
+
+    def __init__(self, datasets: dict | None = None, beta_max: float | None = None, alpha_max: float | None = None,
+                 init_alpha: float | None = None, init_beta: float | None = None, n_beta: int | None = None,
+                 n_alpha: int | None = None, search: bool = True, search_device: str = "auto",
+                 results_grid: str | bool = "auto", **kwargs):
+        super().__init__(**kwargs)
+        self.datasets = {str(k).lower(): dict(v or {}) for k, v in (datasets or {}).items()}
+        for name, entry in self.datasets.items():
+            bad = sorted(set(entry) - set(ENTRY_KEYS))
+            if bad:
+                raise XmxError(f"method.datasets.{name}: unknown key(s) {', '.join(bad)}; valid keys: "
+                               f"{', '.join(ENTRY_KEYS)}")
+        self.overrides = {k: v for k, v in dict(beta_max=beta_max, alpha_max=alpha_max, init_alpha=init_alpha,
+                                                init_beta=init_beta, n_beta=n_beta, n_alpha=n_alpha).items()
+                          if v is not None}
+        if results_grid not in ("auto", True, False):
+            raise XmxError(f"method.results_grid={results_grid!r}; valid choices: auto, true, false")
+        if str(search_device) not in ("auto", "cpu") and not str(search_device).startswith("cuda"):
+            raise XmxError(f"method.search_device={search_device!r}; valid choices: auto, cpu, cuda, cuda:<i>")
+        self.search_enabled, self.search_device, self.results_grid = bool(search), str(search_device), results_grid
+        self.hp: dict = {}
+        self.hp_source: str | None = None
+        self.search_result: dict | None = None
+        self.cache_meta: dict = {}
+
+    # ---- construction -----------------------------------------------------------------------------------------
+    def dataset_entry(self, name: str | None) -> tuple[dict, str]:
+        """(entry, where it came from) for dataset ``name``: config table > core table/default, then overrides."""
+        key = (name or "").lower()
+        entry = tip_dataset_config(key)
+        if key in self.datasets:
+            source = f"method.datasets.{key}"
+        elif key.startswith("imagenet") and "imagenet" in self.datasets:
+            key, source = "imagenet", "method.datasets.imagenet (an ImageNet variant)"
+        else:
+            key, source = None, ("TIP_DATASETS" if (name or "").lower() in TIP_DATASETS
+                                 else "TIP_DEFAULT (dataset not in the table)")
+        if key is not None:
+            entry.update(self.datasets[key])
+        if self.overrides:
+            entry.update(self.overrides)
+            source += " + method overrides (" + ", ".join(sorted(self.overrides)) + ")"
+        for k in ("beta_max", "alpha_max", "init_alpha", "init_beta"):
+            entry[k] = float(entry[k])
+        for k in ("n_beta", "n_alpha", "epochs"):
+            entry[k] = int(entry[k])
+        return entry, source
+
+    def make_model(self, keys: Tensor, values: Tensor, W: Tensor, dm) -> nn.Module:
+        return TipAdapter(keys, values, W, alpha=self.hp["init_alpha"], beta=self.hp["init_beta"])
+
+    def build(self, dm) -> None:
+        if dm.inputs != "features":
+            raise XmxError(f"{self.method_name or 'tip_adapter'} builds its cache from cached features; set "
+                           "method.inputs=features")
+        self.hp, self.hp_source = self.dataset_entry(dm.name)
+        for s in [dm.val_set, *dm.eval_sets]:  # refuse unseen classes before any training
+            self.columns(s, dm.classnames)
+        if self.columns(dm.val_set, dm.classnames) is not None:
+            raise XmxError(f"validation set '{dm.val_set.name}' does not have the training classes in their order; "
+                           "alpha/beta are searched on training-class logits")
+        W = dm.text_classifier(dm.classnames)                                          # [C, N]
+        keys, values = build_cache(dm.train_features, dm.train_labels, len(dm.classnames))
+        self.model = self.make_model(keys, values, W, dm)
+        self.cache_meta = {"dataset": dm.name, "classes": len(dm.classnames), "classes_sha256": _digest(dm.classnames),
+                           "width": int(keys.shape[1]), "keys": int(keys.shape[0]),
+                           "views": int(dm.train_features.shape[0]) if dm.train_features.ndim == 3 else 1,
+                           "backbone": _backbone_id(dm)}
+        if not self.needs_fit and self.search_enabled:
+            self.search_on_validation(dm)
+
+    def columns(self, eval_set, train_classnames) -> Tensor | None:
+        """None when ``eval_set`` has exactly the training classes; else the training-class column of each of its
+        classes (``train_index``). Unseen classes -> XmxError."""
+        N = len(train_classnames)
+        idx = list(eval_set.train_index or [])
+        if idx == list(range(N)) or (not idx and list(eval_set.classnames) == list(train_classnames)):
+            return None
+        if not idx:
+            raise XmxError(f"eval set '{eval_set.name}' has other classes than training but no train_index; "
+                           "its columns cannot be matched to the cache's classes")
+        unseen = [c for c, i in zip(eval_set.classnames, idx) if i is None]
+        if unseen:
+            raise XmxError(f"{self.method_name or 'tip_adapter'}: eval set '{eval_set.name}' has {len(unseen)} "
+                           f"class(es) never trained on (e.g. {unseen[0]!r}); the cache can't score unseen classes "
+                           "(its values cover the training classes only) - evaluate new classes with "
+                           "method=zeroshot or another text-based method")
+        return torch.tensor(idx, dtype=torch.long)
+
+    # ---- evaluation -------------------------------------------------------------------------------------------
+    def logits(self, x: Tensor, eval_set) -> Tensor:
+        out = self.model(self.image_features(x))                                      # [B, N_train]
+        cols = self.columns(eval_set, self.dm.classnames)
+        return out if cols is None else out[:, cols.to(out.device)]                  # [B, len(eval classes)]
+
+    def _device_for_search(self) -> torch.device:
+        if self.search_device == "auto":
+            return torch.device("cuda") if torch.cuda.is_available() else self.model.W.device
+        return torch.device(self.search_device)
+
+    @torch.no_grad()
+    def search_on_validation(self, dm) -> None:
+        """The (beta, alpha) grid on the validation features with the current keys; applies the best pair."""
+        dev = self._device_for_search()
+        f_val, y_val = dm.features_of(dm.val_set).float(), _labels(dm.val_set)
+        m = self.model
+        res = search_alpha_beta(f_val.to(dev), y_val.to(dev), m.W.to(dev), m.cache_keys().detach().float().to(dev),
+                                m.values.to(dev), self.hp["beta_max"], self.hp["alpha_max"], self.hp["n_beta"],
+                                self.hp["n_alpha"])
+        m.set_alpha_beta(res.alpha, res.beta)
+        full = self.results_grid is True or (self.results_grid == "auto" and res.grid.numel() <= FULL_GRID_CELLS)
+        self.search_result = {"alpha": res.alpha, "beta": res.beta, "val_acc": res.acc, "alphas": res.alphas,
+                              **grid_summary(res.grid, res.betas, full)}
+        log.info("%s: alpha %.4g, beta %.4g searched on validation (%.2f%%)", self.method_name, res.alpha, res.beta,
+                 res.acc)
+
+    # ---- checkpoints: a cache belongs to one backbone and one label set -------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["xmx_cache"] = self.cache_meta
+
+    def load_weights(self, path) -> None:
+        ckpt = resolve_checkpoint(path)
+        raw = torch.load(ckpt, map_location="cpu", weights_only=False)
+        sd, meta = raw.get("state_dict", {}), raw.get("xmx_cache") or {}
+        keys = sd.get("model.adapter.weight", sd.get("model.keys"))
+        values = sd.get("model.values")
+        try:
+            if keys is not None and values is not None:
+                check_cache(self.model.W, keys, values)
+        except XmxError as e:
+            raise XmxError(f"init_from={path}: {e}") from None
+        mine = self.cache_meta
+        if meta.get("backbone") and mine.get("backbone") and meta["backbone"] != mine["backbone"]:
+            raise XmxError(f"init_from={path}: its cache was built with backbone {meta['backbone'].get('arch')} "
+                           f"({meta['backbone']}) but this run uses {mine['backbone'].get('arch')} "
+                           f"({mine['backbone']}); rebuild the cache with this backbone")
+        if meta.get("classes_sha256") and meta["classes_sha256"] != mine.get("classes_sha256"):
+            raise XmxError(f"init_from={path}: its cache was built for other classes ({meta.get('classes')} classes "
+                           f"of {meta.get('dataset')}) than this run trains on ({mine.get('classes')} classes of "
+                           f"{mine.get('dataset')}); rebuild it for these classes")
+        super().load_weights(path)
+
+    # ---- results ----------------------------------------------------------------------------------------------
+    def extra_results(self) -> dict:
+        m = getattr(self, "model", None)
+        out = {"dataset_entry": {"source": self.hp_source, **self.hp}, "cache": {k: v for k, v in
+                                                                                self.cache_meta.items()
+                                                                                if k != "backbone"}}
+        if m is not None:
+            out.update(alpha=float(m.alpha), beta=float(m.beta))
+        out["searched_on"] = "val" if self.search_result is not None else None
+        out["search"] = self.search_result
+        return out
+
+
+class TipAdapterFMethod(TipAdapterMethod):
+    """Tip-Adapter-F (spec §2): the cache keys become a trainable ``Linear(C -> NK)`` trained with cross-entropy at
+    the initial (alpha, beta) of the dataset entry; one cached view per epoch (``data.view_sampling=cycle``); the
+    epoch is selected on validation accuracy by the checkpoint callback (monitor ``val/acc``; the run restores the
+    best checkpoint before testing); then (beta, alpha) are searched on validation with the selected keys
+    (``on_test_start``), never on test.
+
+    ``scheduler_interval``: ``step`` (the original: cosine over epochs x batches; ``T_max`` filled in when the
+    scheduler partial leaves it open) or ``epoch``."""
+
+    needs_fit = True
+
+    def __init__(self, scheduler_interval: str = "step", **kwargs):
+        super().__init__(**kwargs)
+        if scheduler_interval not in ("step", "epoch"):
+            raise XmxError(f"method.scheduler_interval={scheduler_interval!r}; valid choices: step, epoch")
+        self.scheduler_interval = scheduler_interval
+        self.epoch_curve: list[dict] = []
+        self.selected_epoch: int | None = None
+
+    def make_model(self, keys, values, W, dm) -> nn.Module:
+        return TipAdapterF(keys, values, W, alpha=self.hp["init_alpha"], beta=self.hp["init_beta"])
+
+    def build(self, dm) -> None:
+        super().build(dm)
+        if getattr(dm, "view_sampling", "cycle") != "cycle":
+            log.warning("%s: data.view_sampling=%s; the Tip-Adapter-F recipe trains on one cached view per epoch "
+                        "(data.view_sampling=cycle, as the presets set)", self.method_name, dm.view_sampling)
+
+    # ---- training ---------------------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = self.model.loss(self.image_features(x), y)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(y))
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_acc.update_called and not self.trainer.sanity_checking:
+            self.epoch_curve.append({"epoch": int(self.current_epoch),
+                                     "val_acc": float(100.0 * self.val_acc.compute())})
+        super().on_validation_epoch_end()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.selected_epoch = checkpoint.get("epoch")  # the restored (best) checkpoint's epoch
+
+    def on_test_start(self) -> None:
+        if self.search_enabled:
+            self.search_on_validation(self.dm)
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.optimizer_factory is None or not params:
+            return None
+        opt = self.optimizer_factory(params=params)
+        if self.scheduler_factory is None:
+            return opt
+        kw = {}
+        bound = getattr(self.scheduler_factory, "keywords", None) or {}
+        if "T_max" not in bound and "T_max" in inspect.signature(self.scheduler_factory).parameters:
+            total = (self.trainer.estimated_stepping_batches if self.scheduler_interval == "step"
+                     else self.trainer.max_epochs)
+            if total is None or not math.isfinite(total) or total < 1:
+                raise XmxError(f"cosine schedule needs a finite number of {self.scheduler_interval}s; set "
+                               "method.epochs (trainer.max_epochs) or method.scheduler.T_max")
+            kw["T_max"] = int(total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=opt, **kw),
+                                                   "interval": self.scheduler_interval}}
+
+    def extra_results(self) -> dict:
+        out = super().extra_results()
+        sel = self.selected_epoch
+        out.update(init_alpha=self.hp.get("init_alpha"), init_beta=self.hp.get("init_beta"),
+                   epochs=self.epochs, epoch_curve=self.epoch_curve, selected_epoch=sel,
+                   selected_by=("val/acc at the initial alpha/beta (best checkpoint)" if sel is not None else
+                                ("last epoch (no checkpoint restored)" if self.epoch_curve else None)))
+        return out
