@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
@@ -16,30 +15,26 @@ from xmx.errors import XmxError
 log = logging.getLogger(__name__)
 
 
-def item_seed(seed: int, view: int, index: int) -> int:
-    """The RNG seed of one augmented view of one image: independent of worker count and iteration order."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{view}:{index}".encode()).digest()[:8], "little") & (2**63 - 1)
-
-
-def open_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as img:  # format sniffed from the bytes: PNG-in-.jpg works
+def open_rgb(path) -> Image.Image:
+    """Decode any image file PIL understands (CMYK, greyscale, palette, PNG named .jpg: the format is sniffed from
+    the bytes) to RGB."""
+    with Image.open(path) as img:
         img.load()
         return img if img.mode == "RGB" else img.convert("RGB")
 
 
 class ImageListDataset(Dataset):
-    """``items`` under ``root``; returns ``(image[3,H,W], label)``. With ``seed`` set, view ``view`` of item ``i``
-    draws its random augmentation from :func:`item_seed` so a view is reproducible.
+    """``items`` under ``root``; returns ``(image[3,H,W], label)`` for methods that run the encoders in the training
+    step (cached features are extracted by :mod:`xmx.features.extract`).
 
     ``unreadable``: ``error`` (default) stops with the file's name; ``skip`` returns ``None`` for that item, which
     :func:`collate_skip` drops and counts."""
 
-    def __init__(self, root: str | Path, items: list[Datum], transform, unreadable: str = "error",
-                 seed: int | None = None, view: int = 0, with_index: bool = False):
+    def __init__(self, root: str | Path, items: list[Datum], transform, unreadable: str = "error"):
         if unreadable not in ("error", "skip"):
             raise XmxError(f"data.unreadable={unreadable!r}; valid choices: error, skip")
         self.root, self.items, self.transform = Path(root), items, transform
-        self.unreadable, self.seed, self.view, self.with_index = unreadable, seed, view, with_index
+        self.unreadable = unreadable
 
     def __len__(self) -> int:
         return len(self.items)
@@ -54,13 +49,7 @@ class ImageListDataset(Dataset):
                 return None
             raise XmxError(f"unreadable image {path} ({type(e).__name__}: {e}); replace the file, or set "
                            "data.unreadable=skip to leave such files out") from None
-        if self.seed is None:
-            x = self.transform(img)
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(item_seed(self.seed, self.view, i))
-                x = self.transform(img)
-        return (x, d.label, i) if self.with_index else (x, d.label)
+        return self.transform(img), d.label
 
 
 def collate_skip(batch):

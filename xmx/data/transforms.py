@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import torch
-from PIL import Image
 from torchvision import transforms as T
 
 from xmx.errors import XmxError
@@ -30,11 +29,6 @@ class AddGaussianNoise(torch.nn.Module):
         return f"AddGaussianNoise(std={self.std})"
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Greyscale, CMYK, palette and alpha images (and PNGs saved as .jpg) all become RGB."""
-    return img if img.mode == "RGB" else img.convert("RGB")
-
-
 def build_transform(preset: str, size: int, mean, std, interpolation: str = "bicubic",
                     noise_std: float = 0.0) -> T.Compose:
     if preset not in PRESETS:
@@ -44,7 +38,7 @@ def build_transform(preset: str, size: int, mean, std, interpolation: str = "bic
         spatial = [T.Resize(size, interpolation=interp), T.CenterCrop(size)]
     else:
         spatial = [T.RandomResizedCrop(size, scale=PRESETS[preset], interpolation=interp), T.RandomHorizontalFlip()]
-    steps = [T.Lambda(to_rgb), *spatial, T.ToTensor(), T.Normalize(mean, std)]
+    steps = [*spatial, T.ToTensor(), T.Normalize(mean, std)]
     if noise_std:
         steps.append(AddGaussianNoise(noise_std))
     return T.Compose(steps)

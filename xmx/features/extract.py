@@ -41,13 +41,14 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
+from xmx.data.images import open_rgb
+from xmx.data.transforms import PRESETS  # preset -> RandomResizedCrop scale (None: CLIP eval transform)
 from xmx.errors import XmxError
 from xmx.features.store import FeatureStore, tensors_checksum
 
 log = logging.getLogger(__name__)
 
 EXTRACT_VERSION = 1  # bump when a change here changes the numbers: it is part of every feature key
-PRESETS = {"none": None, "tip": (0.5, 1.0), "coop": (0.08, 1.0)}  # preset -> RandomResizedCrop scale
 RATIO = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's default aspect-ratio range
 PRECISIONS = {"fp16": torch.float16, "fp32": torch.float32}
 AMP = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
@@ -144,12 +145,6 @@ class Preprocess:
 def _one_line(path, e: BaseException) -> str:
     text = str(e).splitlines()[0] if str(e) else ""
     return f"{path}: {type(e).__name__}: {text}"
-
-
-def open_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode any image file PIL understands (CMYK, greyscale, palette, PNG named .jpg) to RGB."""
-    with Image.open(path) as im:
-        return im.convert("RGB")
 
 
 # ---- datasets run in DataLoader workers ---------------------------------------------------------------------------
