@@ -270,7 +270,7 @@ def _scan_imagenet(root: Path, info: DatasetInfo) -> tuple[DatasetSplits, list[s
         out[split], miss = index_folders(root, rel, wnids, labels, cnames)
         absent += miss
     splits = DatasetSplits(name=info.name, root=root, train=out["train"], val=[], test=out["test"],
-                           classnames=cnames, templates=list(info.templates),
+                           classnames=cnames, templates=list(info.templates), class_keys=list(wnids),
                            split_source=f"listing of {root}/{info.dir}/images/{{train,val}}/<wnid>/ ({source})")
     return splits, absent
 
@@ -285,7 +285,7 @@ def _scan_variant(root: Path, info: DatasetInfo) -> tuple[DatasetSplits, list[st
     cnames = [names[w] for w in wnids]
     test, absent = index_folders(root, rel, folders, list(range(len(wnids))), cnames)
     splits = DatasetSplits(name=info.name, root=root, train=[], val=[], test=test, classnames=cnames,
-                           templates=list(info.templates), split_source=f"listing of {root}/{rel}/ ({source})")
+                           templates=list(info.templates), class_keys=list(wnids), split_source=f"listing of {root}/{rel}/ ({source})")
     return splits, absent
 
 

@@ -32,6 +32,13 @@ class DatasetSplits:
     classnames: list[str]  # index = label
     templates: list[str]
     split_source: str = ""  # which split file (or listing) produced the lists
+    # stable class identities (ImageNet family: WordNet ids) where class names are not unique; None = class names.
+    # Transfer protocols match a target's classes to the training classes through them.
+    class_keys: list[str] | None = None
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.class_keys) if self.class_keys is not None else list(self.classnames)
 
     def split(self, name: str) -> list[Datum]:
         return getattr(self, name)

@@ -59,9 +59,10 @@ def _relabel(items: list[Datum], keep: list[int]) -> list[Datum]:
     return [Datum(d.path, new[d.label], d.classname) for d in items if d.label in new]
 
 
-def _index_in(classnames: list[str], train_classnames: list[str]) -> list[int | None]:
-    pos = {c: i for i, c in enumerate(train_classnames)}
-    return [pos.get(c) for c in classnames]
+def _index_in(keys: list[str], train_keys: list[str]) -> list[int | None]:
+    """Each target class's position among the training classes, matched on stable class keys."""
+    pos = {c: i for i, c in enumerate(train_keys)}
+    return [pos.get(c) for c in keys]
 
 
 def n_base_classes(n: int, base_split: str = "ceil", base_ratio: float = 0.5) -> int:
@@ -107,5 +108,5 @@ def build_protocol(cfg: dict, splits: DatasetSplits, shots: int, seed: int, temp
             tsplits = load_dataset(t, root if root is not None else splits.root)
             tt = templates if target_templates is None else target_templates(tsplits)
             eval_sets.append(EvalSet(f"test_{t}", tsplits.test, list(tsplits.classnames), t, tt,
-                                     _index_in(tsplits.classnames, classnames)))
+                                     _index_in(tsplits.keys, splits.keys)))
     return ProtocolData(name, train, classnames, templates, val_set, eval_sets, source)
