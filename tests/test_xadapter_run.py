@@ -112,3 +112,106 @@ def test_preset_runs_one_step(make_cfg, data_dir, preset):
         assert split["n"] > 0 and len(split["sha256"]) == 64
     out = Path(cfg.paths.output_dir)
     assert json.loads((out / "results.json").read_text())["metrics"] == res["metrics"]
+
+
+def _state(run_dir: Path) -> dict:
+    ckpts = sorted((run_dir / "checkpoints").glob("*.ckpt"))
+    assert ckpts, f"no checkpoint in {run_dir}"
+    return {p.name: torch.load(p, map_location="cpu", weights_only=False)["state_dict"] for p in ckpts}
+
+
+def test_pretrain_then_colour_probe_loads_the_adapter(make_cfg, data_dir, tmp_path, caplog):
+    pre = tmp_path / "pre"
+    res = run(make_cfg(["experiment=xadapter_vexpert_coco", *tiny(
+        data_dir, "data.val_images=3", "method.batch_size=4", "method.steps=4", "method.lr=0.05",
+        "method.warmup=0.0", "method.decay=constant", "+trainer.limit_val_batches=1")], output_dir=pre))
+    assert res["metrics"]["test/mlm_loss"] > 0 and 0 <= res["metrics"]["test/mlm_acc"] <= 100
+    assert res["metrics"]["val/acc"] == pytest.approx(res["extra"]["val_curve"][-1]["val/mlm_acc"])
+    gate = res["extra"]["gates"]["layer2"]  # placement last_two on 3 layers: after layer 2
+    assert gate != 0.0  # only the gate moves on the first step, and it did move
+    for name, sd in _state(pre).items():  # adapter only: the frozen encoders stay out of the checkpoint
+        assert sd and all(k.startswith("adapter.") for k in sd), (name, [k for k in sd][:5])
+    assert torch.load(pre / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"][
+        "adapter.blocks.1.gate"].item() == pytest.approx(gate)
+
+    probe = ["experiment=xadapter_color", *tiny(data_dir)]
+    base = run(make_cfg(probe, output_dir=tmp_path / "bare"))
+    caplog.set_level(logging.INFO, logger="xmx.methods.base")
+    loaded = run(make_cfg(probe + ["data.sets=[color_terms]", f"init_from={pre}"], output_dir=tmp_path / "probe"))
+    assert any("loaded" in r.getMessage() and "tensors" in r.getMessage() and "loaded 0 " not in r.getMessage()
+               for r in caplog.records)
+    assert loaded["extra"]["init_from"]["tensors_loaded"] == len(_state(pre)["last.ckpt"])
+    assert loaded["extra"]["gates"]["layer2"] == pytest.approx(gate)
+    assert base["extra"]["expert"] == "none" and loaded["extra"]["expert"] == "v"
+    from safetensors.torch import load_file
+    for name in ("test_color_terms",):
+        a = load_file(tmp_path / "bare" / "predictions.safetensors")[f"{name}/logits"]
+        b = load_file(tmp_path / "probe" / "predictions.safetensors")[f"{name}/logits"]
+        assert a.shape == b.shape and a.shape[0] == {"test_memory_color": 9 * 109, "test_color_terms": 9 * 52}[name]
+        assert not torch.equal(a, b)  # the adapter (gate != 0, retrieved images) changes the colour logits
+    # full probes: accuracy pooled over 9 templates x items, per template in extra
+    assert {"test_memory_color/acc", "test_color_terms/acc"} <= set(base["metrics"])
+    assert set(loaded["metrics"]) == {"test_color_terms/acc"}
+    assert len(base["extra"]["per_template"]["test_memory_color"]) == 9
+
+
+def test_init_from_with_another_adapter_shape_is_one_line(make_cfg, data_dir, tmp_path):
+    pre = tmp_path / "pre"
+    run(make_cfg(["experiment=xadapter_texpert_wiki", *tiny(data_dir, "method.batch_size=8", "method.steps=1",
+                                                             "+trainer.limit_val_batches=1")], output_dir=pre))
+    assert all(k.startswith("adapter.blocks.1.") for k in _state(pre)["last.ckpt"])
+    cfg = make_cfg(["experiment=xadapter_color", *tiny(data_dir, "method.adapter.placement=every",
+                                                       f"init_from={pre}")])
+    with pytest.raises(XmxError, match=r"init_from=.*lacks .* adapter tensors.*same method.adapter"):
+        run(cfg)
+
+
+@pytest.mark.parametrize("task,names", [
+    ("cola", {"test/mcc"}), ("stsb", {"test/pearson", "test/spearman"}),
+    ("mnli", {"test_matched/acc", "test_mismatched/acc"})])
+def test_glue_writes_the_task_metrics(make_cfg, data_dir, task, names):
+    res = run(make_cfg(["experiment=xadapter_glue", f"glue_task={task}",
+                        *tiny(data_dir, "debug=fdr", "method.batch_size=4")]))
+    assert names <= set(res["metrics"]) and res["extra"]["task"] == task
+    assert res["experiment"] == f"xadapter_glue_{task}"
+    assert not any(k.startswith("test/") for k in res["metrics"]) if task == "mnli" else True
+
+
+@pytest.mark.parametrize("variant,plm_in_ckpt", [([], False), (["method.adapter=null"], False),
+                                                 (["method.finetune_plm=true", "method.adapter=null"], True)])
+def test_glue_checkpoints_and_baselines(make_cfg, data_dir, tmp_path, variant, plm_in_ckpt):
+    out = tmp_path / "glue"
+    res = run(make_cfg(["experiment=xadapter_glue", *tiny(data_dir, "method.batch_size=8", "trainer.max_epochs=1",
+                                                          "data.train_size=8", *variant)], output_dir=out))
+    assert "test/acc" in res["metrics"] and res["extra"]["finetune_plm"] == plm_in_ckpt
+    sd = _state(out)["last.ckpt"]
+    assert any(k.startswith("head.") for k in sd)
+    assert not any(k.startswith("backbone.") for k in sd)
+    assert any(k.startswith("plm.") for k in sd) == plm_in_ckpt
+    assert any(k.startswith("adapter.") for k in sd) == (not variant)
+
+
+def test_masking_is_seeded_by_seed_and_epoch(data_dir):
+    from xmx.backbones.clip import CLIPBackbone
+    from xmx.backbones.plm import build_plm
+    from xmx.data.text_datamodule import WikiTextDataModule
+    clip, plm = CLIPBackbone("xmx-tiny", None), build_plm("tiny")
+
+    def batches(seed, epoch):
+        dm = WikiTextDataModule("wikitext103", data_dir / "wikitext-103-raw", clip, plm, seed=seed, batch_size=8,
+                                num_workers=0, mask_ratio=0.3)
+        dm.setup()
+        dl = dm.train_dataloader()
+        dl.sampler.set_epoch(epoch)
+        return list(dl)
+
+    a, b, c, d = batches(1, 0), batches(1, 0), batches(1, 1), batches(2, 0)
+    assert len(a) == 3 and all(torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"])
+                               for x, y in zip(a, b))
+    assert not torch.equal(a[0]["labels"], c[0]["labels"]) and not torch.equal(a[0]["labels"], d[0]["labels"])
+    for x in a:  # the CLIP view hides every target: no predicted word survives into the query
+        assert (x["labels"] != -100).any() and x["clip_tokens"].shape == (x["input_ids"].shape[0], 77)
+    mask_ratio = torch.cat([(x["labels"] != -100)[x["attention_mask"].bool()].float() for x in a]).mean()
+    assert 0.15 < float(mask_ratio) < 0.45
+    with pytest.raises(XmxError, match="needs a PLM"):
+        WikiTextDataModule("wikitext103", data_dir / "wikitext-103-raw", clip, None)
