@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda"))
     threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads or (1 if args.smoke else threads))
+    n_threads = args.threads or (1 if args.smoke else threads)  # smoke: tiny tensors, threads only add contention
+    torch.set_num_threads(n_threads)
     try:
         clip, plm = build_models(args.smoke, device)
         g = torch.Generator().manual_seed(2)
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         torch.set_num_threads(threads)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+        f"cpu ({platform.machine()}, {n_threads} threads)"
     results = {"benchmark": "xadapter", "smoke": args.smoke, "device": device.type, "device_name": name,
                "torch": torch.__version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "sizes": {"batch": args.batch, "seq_len": args.seq_len, "index_size": args.index_size, "k": args.k,
