@@ -209,7 +209,7 @@ def test_masking_is_seeded_by_seed_and_epoch(data_dir):
     assert len(a) == 3 and all(torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"])
                                for x, y in zip(a, b))
     assert not torch.equal(a[0]["labels"], c[0]["labels"]) and not torch.equal(a[0]["labels"], d[0]["labels"])
-    for x in a:  # the CLIP view hides every target: no predicted word survives into the query
+    for x in a:  # every batch predicts something and carries its CLIP query (the PLM's view) per sentence
         assert (x["labels"] != -100).any() and x["clip_tokens"].shape == (x["input_ids"].shape[0], 77)
     mask_ratio = torch.cat([(x["labels"] != -100)[x["attention_mask"].bool()].float() for x in a]).mean()
     assert 0.15 < float(mask_ratio) < 0.45
