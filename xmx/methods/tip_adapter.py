@@ -499,8 +499,9 @@ class TipAdapterMethod(XmxModule):
         out = {"dataset_entry": {"source": self.hp_source, **self.hp}, "cache": {k: v for k, v in
                                                                                 self.cache_meta.items()
                                                                                 if k != "backbone"}}
-        if m is not None:
-            out.update(alpha=float(m.alpha), beta=float(m.beta))
+        if m is not None:  # the searched grid values exactly (the model holds them as float32 buffers)
+            sr = self.search_result or {}
+            out.update(alpha=sr.get("alpha", float(m.alpha)), beta=sr.get("beta", float(m.beta)))
         out["searched_on"] = "val" if self.search_result is not None else None
         out["search"] = self.search_result
         return out
@@ -548,8 +549,15 @@ class TipAdapterFMethod(TipAdapterMethod):
                                      "val_acc": float(100.0 * self.val_acc.compute())})
         super().on_validation_epoch_end()
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["xmx_epoch_curve"] = list(self.epoch_curve)  # a resumed run keeps the whole curve
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.selected_epoch = checkpoint.get("epoch")  # the restored (best) checkpoint's epoch
+        self.selected_epoch = checkpoint.get("epoch")  # the restored checkpoint's epoch (the best one, for test)
+        saved = checkpoint.get("xmx_epoch_curve") or []
+        if len(saved) > len(self.epoch_curve):  # resuming; the best checkpoint's curve is a prefix of ours
+            self.epoch_curve = list(saved)
 
     def on_test_start(self) -> None:
         if self.search_enabled:

@@ -509,7 +509,10 @@ class XMAdapterMethod(TipAdapterFMethod):
         out = super().extra_results()
         m = getattr(self, "model", None)
         if m is not None:
-            out.update(beta_txt=float(m.beta_txt), gamma=float(m.gamma), gamma_mode=m.gamma_mode,
+            sr = self.search_result or {}
+            learned = m.gamma_mode == "learned"
+            out.update(beta_txt=sr.get("beta_txt", float(m.beta_txt)),
+                       gamma=float(m.gamma) if learned else sr.get("gamma", float(m.gamma)), gamma_mode=m.gamma_mode,
                        kappa=m.kappa, tau=m.tau, shots_K=m.shots, img2txt=m.img2txt_kind)
         out["reimplementation"] = "XMAdapter has no public code; this is xmx's reconstruction (spec §4)"
         return out
