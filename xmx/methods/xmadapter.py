@@ -427,7 +427,7 @@ class XMAdapterMethod(TipAdapterFMethod):
     ``gamma_mode``: ``fixed`` (``gamma`` throughout), ``searched`` (trained at ``gamma``, then searched on the
     validation grid ``gamma_grid(gamma_steps)`` with beta/alpha) or ``learned`` (``sigmoid`` of a trained scalar
     starting at ``gamma``). ``search_betas_txt``: null ties beta_txt to beta in the search, or a list searched jointly.
-    The search runs on the model's device."""
+    The search runs on ``search_device`` like Tip-Adapter's (the model visits it for the search)."""
 
     def __init__(self, img2txt: str = "text_mixture", img2txt_temp: float = 100.0, learn_img2txt_temp: bool = False,
                  img2txt_proj: bool = False, img2txt_bias: bool = False, txt_keys_from: str = "mean_view",
@@ -488,11 +488,16 @@ class XMAdapterMethod(TipAdapterFMethod):
     @torch.no_grad()
     def search_on_validation(self, dm) -> None:
         m = self.model
+        home, dev = m.W.device, self._device_for_search()
         f_val, y_val = dm.features_of(dm.val_set).float(), torch.tensor([d.label for d in dm.val_set.items])
         gammas = gamma_grid(self.gamma_steps) if m.gamma_mode == "searched" else None
-        res = search_xmadapter(m, f_val.to(m.W.device), y_val.to(m.W.device), self.hp["beta_max"],
-                               self.hp["alpha_max"], self.hp["n_beta"], self.hp["n_alpha"], gammas=gammas,
-                               betas_txt=self.search_betas_txt)
+        m.to(dev)  # the search runs where the model's tensors are
+        try:
+            res = search_xmadapter(m, f_val.to(dev), y_val.to(dev), self.hp["beta_max"], self.hp["alpha_max"],
+                                   self.hp["n_beta"], self.hp["n_alpha"], gammas=gammas,
+                                   betas_txt=self.search_betas_txt)
+        finally:
+            m.to(home)
         m.set_hparams(alpha=res.alpha, beta=res.beta, beta_txt=res.beta_txt,
                       gamma=None if m.gamma_mode == "learned" else res.gamma)
         full = self.results_grid is True or (self.results_grid == "auto" and res.grid.numel() <= FULL_GRID_CELLS)
