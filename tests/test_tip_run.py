@@ -66,8 +66,7 @@ def test_tip_adapter_searches_on_validation_and_writes_the_curve(make_cfg, tmp_p
     assert ex["searched_on"] == "val" and (ex["alpha"], ex["beta"]) == (s["alpha"], s["beta"])
     assert s["betas"] == search_grid(10.0, 200) and s["alphas"] == search_grid(10.0, 20)
     assert len(s["best_val_acc_per_beta"]) == 200 and max(s["best_val_acc_per_beta"]) == pytest.approx(s["val_acc"])
-    grid = torch.tensor(s["val_acc_grid"])  # 4000 cells: small enough to be written whole
-    assert grid.shape == (200, 20) and float(grid.max()) == pytest.approx(s["val_acc"])
+    assert "val_acc_grid" not in s  # 200 x 20 cells: the per-beta summary only (results_grid=auto)
     assert json.loads((tmp_path / "tip" / "results.json").read_text())["extra"]["alpha"] == ex["alpha"]
 
     # independent recomputation from the same features: the cache is the mean of the views, the search ran on the
@@ -77,6 +76,8 @@ def test_tip_adapter_searches_on_validation_and_writes_the_curve(make_cfg, tmp_p
     keys, values = build_cache(dm.train_features, dm.train_labels, len(dm.classnames))
     ref = search_alpha_beta(dm.features_of(dm.val_set).float(), _labels(dm.val_set), W, keys, values, 10.0, 10.0)
     assert (ref.alpha, ref.beta, ref.acc) == (ex["alpha"], ex["beta"], pytest.approx(s["val_acc"]))
+    assert s["best_val_acc_per_beta"] == pytest.approx(ref.grid.max(dim=1).values.tolist(), abs=1e-3)
+    assert s["best_alpha_per_beta"] == [ref.alphas[int(j)] for j in ref.grid.argmax(dim=1)]
     test = dm.eval_sets[0]
     logits = tip_logits(dm.features_of(test).float(), W, keys, values, ex["alpha"], ex["beta"])
     preds = load_file(tmp_path / "tip" / "predictions.safetensors")
@@ -135,6 +136,10 @@ def test_xmadapter_searches_gamma_on_validation(make_cfg, runs_dir):
     assert ex["gamma"] == s["gamma"] in s["gammas"] and ex["beta_txt"] == ex["beta"]  # beta_txt tied to beta
     assert len(s["best_val_acc_per_gamma"]) == 11 and max(s["best_val_acc_per_gamma"]) == pytest.approx(s["val_acc"])
     assert len(s["best_val_acc_per_beta"]) == 20 and "val_acc_grid" not in s  # 20x20x11 cells: summary only
+    res, _ = _run_once("xm_small_grid", make_cfg, runs_dir, ["method=xmadapter", "method.epochs=1", "method.n_beta=5",
+                                                             "method.n_alpha=4", "method.gamma_steps=4"])
+    grid = torch.tensor(res["extra"]["search"]["val_acc_grid"])  # 5x1x4x5 = 100 cells: written whole
+    assert grid.shape == (5, 1, 4, 5) and float(grid.max()) == pytest.approx(res["extra"]["search"]["val_acc"])
 
 
 # ---- column slicing and refusals, at module level ----------------------------------------------------------------

@@ -305,7 +305,7 @@ def accuracy(logits: Tensor, y: Tensor) -> float:
 # =================================================================================================================
 
 ENTRY_KEYS = ("beta_max", "alpha_max", "init_alpha", "init_beta", "n_beta", "n_alpha", "epochs")
-FULL_GRID_CELLS = 4000  # results_grid=auto writes the whole validation grid up to this many cells
+FULL_GRID_CELLS = 1000  # results_grid=auto writes the whole validation grid up to this many cells
 
 
 def _labels(eval_set) -> Tensor:
@@ -328,11 +328,13 @@ def _backbone_id(dm) -> dict | None:
         return {k: d.get(k) for k in ("arch", "sha256", "source")}
 
 
-def grid_summary(grid: Tensor, betas: list[float], full: bool) -> dict:
-    """Validation grid ``[n_beta, ...]`` (accuracy %) -> the best accuracy of every beta row (and, when ``full``, the
-    whole grid as nested lists)."""
-    rows = grid.flatten(1).max(dim=1).values
-    out = {"betas": list(betas), "best_val_acc_per_beta": [round(float(a), 4) for a in rows]}
+def grid_summary(grid: Tensor, betas: list[float], full: bool, alphas: list[float] | None = None) -> dict:
+    """Validation grid ``[n_beta, ...]`` (accuracy %) -> the best accuracy of every beta row, with ``alphas`` (for a
+    ``[n_beta, n_alpha]`` grid) the first alpha reaching it, and when ``full`` the whole grid as nested lists."""
+    best = grid.flatten(1).max(dim=1)
+    out = {"betas": list(betas), "best_val_acc_per_beta": [round(float(a), 4) for a in best.values]}
+    if alphas is not None and grid.ndim == 2:
+        out["best_alpha_per_beta"] = [alphas[int(j)] for j in grid.argmax(dim=1)]  # first maximum of each row
     if full:
         out["val_acc_grid"] = grid.tolist()
     return out
@@ -462,7 +464,7 @@ class TipAdapterMethod(XmxModule):
         m.set_alpha_beta(res.alpha, res.beta)
         full = self.results_grid is True or (self.results_grid == "auto" and res.grid.numel() <= FULL_GRID_CELLS)
         self.search_result = {"alpha": res.alpha, "beta": res.beta, "val_acc": res.acc, "alphas": res.alphas,
-                              **grid_summary(res.grid, res.betas, full)}
+                              **grid_summary(res.grid, res.betas, full, res.alphas)}
         log.info("%s: alpha %.4g, beta %.4g searched on validation (%.2f%%)", self.method_name, res.alpha, res.beta,
                  res.acc)
 
