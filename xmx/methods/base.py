@@ -37,11 +37,13 @@ class XmxModule(L.LightningModule):
     frozen_prefixes: tuple[str, ...] = ("backbone.", "plm.")  # never written into checkpoints
 
     def __init__(self, name: str | None = None, inputs: str = "features", batch_size: int | None = 256,
-                 epochs: int | None = None, optimizer=None, scheduler=None):
-        """``name``/``inputs``/``batch_size``/``epochs`` describe what the method asks of the run (the datamodule
-        and trainer configs read them); ``optimizer``/``scheduler`` are partials (``_partial_: true``)."""
+                 epochs: int | None = None, view_sampling: str = "random", optimizer=None, scheduler=None):
+        """``name``/``inputs``/``batch_size``/``epochs``/``view_sampling`` describe what the method asks of the run
+        (the datamodule and trainer configs read them); ``optimizer``/``scheduler`` are partials
+        (``_partial_: true``)."""
         super().__init__()
         self.method_name, self.inputs, self.batch_size, self.epochs = name, inputs, batch_size, epochs
+        self.view_sampling = view_sampling
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.init_from: str | None = None
         self.strict_loading = False  # checkpoints omit the frozen encoders
