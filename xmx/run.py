@@ -2,25 +2,40 @@
 
 With no arguments it runs ``experiment=demo`` (a synthetic CPU demo). ``results.json`` is written last and atomically:
 its presence means the run finished. Schema: README "results.json".
+
+Jobs (docs/sweeps.md): a run's identity ``job_id`` is a hash of its resolved config without what cannot change the
+numbers (paths, loggers, progress bars, devices, worker counts, ``hydra``, ``notice``). An index
+``${paths.log_dir}/.index/<job_id>.json`` points at the folder of the job's latest attempt; with ``skip_done`` a job
+whose attempt has a complete ``results.json`` is not recomputed, and with ``resume: auto`` an attempt that left
+``checkpoints/last.ckpt`` but no results is continued in its own folder. In a multirun a failing job is recorded
+(``xmx_job.json`` in its Hydra folder) and the others go on; :class:`SweepSummary` counts them at the end.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import platform
+import re
 import resource
+import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback as HydraCallback
+from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from xmx.config import config_dir
 from xmx.errors import XmxError
@@ -69,10 +84,169 @@ def _cost(t0: float) -> dict:
     return {"wall_time_s": round(time.time() - t0, 3), "device": device, "peak_memory_mb": round(peak, 1)}
 
 
+# ---- job identity ----------------------------------------------------------------------------------------------
+# Left out of a job's identity: where things are written and how fast/visibly they run, never what is computed.
+_VOLATILE_TOP = ("paths", "hydra", "logger", "notice", "skip_done", "resume", "optimized_metric")
+_VOLATILE_KEYS = {"num_workers", "device", "devices", "accelerator", "strategy", "num_nodes", "default_root_dir",
+                  "enable_progress_bar", "enable_model_summary", "log_every_n_steps"}
+_VOLATILE_CALLBACK = re.compile(r"(ProgressBar|ModelSummary|LearningRateMonitor|DeviceStatsMonitor|RNGState)$")
+
+
+def _strip(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _strip(v) for k, v in node.items() if k not in _VOLATILE_KEYS}
+    if isinstance(node, list):
+        return [_strip(v) for v in node]
+    return node
+
+
+def job_identity(cfg: DictConfig) -> dict:
+    """The resolved config minus what cannot change the numbers. ``paths.*`` become placeholders before resolving,
+    so keys that interpolate them (``data.root``, checkpoint folders) do not depend on where the job runs."""
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    paths = raw.get("paths") or {}
+    raw["paths"] = {k: f"<paths.{k}>" for k in paths}
+    try:
+        resolved = OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
+    except Exception as e:  # noqa: BLE001 - any resolver failure is a config problem
+        raise XmxError(f"cannot resolve the config to identify the job: {str(e).splitlines()[0]}") from None
+    for k in _VOLATILE_TOP:
+        resolved.pop(k, None)
+    cbs = resolved.get("callbacks") or {}
+    resolved["callbacks"] = {k: v for k, v in cbs.items()
+                             if not (isinstance(v, dict) and _VOLATILE_CALLBACK.search(str(v.get("_target_", ""))))}
+    return _strip(resolved)
+
+
+def job_id(cfg: DictConfig) -> str:
+    """16 hex digits of sha256 over the canonical JSON of :func:`job_identity`."""
+    blob = json.dumps(job_identity(cfg), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
+class JobIndex:
+    """``<log_dir>/.index/<job_id>.json`` -> {"status": running|complete, "output_dir", ...}, written atomically.
+
+    It covers the runs whose output folder lies under ``paths.log_dir`` (every Hydra run and multirun folder by
+    default); a run written to an explicit folder elsewhere is not indexed (only its own folder is checked)."""
+
+    def __init__(self, log_dir: Path):
+        self.root = log_dir / ".index"
+
+    @classmethod
+    def for_run(cls, cfg: DictConfig, out: Path) -> "JobIndex | None":
+        log_dir = cfg.paths.get("log_dir") if "paths" in cfg else None
+        if log_dir is None:
+            return None
+        log_dir = Path(str(log_dir)).expanduser().resolve()
+        return cls(log_dir) if out.resolve().is_relative_to(log_dir) else None
+
+    def read(self, jid: str) -> dict | None:
+        try:
+            return json.loads((self.root / f"{jid}.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def write(self, jid: str, status: str, out: Path) -> None:
+        entry = {"job_id": jid, "status": status, "output_dir": str(out.resolve()),
+                 "results": str((out / "results.json").resolve()) if status == "complete" else None,
+                 "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": socket.gethostname(), "pid": os.getpid()}
+        atomic_write_text(self.root / f"{jid}.json", json.dumps(entry, indent=1))
+
+
+def _complete_results(folder, jid: str) -> dict | None:
+    """The results in ``folder`` when they are complete and belong to job ``jid``."""
+    if not folder:
+        return None
+    try:
+        res = json.loads((Path(folder) / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return res if res.get("status") == "complete" and res.get("job_id") == jid else None
+
+
+def _readable_checkpoint(path: Path) -> bool:
+    """A SIGKILL during a save can leave a truncated file: such a last.ckpt is not resumed from."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=False)
+        return True
+    except Exception as e:  # noqa: BLE001
+        log.warning("resume: %s is unreadable (%s); starting afresh", path, type(e).__name__)
+        return False
+
+
+class RNGState(L.Callback):
+    """Saves the global RNG states (torch, CUDA, numpy, Python) in every checkpoint and restores them on resume, so
+    that a resumed run draws the same random numbers (dropout, loader seeds) as an uninterrupted one."""
+
+    def state_dict(self) -> dict:
+        states = _collect_rng_states(include_cuda=torch.cuda.is_available())
+        if "numpy" in states:  # tensors and plain numbers only: checkpoints stay loadable with weights_only=True
+            name, keys, pos, has_gauss, gauss = states["numpy"]
+            states["numpy"] = [name, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(gauss)]
+        return {"rng": states}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        states = dict(state_dict.get("rng") or {})
+        if not states:
+            return
+        if "numpy" in states:
+            import numpy as np
+            name, keys, pos, has_gauss, gauss = states["numpy"]
+            states["numpy"] = (name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss)
+        _set_rng_states(states)
+
+
+# ---- the run ---------------------------------------------------------------------------------------------------
 def run(cfg: DictConfig) -> dict:
-    """One experiment; returns the results dict that was written to ``results.json``."""
+    """One experiment; returns the results dict that was written to ``results.json`` (or, for a job that was
+    already complete, the one found on disk)."""
+    return _run(cfg)[0]
+
+
+def _plan(cfg: DictConfig, out: Path, jid: str) -> tuple[str, Path, dict | None, Path | None]:
+    """-> (outcome, output folder, results of a complete job, checkpoint to resume from)."""
+    skip_done, resume = bool(cfg.get("skip_done", True)), cfg.get("resume", "auto")
+    if resume not in ("auto", "never", None, False):
+        raise XmxError(f"resume={resume!r}; valid choices: auto, never")
+    index = JobIndex.for_run(cfg, out)
+    prev = index.read(jid) if index else None
+    candidates = [out] + ([Path(prev["output_dir"])] if prev and prev.get("output_dir") else [])
+    if skip_done:
+        for folder in candidates:
+            done = _complete_results(folder, jid)
+            if done is not None:
+                return "skipped", folder, done, None
+    if resume == "auto":
+        for folder in candidates:
+            last = folder / "checkpoints" / "last.ckpt"
+            if last.is_file() and _complete_results(folder, jid) is None and _readable_checkpoint(last):
+                return "resumed", folder, None, last
+    return "done", out, None, None
+
+
+def _run(cfg: DictConfig) -> tuple[dict, str]:
+    """-> (results, outcome) with outcome one of done | resumed | skipped."""
     t0 = time.time()
     out = _output_dir(cfg)
+    jid = job_id(cfg)
+    outcome, folder, done, ckpt = _plan(cfg, out, jid)
+    if outcome == "skipped":
+        log.info("skip: job %s is already complete: %s", jid, folder / "results.json")
+        return done, outcome
+    if folder != out:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(folder)
+        out = folder
+    if outcome == "resumed":
+        log.info("resume: job %s continues from %s", jid, ckpt)
+    index = JobIndex.for_run(cfg, out)
+    if index and _is_rank_zero():
+        index.write(jid, "running", out)
     if cfg.get("notice"):
         log.warning(cfg.notice)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -83,11 +257,14 @@ def run(cfg: DictConfig) -> dict:
     datamodule = build(cfg.data, **encoders, _convert_="all")
     method = build(cfg.method, _convert_="partial")
     method.init_from = cfg.get("init_from")
-    trainer: L.Trainer = build(cfg.trainer, logger=_instantiate_all(cfg.get("logger")) or False,
-                                     callbacks=_instantiate_all(cfg.get("callbacks")))
+    loggers = _instantiate_all(cfg.get("logger"))
+    trainer: L.Trainer = build(cfg.trainer, logger=loggers or False, callbacks=_instantiate_all(cfg.get("callbacks")))
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for lg in loggers:
+        lg.log_hyperparams(resolved)
 
     if cfg.get("train", True) and method.needs_fit:
-        trainer.fit(method, datamodule=datamodule)
+        trainer.fit(method, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
     metrics: dict = {}
     ckpt_cb = trainer.checkpoint_callback
     best = getattr(ckpt_cb, "best_model_path", "") if ckpt_cb else ""
@@ -99,7 +276,7 @@ def run(cfg: DictConfig) -> dict:
         metrics.update(datamodule.summarize(metrics))
 
     results = {
-        "schema": SCHEMA, "status": "complete",
+        "schema": SCHEMA, "status": "complete", "job_id": jid, "resumed": outcome == "resumed",
         "experiment": cfg.get("task_name"), "method": cfg.method.get("name"), "dataset": datamodule.name,
         "protocol": datamodule.protocol.name, "shots": datamodule.shots, "seed": int(cfg.seed),
         "metrics": metrics, "extra": method.extra_results(),
@@ -109,17 +286,42 @@ def run(cfg: DictConfig) -> dict:
         "cost": _cost(t0),
         "predictions": "predictions.safetensors" if method.predictions else None,
         "checkpoint": str(Path(best).relative_to(out)) if best and Path(best).is_relative_to(out) else best or None,
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": resolved,
     }
     if "plm" in encoders and hasattr(encoders["plm"], "describe"):
         results["weights_plm"] = encoders["plm"].describe()
+    if not trainer.is_global_zero:  # DDP: rank 0 writes
+        return results, outcome
     atomic_write_text(out / "subset.json", json.dumps(datamodule.subset_record()))
     if method.predictions:
         tensors = {f"{name}/{k}": v.contiguous() for name, p in method.predictions.items() for k, v in p.items()}
         atomic_write_bytes(out / "predictions.safetensors", _safetensors_bytes(tensors))
     atomic_write_text(out / "results.json", json.dumps(results, indent=1, default=str))
+    if index:
+        index.write(jid, "complete", out)
+    _finish_loggers(loggers, results)
     _print_summary(results, out)
-    return results
+    return results, outcome
+
+
+def _finish_loggers(loggers: list, results: dict) -> None:
+    """Final numbers into every logger; W&B also gets them as run summary and a one-row results table, and its run
+    is finished so that the next job of a multirun is a run of its own."""
+    row = {"job_id": results["job_id"], "experiment": results["experiment"], "method": results["method"],
+           "dataset": results["dataset"], "shots": results["shots"], "seed": results["seed"], **results["metrics"]}
+    for lg in loggers:
+        if hasattr(lg, "log_table"):  # WandbLogger
+            exp = lg.experiment
+            exp.summary.update({**results["metrics"], "job_id": results["job_id"]})
+            lg.log_table(key="results", columns=list(row), data=[list(row.values())])
+            exp.finish()
+        lg.finalize("success")
+
+
+def _finish_wandb_on_error() -> None:
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=1)
 
 
 def _safetensors_bytes(tensors: dict) -> bytes:
@@ -144,14 +346,113 @@ def _print_summary(results: dict, out: Path) -> None:
     console.print(f"results: {out / 'results.json'}")
 
 
+def _optimized(cfg: DictConfig, results: dict):
+    """The value a hyper-parameter sweeper optimises (``optimized_metric``, e.g. ``val/acc``), or None."""
+    key = cfg.get("optimized_metric")
+    if not key:
+        return None
+    if key not in results.get("metrics", {}):
+        raise XmxError(f"optimized_metric={key!r} is not among this run's metrics: "
+                       f"{', '.join(sorted(results.get('metrics', {}))) or 'none'}")
+    return float(results["metrics"][key])
+
+
+def _write_job_status(status: str, cfg: DictConfig, jid: str | None, results: dict | None = None,
+                      error: str | None = None) -> None:
+    """``xmx_job.json`` in the Hydra folder of this attempt: what :class:`SweepSummary` counts."""
+    try:
+        hc = HydraConfig.get()
+    except ValueError:
+        return
+    folder = Path(hc.runtime.output_dir)
+    where = (cfg.paths.get("output_dir") if "paths" in cfg else None) or str(folder)
+    atomic_write_text(folder / "xmx_job.json", json.dumps({
+        "job_id": jid, "status": status, "error": error, "overrides": list(hc.overrides.task),
+        "output_dir": str(where), "metrics": (results or {}).get("metrics")}, indent=1))
+
+
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def _hydra_main(cfg: DictConfig):
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    jid = None
     try:
-        return run(cfg)
-    except XmxError as e:
-        log.error("error: %s", e)
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        jid = job_id(cfg)
+        results, outcome = _run(cfg)
+        value = _optimized(cfg, results)
+    except Exception as e:  # noqa: BLE001
+        _finish_wandb_on_error()
+        line = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(e, XmxError):
+            log.error("error: %s", e)
+            print(f"error: {e}", file=sys.stderr)
+        elif multirun:
+            log.exception("job %s failed: %s: %s", jid, type(e).__name__, line)
+        if not multirun:
+            if isinstance(e, XmxError):
+                raise SystemExit(2) from None
+            raise
+        if _is_rank_zero():
+            _write_job_status("failed", cfg, jid, error=f"{type(e).__name__}: {line}")
+        return float("nan") if cfg.get("optimized_metric") else None  # a sweeper records the trial as failed
+    if _is_rank_zero():
+        _write_job_status(outcome, cfg, jid, results)
+    return value
+
+
+class SweepSummary(HydraCallback):
+    """Registered in ``conf/hydra/default.yaml``. Before a multirun: creates the folder of an sqlite Optuna storage.
+    After it: one line ``sweep: N jobs - done D (resumed R), skipped S, failed F`` (+ the failed jobs), read from the
+    ``xmx_job.json`` of every job folder (so it works for launchers that run jobs elsewhere); exits with status 1
+    when a job failed."""
+
+    def __init__(self, fail_exit_code: int = 1):
+        self.fail_exit_code = fail_exit_code
+        self._t0 = 0.0
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._t0 = time.time() - 1.0
+        storage = OmegaConf.select(config, "hydra.sweeper.storage", default=None)
+        if isinstance(storage, str) and storage.startswith("sqlite:///"):
+            Path(storage[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        counts = {"done": 0, "resumed": 0, "skipped": 0, "failed": 0}
+        failed, unfinished = [], 0
+        for job_cfg in sorted(sweep_dir.rglob(".hydra/config.yaml")):
+            folder = job_cfg.parent.parent
+            if job_cfg.stat().st_mtime < self._t0:
+                continue  # a job of an earlier multirun into the same folder
+            try:
+                st = json.loads((folder / "xmx_job.json").read_text())
+            except (OSError, ValueError):
+                unfinished += 1
+                continue
+            counts[st["status"]] = counts.get(st["status"], 0) + 1
+            if st["status"] == "failed":
+                failed.append(f"{folder.name}: {' '.join(st.get('overrides') or [])} -> {st.get('error')}")
+        total = sum(counts.values()) + unfinished
+        line = (f"sweep: {total} jobs - done {counts['done'] + counts['resumed']} (resumed {counts['resumed']}), "
+                f"skipped {counts['skipped']}, failed {counts['failed']}"
+                + (f", unfinished {unfinished}" if unfinished else "") + f" ({sweep_dir})")
+        log.info(line)
+        print(line)
+        for f in failed:
+            print(f"  failed {f}")
+        if counts["failed"] and self.fail_exit_code:
+            raise SystemExit(self.fail_exit_code)
+
+
+def _gpu_slot() -> int:
+    """The GPU of this job when several jobs share a node (``hydra/launcher=local_gpus``): job number modulo the
+    visible GPUs."""
+    return int(HydraConfig.get().job.num) % max(torch.cuda.device_count(), 1)
+
+
+if not OmegaConf.has_resolver("xmx.gpu_slot"):
+    OmegaConf.register_new_resolver("xmx.gpu_slot", _gpu_slot, use_cache=False)
+if not OmegaConf.has_resolver("xmx.num_gpus"):
+    OmegaConf.register_new_resolver("xmx.num_gpus", lambda: max(torch.cuda.device_count(), 1))
 
 
 def main() -> None:
