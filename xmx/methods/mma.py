@@ -13,7 +13,9 @@ Under the default `block` mask every text token attends to one key only (the ima
 avoid both the (N+1)² score matrix and the [B, N, C] text tensor (spec §3.4 closed form); `forward_dense` /
 `logits_dense` are the plain masked `nn.MultiheadAttention` computation it is tested against.
 
-The LightningModule that trains this adapter lives below the math in this file (added separately).
+Below the math, `MMAMethod` trains the adapter on cached features (spec §3.7): cross-entropy over the training
+classes' text features; each eval set is scored against its own classes' text features (MMA adapts the text side, so
+base-to-new `test_new` is scored on classes never trained on).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xmx.errors import XmxError
+from xmx.methods.clip_adapter import AdapterMethod  # the shared feature-adapter training loop
 
 MASKS = ("block", "bias", "none")
 SAMPLERS = ("linear", "mlp", "bottleneck32")
@@ -246,3 +249,38 @@ class MultiModalAdapter(nn.Module):
 def _scale(logit_scale, like: torch.Tensor) -> torch.Tensor:
     """`exp(logit_scale)` as a tensor on `like`'s device (a float or a 0-d tensor is accepted)."""
     return torch.as_tensor(logit_scale, dtype=like.dtype, device=like.device).exp()
+
+
+# ==================================================================================================== LightningModule
+class MMAMethod(AdapterMethod):
+    """MMA (spec §3) as a LightningModule; the constructor keys mirror ``MultiModalAdapter`` (``conf/method/mma.yaml``).
+
+    Per batch: `logits = MultiModalAdapter.logits(raw feats [B, C], T [N, C], logit_scale)` with `T` the normalised
+    zero-shot text features of the label set in use (the training classes in training). Under the default
+    ``mask=block`` + ``block=mha`` this is the closed form of spec §3.4 (no [B, N, C] tensor); other variants run the
+    dense masked attention."""
+
+    label = "MMA"
+
+    def __init__(self, reduction: int = 4, heads: int = 4, mask: str = "block", lam: float = 0.2,
+                 sampler: str = "linear", block: str = "mha", adapt_text: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        # refuse bad names before any features are extracted (the sizes are checked in build, against the backbone)
+        _choice("mask", mask, MASKS)
+        _choice("sampler", sampler, SAMPLERS)
+        _choice("block", block, BLOCKS)
+        if not 0.0 <= float(lam) <= 1.0:
+            raise XmxError(f"MMA: lam={lam} is outside [0, 1]; the blend weight λ must be a fraction (default 0.2)")
+        self.config = dict(reduction=int(reduction), heads=int(heads), mask=mask, lam=float(lam), sampler=sampler,
+                           block=block, adapt_text=bool(adapt_text))
+
+    def make_adapter(self, dim: int) -> nn.Module:
+        return MultiModalAdapter(dim, **self.config)
+
+    def adapter_logits(self, feats, W):
+        return self.adapter.logits(feats, W.T, self.logit_scale)  # T = Wᵀ [N, C]; logits [B, N]
+
+    def extra_results(self) -> dict:
+        adapter = getattr(self, "adapter", None)
+        return {**super().extra_results(), **self.config,
+                "closed_form": None if adapter is None else bool(adapter.fast)}
