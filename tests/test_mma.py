@@ -309,3 +309,17 @@ def test_bad_sizes():
     one_line_error(lambda: MultiModalAdapter(66, reduction=4), "reduction")
     one_line_error(lambda: MultiModalAdapter(64, heads=3), "heads=3")
     one_line_error(lambda: MultiModalAdapter(64, lam=1.5), "lam=1.5")
+
+
+def test_check_finite_off_skips_only_the_nan_check():
+    """Callers that validated their cached features once (MMAMethod.build, the benchmark) turn the per-call NaN check
+    off (it costs a device sync per step); the shape checks stay."""
+    m = MultiModalAdapter(16)
+    v, t = feats(3, 4, 16)
+    v[0, 0] = float("nan")
+    with pytest.raises(XmxError, match="NaN"):
+        m.logits(v, t, LN100)
+    m.check_finite = False
+    assert torch.isnan(m.logits(v, t, LN100)[0]).all() and torch.isfinite(m.logits(v, t, LN100)[1:]).all()
+    with pytest.raises(XmxError, match="width 8"):
+        m.logits(v[:, :8], t, LN100)

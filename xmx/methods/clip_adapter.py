@@ -34,6 +34,7 @@ class ClipAdapter(nn.Module):
             raise XmxError(f"CLIP-Adapter: ratio={ratio} is outside [0, 1]; the residual ratio must be a fraction "
                            f"(default 0.2)")
         self.dim, self.ratio = dim, float(ratio)
+        self.check_finite = True  # NaN/inf check of every input (a device sync); off once a caller validated them
         self.fc = nn.Sequential(
             nn.Linear(dim, dim // reduction, bias=False), nn.ReLU(),
             nn.Linear(dim // reduction, dim, bias=False), nn.ReLU(),
@@ -43,7 +44,7 @@ class ClipAdapter(nn.Module):
         if image_feats.ndim != 2 or image_feats.shape[-1] != self.dim:
             raise XmxError(f"CLIP-Adapter: image features have shape {tuple(image_feats.shape)} but the adapter "
                            f"expects [B, {self.dim}]; build it with the backbone's embed_dim")
-        if not bool(torch.isfinite(image_feats).all()):
+        if self.check_finite and not bool(torch.isfinite(image_feats).all()):
             raise XmxError("CLIP-Adapter: image features contain NaN or inf; recompute or clear the cached features")
 
     def forward(self, image_feats: torch.Tensor) -> torch.Tensor:
@@ -59,7 +60,7 @@ class ClipAdapter(nn.Module):
                            f"(embed_dim × classes); pass the text classifier, not its transpose")
         if W.shape[1] == 0:
             raise XmxError("CLIP-Adapter: the class list is empty (W has N=0 columns); give at least one class name")
-        if not bool(torch.isfinite(W).all()):
+        if self.check_finite and not bool(torch.isfinite(W).all()):
             raise XmxError("CLIP-Adapter: classifier W contains NaN or inf; recompute the text classifier")
         v_ad = self(image_feats)  # [B, C]
         scale = torch.as_tensor(logit_scale, dtype=v_ad.dtype, device=v_ad.device).exp()
@@ -97,14 +98,16 @@ class AdapterMethod(XmxModule):
 
     def build(self, dm) -> None:
         dim = int(dm.backbone.embed_dim)
-        if dm.inputs == "features":
-            self._check_features(dm.train_features, dim, "training")
         label_sets = [("train", dm.classnames, dm.templates), *((s.name, s.classnames, s.templates)
                                                                  for s in [dm.val_set, *dm.eval_sets])]
         for name, classnames, _ in label_sets:
             if not classnames:
                 raise XmxError(f"{self.label}: the class list of {name!r} is empty; every label set needs at least one "
                                "class (check protocol.base_ratio / the dataset's class names)")
+        if dm.inputs == "features":  # every cached tensor is validated once here (not per batch)
+            self._check_features(dm.train_features, dim, "training")
+            for s in [dm.val_set, *dm.eval_sets]:
+                self._check_features(dm.features_of(s), dim, repr(s.name))
         self.adapter = self.make_adapter(dim)
         self.logit_scale = float(dm.logit_scale)  # CLIP's own, frozen (log of the multiplier)
         for name, classnames, templates in label_sets:
@@ -112,9 +115,15 @@ class AdapterMethod(XmxModule):
             if W.shape[0] != dim:
                 raise XmxError(f"{self.label}: the text classifier of {name!r} has width {W.shape[0]} but the backbone's "
                                f"embed_dim is {dim}; clear the stale text entries of the feature store")
+            if not bool(torch.isfinite(W).all()):
+                raise XmxError(f"{self.label}: the text classifier of {name!r} contains NaN or inf; clear its "
+                               "feature-store entry and recompute it")
             attr = "text_" + name.replace(".", "_")
             self.register_buffer(attr, W.clone(), persistent=False)
             self._text_buffers[name] = attr
+        # cached features and text were validated above, once: no per-batch NaN check (a device sync per step);
+        # images (inputs=images) go through the encoder every step, so their features keep being checked
+        self.adapter.check_finite = dm.inputs != "features"
         log.info("%s: %d trainable parameters, %d training classes, eval sets %s", self.label,
                  sum(p.numel() for p in self.adapter.parameters() if p.requires_grad), len(dm.classnames),
                  ", ".join(f"{s.name} ({len(s.classnames)} classes)" for s in dm.eval_sets))
