@@ -255,6 +255,11 @@ def _run(cfg: DictConfig) -> tuple[dict, str]:
     if cfg.get("plm") is not None:
         encoders["plm"] = build(cfg.plm)
     datamodule = build(cfg.data, **encoders, _convert_="all")
+    # Set the data up now (feature extraction on a cold cache draws from the global RNG: loader seeds) and put the
+    # RNG back, so that training sees the same random numbers whether the features were cached or not.
+    rng = _collect_rng_states(include_cuda=torch.cuda.is_available())
+    datamodule.setup("fit")
+    _set_rng_states(rng)
     method = build(cfg.method, _convert_="partial")
     method.init_from = cfg.get("init_from")
     loggers = _instantiate_all(cfg.get("logger"))

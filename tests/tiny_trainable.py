@@ -1,0 +1,41 @@
+"""A test-only trainable method (importable as ``tiny_trainable`` because pytest puts tests/ on sys.path; subprocesses
+get it through PYTHONPATH): a dropout + linear head on frozen features, SGD, several epochs. Dropout makes training
+draw from the global RNG, so resumed-equals-uninterrupted also checks the RNG state restored from last.ckpt."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from xmx.methods.base import XmxModule
+
+OVERRIDES = ["method=zeroshot", "method._target_=tiny_trainable.TinyTrainable", "method.name=tiny_trainable",
+             "method.batch_size=32", "+method.epochs=4", "+method.lr=0.5", "+method.step_sleep=0.0"]
+
+
+class TinyTrainable(XmxModule):
+    def __init__(self, lr: float = 0.5, step_sleep: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.lr, self.step_sleep = lr, step_sleep
+
+    def build(self, dm) -> None:
+        W = dm.text_classifier(dm.classnames)  # [C,N]
+        self.head = nn.Linear(W.shape[0], W.shape[1])
+        self.drop = nn.Dropout(0.3)
+
+    def training_step(self, batch, batch_idx):
+        if self.step_sleep:
+            time.sleep(self.step_sleep)
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.head(self.drop(x)), y)
+        self.log("train/loss", loss)
+        return loss
+
+    def logits(self, x, eval_set):
+        return self.head(x)
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)}
