@@ -3,9 +3,12 @@ the synthetic dataset is generated once."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
@@ -36,3 +39,21 @@ def make_cfg(xmx_cache, tmp_path):
 
     yield _make
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine (50x slower seen)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def load_bench(name: str):
+    """Import ``bench/<name>.py`` (bench/ is a folder of scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -1,19 +1,12 @@
 """The ImageNet index benchmark runs end to end in its smoke mode and reports what it indexed."""
 
-import importlib.util
-from pathlib import Path
+from conftest import load_bench
 
 
-def _bench():
-    path = Path(__file__).resolve().parents[1] / "bench" / "index_imagenet.py"
-    spec = importlib.util.spec_from_file_location("bench_index_imagenet", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_smoke_indexes_every_file(tmp_path):
-    out = _bench().main(["--smoke", "--root", str(tmp_path)])
+    out = load_bench("index_imagenet").main(["--smoke", "--root", str(tmp_path)])
     assert out["folders"] == 20 and out["files"] == 1000 and out["items"] == 1000
     assert out["ok"] is True
     assert len(out["index_s"]) == 2 and all(t >= 0 for t in out["index_s"])

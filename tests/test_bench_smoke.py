@@ -1,21 +1,14 @@
 """The MMA training benchmark (bench/train_mma.py, parts a, b, c) runs end to end on CPU in its smoke mode."""
 
-import importlib.util
 import json
-from pathlib import Path
+from conftest import load_bench
 
 
-def _bench():
-    path = Path(__file__).resolve().parents[1] / "bench" / "train_mma.py"
-    spec = importlib.util.spec_from_file_location("bench_train_mma", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_train_mma_smoke(tmp_path, capsys):
     out_file = tmp_path / "bench.json"
-    res = _bench().main(["--smoke", "--out", str(out_file)])
+    res = load_bench("train_mma").main(["--smoke", "--out", str(out_file)])
     assert res["benchmark"] == "train_mma" and res["smoke"] is True and res["device"] == "cpu"
     assert res["parts"] == ["a", "b", "c"]
     # (a) base-to-new from cached features: 2 tiny datasets x 1 seed x 2 epochs, each split on its own classes
@@ -57,5 +50,5 @@ def test_train_mma_smoke(tmp_path, capsys):
 
 
 def test_train_mma_single_part(capsys):
-    res = _bench().main(["--smoke", "--part", "a"])
+    res = load_bench("train_mma").main(["--smoke", "--part", "a"])
     assert res["parts"] == ["a"] and "b" not in res and "c" not in res and res["a"]["n_runs"] == 2

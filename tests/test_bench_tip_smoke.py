@@ -1,21 +1,14 @@
 """The Tip-Adapter-F benchmark runs end to end in its smoke mode (CPU, tiny sizes) and reports every field."""
 
-import importlib.util
 import json
-from pathlib import Path
+from conftest import load_bench
 
 
-def _bench():
-    path = Path(__file__).resolve().parents[1] / "bench" / "train_tip.py"
-    spec = importlib.util.spec_from_file_location("bench_train_tip", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_smoke_reports_training_and_search(tmp_path, capsys):
     out_file = tmp_path / "bench.json"
-    res = _bench().main(["--smoke", "--out", str(out_file)])
+    res = load_bench("train_tip").main(["--smoke", "--out", str(out_file)])
     assert res["smoke"] is True and res["device"] == "cpu" and res["tf32"] is False
     assert res["sizes"] == {"classes": 10, "shots": 4, "dim": 32, "views": 2, "epochs": 2, "batch": 16, "val": 40,
                             "search_feats": 200}

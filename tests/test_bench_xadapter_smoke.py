@@ -1,21 +1,14 @@
 """The X-adapter benchmark (bench/xadapter.py) runs end to end on CPU in its smoke mode and reports sane numbers."""
 
-import importlib.util
 import json
-from pathlib import Path
+from conftest import load_bench
 
 
-def _bench():
-    path = Path(__file__).resolve().parents[1] / "bench" / "xadapter.py"
-    spec = importlib.util.spec_from_file_location("bench_xadapter", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_xadapter_bench_smoke(tmp_path, capsys):
     out_file = tmp_path / "bench.json"
-    res = _bench().main(["--smoke", "--out", str(out_file)])
+    res = load_bench("xadapter").main(["--smoke", "--out", str(out_file)])
     assert res["benchmark"] == "xadapter" and res["smoke"] is True and res["device"] == "cpu"
     assert res["sizes"]["batch"] == 8 and res["sizes"]["index_size"] == 2000 and res["sizes"]["autocast"] == "fp32"
     m, r = res["mlm"], res["retrieval"]

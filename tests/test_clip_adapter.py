@@ -9,15 +9,11 @@ import torch.nn.functional as F
 from xmx.errors import XmxError
 from xmx.methods.clip_adapter import ClipAdapter
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 LN100 = math.log(100.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def data(B=5, N=7, C=64, seed=0):

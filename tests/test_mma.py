@@ -9,16 +9,11 @@ import torch.nn.functional as F
 from xmx.errors import XmxError
 from xmx.methods.mma import BLOCKS, MASKS, SAMPLERS, MultiModalAdapter, attention_mask
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 LN100 = math.log(100.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared CI machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def n_params(m):

@@ -17,18 +17,13 @@ from xmx.features import FeatureStore
 from xmx.methods.mma import MultiModalAdapter
 from xmx.run import run
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = ["backbone=tiny", "data=synthetic", "trainer.accelerator=cpu", "callbacks.rich_progress_bar=null",
         "logger=none"]
 FDR = ["backbone=tiny", "data=synthetic", "debug=fdr", "logger=none"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared CI machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture
