@@ -25,6 +25,13 @@ from xmx.errors import XmxError
 log = logging.getLogger(__name__)
 
 
+def dist_rank_world() -> tuple[int, int]:
+    """(rank, world size) of an initialised torch.distributed process group (DDP), else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """Each epoch's randomness comes from (seed, epoch) alone, so a resumed run sees the same data order."""
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
@@ -34,20 +41,34 @@ class EpochBatchSampler(Sampler):
     """Yields ``[B,2]`` tensors of (sample, view) pairs: a fresh permutation each epoch and, per ``view_sampling``,
     one random view per sample (``random``) or the same view for every sample, cycling ``epoch % views``
     (``cycle``: Tip-Adapter-F's "one cached view per epoch"); all drawn from (seed, epoch). Lightning calls
-    ``set_epoch`` before every epoch."""
+    ``set_epoch`` before every epoch.
+
+    Distributed (``rank``/``world_size``, default: torch.distributed's when initialised): ``batch_size`` is the global
+    batch; for training (``pad=True``) each rank takes every world-th sample of each global batch (a rank left empty by
+    a tiny last batch repeats one sample), so all ranks yield the same number of batches; for evaluation
+    (``pad=False``) each rank takes a contiguous, unpadded slice of the order, so no sample is counted twice."""
 
     def __init__(self, n: int, views: int, batch_size: int | None, seed: int, shuffle: bool = True,
-                 view_sampling: str = "random"):
+                 view_sampling: str = "random", rank: int | None = None, world_size: int | None = None,
+                 pad: bool = True):
         if view_sampling not in ("random", "cycle"):
             raise XmxError(f"data.view_sampling={view_sampling!r}; valid choices: random, cycle")
         self.n, self.views, self.seed, self.shuffle, self.view_sampling = n, views, seed, shuffle, view_sampling
         self.batch_size = batch_size or n
         self.epoch = 0
+        r, w = dist_rank_world()
+        self.rank, self.world_size, self.pad = r if rank is None else rank, w if world_size is None else world_size, pad
+
+    def _eval_slice(self) -> tuple[int, int]:
+        return self.n * self.rank // self.world_size, self.n * (self.rank + 1) // self.world_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
+        if self.world_size > 1 and not self.pad:
+            lo, hi = self._eval_slice()
+            return -(-(hi - lo) // self.batch_size)
         return -(-self.n // self.batch_size)
 
     def __iter__(self):
@@ -57,8 +78,13 @@ class EpochBatchSampler(Sampler):
             view = torch.randint(self.views, (self.n,), generator=g)
         else:
             view = torch.full((self.n,), self.epoch % self.views, dtype=torch.long)
-        for i in range(0, self.n, self.batch_size):
+        if self.world_size > 1 and not self.pad:  # evaluation: this rank's contiguous slice, no padding
+            lo, hi = self._eval_slice()
+            order = order[lo:hi]
+        for i in range(0, len(order), self.batch_size):
             idx = order[i:i + self.batch_size]
+            if self.world_size > 1 and self.pad:  # training: this rank's share of the global batch
+                idx = idx[self.rank::self.world_size] if self.rank < len(idx) else idx[self.rank % len(idx):][:1]
             yield torch.stack([idx, view[idx]], dim=1)
 
 
@@ -180,12 +206,15 @@ class CLIPDataModule(L.LightningDataModule):
             feats = self.features_of(s)
             labels = torch.tensor([d.label for d in s.items])
             return DataLoader(FeatureBatches(feats, labels), batch_size=None,
-                              sampler=EpochBatchSampler(len(labels), 1, self.eval_batch_size, 0, shuffle=False))
+                              sampler=EpochBatchSampler(len(labels), 1, self.eval_batch_size, 0, shuffle=False,
+                                                        pad=False))
         bb = self.backbone
         tf = build_transform("none", bb.image_size, bb.image_mean, bb.image_std, bb.interpolation,
                              self.augment["noise_std"] if self.augment["noise_on_eval"] else 0.0)
+        rank, world = dist_rank_world()  # DDP: an unpadded contiguous slice per rank
+        sampler = range(len(s.items) * rank // world, len(s.items) * (rank + 1) // world) if world > 1 else None
         return DataLoader(ImageListDataset(self.root, s.items, tf, self.unreadable), batch_size=self.eval_batch_size,
-                          num_workers=self.num_workers, collate_fn=collate_skip)
+                          sampler=sampler, num_workers=self.num_workers, collate_fn=collate_skip)
 
     def train_dataloader(self) -> DataLoader:
         if self.inputs == "features":
@@ -196,9 +225,16 @@ class CLIPDataModule(L.LightningDataModule):
         bb, aug = self.backbone, self.augment
         tf = build_transform(aug["preset"], bb.image_size, bb.image_mean, bb.image_std, bb.interpolation,
                              aug["noise_std"])
-        return DataLoader(ImageListDataset(self.root, self.protocol.train, tf, self.unreadable),
-                          batch_size=self.batch_size or len(self.protocol.train), shuffle=True,
-                          num_workers=self.num_workers, collate_fn=collate_skip, drop_last=False)
+        ds = ImageListDataset(self.root, self.protocol.train, tf, self.unreadable)
+        bs = self.batch_size or len(self.protocol.train)
+        rank, world = dist_rank_world()
+        if world > 1:  # DDP: batch_size is global; Lightning calls set_epoch on the DistributedSampler
+            from torch.utils.data.distributed import DistributedSampler
+            return DataLoader(ds, batch_size=max(bs // world, 1), num_workers=self.num_workers,
+                              sampler=DistributedSampler(ds, world, rank, shuffle=True, seed=self.seed),
+                              collate_fn=collate_skip, drop_last=False)
+        return DataLoader(ds, batch_size=bs, shuffle=True, num_workers=self.num_workers, collate_fn=collate_skip,
+                          drop_last=False)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.val_set)
