@@ -12,18 +12,21 @@ from torch import nn
 from xmx.methods.base import XmxModule
 
 OVERRIDES = ["method=zeroshot", "method._target_=tiny_trainable.TinyTrainable", "method.name=tiny_trainable",
-             "method.batch_size=32", "+method.epochs=4", "+method.lr=0.5", "+method.step_sleep=0.0"]
+             "method.batch_size=32", "+method.epochs=4", "+method.lr=0.5", "+method.step_sleep=0.0", "+method.dropout=0.3"]
 
 
 class TinyTrainable(XmxModule):
-    def __init__(self, lr: float = 0.5, step_sleep: float = 0.0, **kwargs):
+    def __init__(self, lr: float = 0.5, step_sleep: float = 0.0, dropout: float = 0.3, **kwargs):
         super().__init__(**kwargs)
-        self.lr, self.step_sleep = lr, step_sleep
+        self.lr, self.step_sleep, self.dropout = lr, step_sleep, dropout
 
     def build(self, dm) -> None:
         W = dm.text_classifier(dm.classnames)  # [C,N]
         self.head = nn.Linear(W.shape[0], W.shape[1])
-        self.drop = nn.Dropout(0.3)
+        with torch.no_grad():  # deterministic start (the zero-shot classifier): the same in every process
+            self.head.weight.copy_(W.T)
+            self.head.bias.zero_()
+        self.drop = nn.Dropout(self.dropout)
 
     def training_step(self, batch, batch_idx):
         if self.step_sleep:

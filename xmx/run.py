@@ -273,8 +273,9 @@ def _run(cfg: DictConfig) -> tuple[dict, str]:
     metrics: dict = {}
     ckpt_cb = trainer.checkpoint_callback
     best = getattr(ckpt_cb, "best_model_path", "") if ckpt_cb else ""
-    if ckpt_cb is not None and getattr(ckpt_cb, "best_model_score", None) is not None:
-        metrics["val/acc"] = float(ckpt_cb.best_model_score)
+    score = _best_score(ckpt_cb, best)
+    if score is not None:
+        metrics["val/acc"] = score
     if cfg.get("test", True):
         for d in trainer.test(method, datamodule=datamodule, ckpt_path=best or None, verbose=False):
             metrics.update({k: float(v) for k, v in d.items()})
@@ -307,6 +308,21 @@ def _run(cfg: DictConfig) -> tuple[dict, str]:
     _finish_loggers(loggers, results)
     _print_summary(results, out)
     return results, outcome
+
+
+def _best_score(ckpt_cb, best: str) -> float | None:
+    """The monitored best score; under ddp_spawn the main process only gets the best path back, so the score is read
+    from the ModelCheckpoint state saved in that checkpoint."""
+    if ckpt_cb is None:
+        return None
+    if getattr(ckpt_cb, "best_model_score", None) is not None:
+        return float(ckpt_cb.best_model_score)
+    if best and Path(best).is_file():
+        states = torch.load(best, map_location="cpu", weights_only=False).get("callbacks", {})
+        for key, st in states.items():
+            if key.startswith("ModelCheckpoint") and st.get("best_model_score") is not None:
+                return float(st["best_model_score"])
+    return None
 
 
 def _finish_loggers(loggers: list, results: dict) -> None:
