@@ -72,9 +72,10 @@ def test_launchers_and_search_presets_compose(tmp_path):
     assert slurm._target_.endswith("submitit_launcher.SlurmLauncher")
     assert slurm.gpus_per_node == 1 and slurm.max_num_timeout > 0 and slurm.partition == "gpu"
     assert {"timeout_min", "array_parallelism", "cpus_per_task", "mem_gb"} <= set(slurm)
-    local = _compose(["hydra/launcher=local_gpus"])
+    local = _compose(["hydra/launcher=local_gpus", "trainer=gpu_slot"])
     assert local.hydra.launcher._target_.endswith("submitit_launcher.LocalLauncher")
-    assert local.trainer.accelerator == "gpu"
+    assert local.hydra.sweeper.max_batch_size >= 1 and local.hydra.launcher.gpus_per_node >= 1
+    assert local.trainer.accelerator == "gpu" and len(local.trainer.devices) == 1
     for preset, key in [("mma_optuna", "method.lam"), ("tip_adapter_f_optuna", "method.optimizer.lr")]:
         cfg = _compose([f"hparams_search={preset}", f"paths.log_dir={tmp_path}"])
         sw = cfg.hydra.sweeper

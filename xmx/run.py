@@ -257,6 +257,9 @@ def _run(cfg: DictConfig) -> tuple[dict, str]:
     datamodule = build(cfg.data, **encoders, _convert_="all")
     # Set the data up now (feature extraction on a cold cache draws from the global RNG: loader seeds) and put the
     # RNG back, so that training sees the same random numbers whether the features were cached or not.
+    devices = cfg.trainer.get("devices") if "trainer" in cfg else None
+    if torch.cuda.is_available() and OmegaConf.is_list(devices) and len(devices) == 1:
+        torch.cuda.set_device(int(devices[0]))  # one GPU chosen for this job (trainer=gpu_slot): features too
     rng = _collect_rng_states(include_cuda=torch.cuda.is_available())
     datamodule.setup("fit")
     _set_rng_states(rng)
