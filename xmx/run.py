@@ -255,6 +255,8 @@ def _run(cfg: DictConfig) -> tuple[dict, str]:
     if cfg.get("plm") is not None:
         encoders["plm"] = build(cfg.plm)
     datamodule = build(cfg.data, **encoders, _convert_="all")
+    method = build(cfg.method, _convert_="partial")  # before any extraction: a bad method config costs nothing
+    method.init_from = cfg.get("init_from")
     # Set the data up now (feature extraction on a cold cache draws from the global RNG: loader seeds) and put the
     # RNG back, so that training sees the same random numbers whether the features were cached or not.
     devices = cfg.trainer.get("devices") if "trainer" in cfg else None
@@ -263,8 +265,6 @@ def _run(cfg: DictConfig) -> tuple[dict, str]:
     rng = _collect_rng_states(include_cuda=torch.cuda.is_available())
     datamodule.setup("fit")
     _set_rng_states(rng)
-    method = build(cfg.method, _convert_="partial")
-    method.init_from = cfg.get("init_from")
     loggers = _instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = build(cfg.trainer, logger=loggers or False, callbacks=_instantiate_all(cfg.get("callbacks")))
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -278,7 +278,7 @@ def _run(cfg: DictConfig) -> tuple[dict, str]:
     best = getattr(ckpt_cb, "best_model_path", "") if ckpt_cb else ""
     score = _best_score(ckpt_cb, best)
     if score is not None:
-        metrics["val/acc"] = score
+        metrics[ckpt_cb.monitor] = score  # the best validation score, under the monitored metric's name
     if cfg.get("test", True):
         for d in trainer.test(method, datamodule=datamodule, ckpt_path=best or None, verbose=False):
             metrics.update({k: float(v) for k, v in d.items()})

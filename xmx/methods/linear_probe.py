@@ -16,19 +16,27 @@ from xmx.errors import XmxError
 from xmx.methods.base import XmxModule
 
 
+def lbfgs(params, max_iter: int = 1000) -> torch.optim.LBFGS:
+    return torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, tolerance_grad=1e-6, tolerance_change=1e-9,
+                             history_size=20, line_search_fn="strong_wolfe")
+
+
+def logistic_loss(X, y, W, b, C: float) -> torch.Tensor:
+    """scikit-learn's objective divided by C·n: mean CE + ‖W‖² / (2·C·n)."""
+    return F.cross_entropy(X @ W.T + b, y) + (W * W).sum() / (2.0 * C * X.shape[0])
+
+
 def fit_logistic(X: torch.Tensor, y: torch.Tensor, num_classes: int, C: float, init: tuple | None = None,
                  max_iter: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
-    """X [n,C] normalised features, y [n] -> (W [N,C], b [N]) minimising mean CE + ‖W‖² / (2·C·n)."""
-    n, dim = X.shape
+    """X [n,C] normalised features, y [n] -> (W [N,C], b [N]) minimising :func:`logistic_loss`."""
+    dim = X.shape[1]
     W = (init[0].clone() if init else torch.zeros(num_classes, dim, device=X.device)).requires_grad_(True)
     b = (init[1].clone() if init else torch.zeros(num_classes, device=X.device)).requires_grad_(True)
-    opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-6, tolerance_change=1e-9,
-                            history_size=20, line_search_fn="strong_wolfe")
-    reg = 1.0 / (2.0 * C * n)
+    opt = lbfgs([W, b], max_iter)
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(X @ W.T + b, y) + reg * (W * W).sum()
+        loss = logistic_loss(X, y, W, b, C)
         loss.backward()
         return loss
 
@@ -95,12 +103,21 @@ class LinearProbe(XmxModule):
                                                             self.max_iter)
         else:
             self.best_C = float(self.fixed_C)
-        W, b = fit_logistic(X, y, k, self.best_C, max_iter=self.max_iter)
-        with torch.no_grad():
-            self.head.weight.copy_(W)
-            self.head.bias.copy_(b)
-        self.trainer.should_stop = True  # one closed-form-like fit; no further epochs
+        # the final fit is this run's one optimiser step (L-BFGS on the head, through Lightning: checkpoints follow)
+        opt = self.optimizers()
+
+        def closure():
+            opt.zero_grad()
+            loss = logistic_loss(X, y, self.head.weight, self.head.bias, self.best_C)
+            self.manual_backward(loss)
+            return loss
+
+        opt.step(closure=closure)
+        self.trainer.should_stop = True  # one full-batch fit; no further epochs
         return None
+
+    def configure_optimizers(self):
+        return lbfgs(self.head.parameters(), self.max_iter)
 
     def logits(self, x, eval_set):
         out = self.head(F.normalize(self.image_features(x).float(), dim=-1))
