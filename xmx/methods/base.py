@@ -7,7 +7,9 @@ when it trains, ``training_step``.
 
 from __future__ import annotations
 
+import inspect
 import logging
+import math
 from pathlib import Path
 
 import lightning as L
@@ -37,11 +39,17 @@ class XmxModule(L.LightningModule):
     frozen_prefixes: tuple[str, ...] = ("backbone.", "plm.")  # never written into checkpoints
 
     def __init__(self, name: str | None = None, inputs: str = "features", batch_size: int | None = 256,
-                 epochs: int | None = None, view_sampling: str = "random", optimizer=None, scheduler=None):
+                 epochs: int | None = None, view_sampling: str = "random", optimizer=None, scheduler=None,
+                 scheduler_interval: str = "epoch"):
         """``name``/``inputs``/``batch_size``/``epochs``/``view_sampling`` describe what the method asks of the run
         (the datamodule and trainer configs read them); ``optimizer``/``scheduler`` are partials
-        (``_partial_: true``)."""
+        (``_partial_: true``); ``scheduler_interval`` is ``epoch`` or ``step``."""
         super().__init__()
+        if scheduler_interval not in ("step", "epoch"):
+            raise XmxError(f"method.scheduler_interval={scheduler_interval!r}; valid choices: step, epoch")
+        self.scheduler_interval = scheduler_interval
+        self.epoch_curve: list[dict] = []  # validation accuracy after every training epoch
+        self.selected_epoch: int | None = None  # the epoch of the checkpoint restored before testing
         self.method_name, self.inputs, self.batch_size, self.epochs = name, inputs, batch_size, epochs
         self.view_sampling = view_sampling
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
@@ -61,12 +69,17 @@ class XmxModule(L.LightningModule):
         dm.setup(stage)
         self.dm = dm
         self.build(dm)
-        self.val_acc = MulticlassAccuracy(num_classes=max(len(dm.val_set.classnames), 2), average="micro")
-        self.test_accs = nn.ModuleList(MulticlassAccuracy(num_classes=max(len(s.classnames), 2), average="micro")
-                                       for s in dm.eval_sets)
+        self.build_metrics(dm)
         self._built = True
         if self.init_from:
             self.load_weights(self.init_from)
+
+    def build_metrics(self, dm) -> None:
+        """Classification accuracy on the validation set and on every eval set (each with its own classes);
+        methods with other metrics (language track) override this."""
+        self.val_acc = MulticlassAccuracy(num_classes=max(len(dm.val_set.classnames), 2), average="micro")
+        self.test_accs = nn.ModuleList(MulticlassAccuracy(num_classes=max(len(s.classnames), 2), average="micro")
+                                       for s in dm.eval_sets)
 
     def load_weights(self, path) -> None:
         ckpt = resolve_checkpoint(path)
@@ -101,8 +114,19 @@ class XmxModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         if self.val_acc.update_called:
-            self.log("val/acc", 100.0 * self.val_acc.compute(), prog_bar=True)  # percent, as papers report
+            acc = 100.0 * self.val_acc.compute()  # percent, as papers report
+            self.log("val/acc", acc, prog_bar=True)
+            if not self.trainer.sanity_checking and self.trainer.state.fn == "fit":
+                self.epoch_curve.append({"epoch": int(self.current_epoch), "val_acc": float(acc)})
         self.val_acc.reset()
+
+    def training_record(self, selected_by: str = "val/acc (best checkpoint restored)") -> dict:
+        """How training went, for results.json: the validation curve and which epoch was kept."""
+        sel = self.selected_epoch
+        return {"epochs": self.epochs, "epochs_run": len(self.epoch_curve), "epoch_curve": self.epoch_curve,
+                "selected_epoch": sel,
+                "selected_by": selected_by if sel is not None else
+                ("last epoch (no checkpoint restored)" if self.epoch_curve else None)}
 
     def on_test_epoch_start(self) -> None:
         self._test_out = {s.name: ([], []) for s in self.dm.eval_sets}
@@ -133,10 +157,27 @@ class XmxModule(L.LightningModule):
         opt = self.optimizer_factory(params=params)
         if self.scheduler_factory is None:
             return opt
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=opt),
-                                                   "interval": "epoch"}}
+        kw = {}
+        bound = getattr(self.scheduler_factory, "keywords", None) or {}
+        if "T_max" not in bound and "T_max" in inspect.signature(self.scheduler_factory).parameters:
+            # a cosine schedule left open spans the whole run, in the scheduler's own unit
+            total = (self.trainer.estimated_stepping_batches if self.scheduler_interval == "step"
+                     else self.trainer.max_epochs)
+            if total is None or not math.isfinite(total) or total < 1:
+                raise XmxError(f"cosine schedule needs a finite number of {self.scheduler_interval}s; set "
+                               "method.epochs (trainer.max_epochs) or method.scheduler.T_max")
+            kw["T_max"] = int(total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=opt, **kw),
+                                                   "interval": self.scheduler_interval}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         sd = checkpoint.get("state_dict", {})
         for k in [k for k in sd if k.startswith(self.frozen_prefixes)]:
             del sd[k]
+        checkpoint["xmx_epoch_curve"] = list(self.epoch_curve)  # a resumed run keeps the whole curve
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.selected_epoch = checkpoint.get("epoch")  # the restored (best, for test) checkpoint's epoch
+        saved = checkpoint.get("xmx_epoch_curve") or []
+        if len(saved) > len(self.epoch_curve):  # resuming; the best checkpoint's curve is a prefix of ours
+            self.epoch_curve = list(saved)

@@ -84,8 +84,6 @@ class AdapterMethod(XmxModule):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.epoch_curve: list[dict] = []
-        self.selected_epoch: int | None = None
         self._text_buffers: dict[str, str] = {}
         self.logit_scale: float | None = None
 
@@ -152,35 +150,13 @@ class AdapterMethod(XmxModule):
     def logits(self, x, eval_set):
         return self.adapter_logits(self.image_features(x).float(), self.text(eval_set.name))  # [B, N_set]
 
-    def on_validation_epoch_end(self) -> None:
-        if self.val_acc.update_called and not self.trainer.sanity_checking:
-            self.epoch_curve.append({"epoch": int(self.current_epoch),
-                                     "val_acc": float(100.0 * self.val_acc.compute())})
-        super().on_validation_epoch_end()
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["xmx_epoch_curve"] = list(self.epoch_curve)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.selected_epoch = checkpoint.get("epoch")  # the restored (best) checkpoint's epoch
-        curve = checkpoint.get("xmx_epoch_curve") or []
-        if len(curve) > len(self.epoch_curve):  # a resumed run continues its curve; the best-checkpoint restore
-            self.epoch_curve = list(curve)  # before testing keeps the longer curve of this process
-
     # ---- results ----------------------------------------------------------------------------------------------
     def extra_results(self) -> dict:
         adapter = getattr(self, "adapter", None)
-        sel = self.selected_epoch
         return {
             "params": None if adapter is None else sum(p.numel() for p in adapter.parameters() if p.requires_grad),
             "logit_scale": self.logit_scale,
-            "epochs": self.epochs,
-            "epochs_run": len(self.epoch_curve),
-            "epoch_curve": self.epoch_curve,
-            "selected_epoch": sel,
-            "selected_by": ("val/acc (best checkpoint restored)" if sel is not None else
-                            ("last epoch (no checkpoint restored)" if self.epoch_curve else None)),
+            **self.training_record(),
         }
 
 

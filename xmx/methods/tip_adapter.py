@@ -20,9 +20,7 @@ searched on validation before testing); the equations above them are plain PyTor
 from __future__ import annotations
 
 import hashlib
-import inspect
 import logging
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -522,12 +520,7 @@ class TipAdapterFMethod(TipAdapterMethod):
     needs_fit = True
 
     def __init__(self, scheduler_interval: str = "step", **kwargs):
-        super().__init__(**kwargs)
-        if scheduler_interval not in ("step", "epoch"):
-            raise XmxError(f"method.scheduler_interval={scheduler_interval!r}; valid choices: step, epoch")
-        self.scheduler_interval = scheduler_interval
-        self.epoch_curve: list[dict] = []
-        self.selected_epoch: int | None = None
+        super().__init__(scheduler_interval=scheduler_interval, **kwargs)
 
     def make_model(self, keys, values, W, dm) -> nn.Module:
         return TipAdapterF(keys, values, W, alpha=self.hp["init_alpha"], beta=self.hp["init_beta"])
@@ -545,50 +538,12 @@ class TipAdapterFMethod(TipAdapterMethod):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(y))
         return loss
 
-    def on_validation_epoch_end(self) -> None:
-        if self.val_acc.update_called and not self.trainer.sanity_checking:
-            self.epoch_curve.append({"epoch": int(self.current_epoch),
-                                     "val_acc": float(100.0 * self.val_acc.compute())})
-        super().on_validation_epoch_end()
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["xmx_epoch_curve"] = list(self.epoch_curve)  # a resumed run keeps the whole curve
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.selected_epoch = checkpoint.get("epoch")  # the restored checkpoint's epoch (the best one, for test)
-        saved = checkpoint.get("xmx_epoch_curve") or []
-        if len(saved) > len(self.epoch_curve):  # resuming; the best checkpoint's curve is a prefix of ours
-            self.epoch_curve = list(saved)
-
     def on_test_start(self) -> None:
         if self.search_enabled:
             self.search_on_validation(self.dm)
 
-    def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        if self.optimizer_factory is None or not params:
-            return None
-        opt = self.optimizer_factory(params=params)
-        if self.scheduler_factory is None:
-            return opt
-        kw = {}
-        bound = getattr(self.scheduler_factory, "keywords", None) or {}
-        if "T_max" not in bound and "T_max" in inspect.signature(self.scheduler_factory).parameters:
-            total = (self.trainer.estimated_stepping_batches if self.scheduler_interval == "step"
-                     else self.trainer.max_epochs)
-            if total is None or not math.isfinite(total) or total < 1:
-                raise XmxError(f"cosine schedule needs a finite number of {self.scheduler_interval}s; set "
-                               "method.epochs (trainer.max_epochs) or method.scheduler.T_max")
-            kw["T_max"] = int(total)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=opt, **kw),
-                                                   "interval": self.scheduler_interval}}
-
     def extra_results(self) -> dict:
         out = super().extra_results()
-        sel = self.selected_epoch
         out.update(init_alpha=self.hp.get("init_alpha"), init_beta=self.hp.get("init_beta"),
-                   epochs=self.epochs, epoch_curve=self.epoch_curve, selected_epoch=sel,
-                   selected_by=("val/acc at the initial alpha/beta (best checkpoint)" if sel is not None else
-                                ("last epoch (no checkpoint restored)" if self.epoch_curve else None)))
+                   **self.training_record("val/acc at the initial alpha/beta (best checkpoint)"))
         return out

@@ -560,16 +560,12 @@ class XAdapterRun(XmxModule):
 
     # ---- construction -----------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        if self._built:
-            return
         dm = self.trainer.datamodule
-        dm.setup(stage)
-        self.dm = dm
         self.backbone, self.plm = dm.backbone, dm.plm  # submodules named exactly so: checkpoints skip them
-        self.build(dm)
-        self._built = True
-        if self.init_from:
-            self.load_weights(self.init_from)
+        super().setup(stage)
+
+    def build_metrics(self, dm) -> None:
+        """Each run type makes its own metrics in ``build`` (MLM loss/accuracy, colour accuracy, GLUE metrics)."""
 
     def make_adapter(self) -> XAdapter | None:
         if self.expert == "none":
