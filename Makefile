@@ -15,8 +15,11 @@ export PYTHONUNBUFFERED := 1
 
 setup: $(VENV)/.installed
 
-# The marker is written last: an interrupted install leaves no marker and is redone from scratch.
-$(VENV)/.installed: pyproject.toml Makefile
+# The venv's name carries the hash of the install files, so the marker needs no file prerequisites (a fresh clone's
+# new mtimes must not force a reinstall). It is written last: an interrupted install is redone from scratch.
+# Commands run from the checkout, whose own source wins over the venv's editable install (which may point at
+# the clone that created the venv).
+$(VENV)/.installed:
 	rm -rf "$(VENV)"
 	$(PYTHON) -m venv "$(VENV)"
 	"$(VPY)" -m pip install --quiet --upgrade pip
