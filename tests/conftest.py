@@ -15,6 +15,9 @@ from omegaconf import open_dict
 
 from xmx.config import config_dir
 
+REPO = Path(__file__).resolve().parents[1]
+# subprocesses (CLI, sweeps, Optuna) import the checkout under test, not whatever copy a reused venv points at
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
