@@ -14,6 +14,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
 from xmx.config import config_dir
+from xmx.errors import XmxError
 
 REPO = Path(__file__).resolve().parents[1]
 # subprocesses (CLI, sweeps, Optuna) import the checkout under test, not whatever copy a reused venv points at
@@ -60,3 +61,14 @@ def load_bench(name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def one_line_error(fn, *needles) -> str:
+    """Call ``fn``; it must raise an XmxError whose message is one line containing every needle."""
+    with pytest.raises(XmxError) as e:
+        fn()
+    msg = str(e.value)
+    assert "\n" not in msg
+    for n in needles:
+        assert n in msg, msg
+    return msg

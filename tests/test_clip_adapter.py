@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xmx.errors import XmxError
+from conftest import one_line_error
+
 from xmx.methods.clip_adapter import ClipAdapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -72,13 +73,6 @@ def test_learns_and_beats_zero_shot():
     assert zero_shot <= 0.2 and acc >= zero_shot + 0.5
 
 
-def one_line_error(fn, *match):
-    with pytest.raises(XmxError) as e:
-        fn()
-    msg = str(e.value)
-    assert "\n" not in msg
-    for s in match:
-        assert s in msg, msg
 
 
 def test_bad_inputs():

@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import one_line_error
+
 from xmx.errors import XmxError
 from xmx.methods.mma import BLOCKS, MASKS, SAMPLERS, MultiModalAdapter, attention_mask
 
@@ -257,15 +259,6 @@ def test_learns_a_task_zero_shot_gets_wrong():
     assert acc >= 0.7 and acc >= zero_shot + 0.5
 
 
-# ---------------------------------------------------------------- bad input
-def one_line_error(fn, *match):
-    with pytest.raises(XmxError) as e:
-        fn()
-    msg = str(e.value)
-    assert "\n" not in msg
-    for s in match:
-        assert s in msg, msg
-    return msg
 
 
 @pytest.mark.parametrize("method", ["forward", "logits", "forward_dense"])

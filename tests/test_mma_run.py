@@ -5,7 +5,6 @@ and bad input stops the run with one line. Tiny random-init CLIP on the syntheti
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xmx.errors import XmxError
+from conftest import one_line_error
+
 from xmx.methods.tip_adapter import (TIP_DATASETS, TIP_DEFAULT, TipAdapter, TipAdapterF, accuracy, build_cache,
                                      search_alpha_beta, search_grid, tip_dataset_config, tip_logits)
 
@@ -180,26 +181,18 @@ def test_per_dataset_table_follows_the_spec():
     assert TIP_DATASETS["dtd"]["beta_max"] == 13
 
 
-def _one_line_error(fn, *needles):
-    with pytest.raises(XmxError) as e:
-        fn()
-    msg = str(e.value)
-    assert "\n" not in msg
-    for n in needles:
-        assert n in msg, msg
-    return msg
 
 
 def test_bad_caches_are_refused_naming_both_sizes():
     t = make_task(N=4, K=2, C=8, V=1)
     keys, values = build_cache(t["views"], t["y_tr"], 4)
     W5 = torch.cat([t["W"], t["W"][:, :1]], dim=1)                   # a classifier for 5 classes
-    _one_line_error(lambda: tip_logits(t["f_val"], W5, keys, values, 1, 1), "4 classes", "has 5")
-    _one_line_error(lambda: TipAdapterF(keys, values, W5), "4 classes", "has 5")
-    _one_line_error(lambda: search_alpha_beta(t["f_val"], t["y_val"], W5, keys, values, 7, 3, 4, 4), "4", "5")
+    one_line_error(lambda: tip_logits(t["f_val"], W5, keys, values, 1, 1), "4 classes", "has 5")
+    one_line_error(lambda: TipAdapterF(keys, values, W5), "4 classes", "has 5")
+    one_line_error(lambda: search_alpha_beta(t["f_val"], t["y_val"], W5, keys, values, 7, 3, 4, 4), "4", "5")
     other = torch.randn(8, 16)                                       # keys from a 16-wide backbone
-    _one_line_error(lambda: TipAdapter(other, values, t["W"]), "width 16", "width 8", "backbone")
-    _one_line_error(lambda: TipAdapterF(keys, values, t["W"])(torch.randn(2, 16)), "(2, 16)", "8")
-    _one_line_error(lambda: build_cache(t["views"], t["y_tr"], 3), "0..3", "3")
-    _one_line_error(lambda: build_cache(t["views"], t["y_tr"][:-1], 4), "label")
-    _one_line_error(lambda: search_alpha_beta(t["f_val"][:0], t["y_val"][:0], t["W"], keys, values, 7, 3), "empty")
+    one_line_error(lambda: TipAdapter(other, values, t["W"]), "width 16", "width 8", "backbone")
+    one_line_error(lambda: TipAdapterF(keys, values, t["W"])(torch.randn(2, 16)), "(2, 16)", "8")
+    one_line_error(lambda: build_cache(t["views"], t["y_tr"], 3), "0..3", "3")
+    one_line_error(lambda: build_cache(t["views"], t["y_tr"][:-1], 4), "label")
+    one_line_error(lambda: search_alpha_beta(t["f_val"][:0], t["y_val"][:0], t["W"], keys, values, 7, 3), "empty")
