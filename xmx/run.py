@@ -43,6 +43,7 @@ from xmx.utils import atomic_write_bytes, atomic_write_text, code_version, packa
 
 log = logging.getLogger("xmx")
 SCHEMA = "xmx.results/1"
+SELECTION_MODES = ("val", "paper")  # results.json "selection"; a report never averages the two
 
 
 def _output_dir(cfg: DictConfig) -> Path:
@@ -232,6 +233,10 @@ def _plan(cfg: DictConfig, out: Path, jid: str) -> tuple[str, Path, dict | None,
 def _run(cfg: DictConfig) -> tuple[dict, str]:
     """-> (results, outcome) with outcome one of done | resumed | skipped."""
     t0 = time.time()
+    selection = cfg.get("selection", "val")
+    if selection not in SELECTION_MODES:
+        raise XmxError(f"selection={selection!r}; valid choices: {', '.join(SELECTION_MODES)} (val: nothing chosen "
+                       "on test; paper: the authors' code where it selects on test)")
     out = _output_dir(cfg)
     jid = job_id(cfg)
     outcome, folder, done, ckpt = _plan(cfg, out, jid)
@@ -288,6 +293,7 @@ def _run(cfg: DictConfig) -> tuple[dict, str]:
         "schema": SCHEMA, "status": "complete", "job_id": jid, "resumed": outcome == "resumed",
         "experiment": cfg.get("task_name"), "method": cfg.method.get("name"), "dataset": datamodule.name,
         "protocol": datamodule.protocol.name, "shots": datamodule.shots, "seed": int(cfg.seed),
+        "selection": selection,
         "metrics": metrics, "extra": method.extra_results(),
         "data": {**datamodule.data_record(), "subset_file": "subset.json"},
         "weights": encoders["backbone"].describe(),
