@@ -64,6 +64,7 @@ def test_tip_adapter_searches_on_validation_and_writes_the_curve(make_cfg, tmp_p
     assert ex["dataset_entry"]["beta_max"] == TIP_DEFAULT["beta_max"] == 10.0
     s = ex["search"]
     assert ex["searched_on"] == "val" and (ex["alpha"], ex["beta"]) == (s["alpha"], s["beta"])
+    assert res["metrics"]["val/acc"] == pytest.approx(s["val_acc"])  # the validation accuracy of what was selected
     assert s["betas"] == search_grid(10.0, 200) and s["alphas"] == search_grid(10.0, 20)
     assert len(s["best_val_acc_per_beta"]) == 200 and max(s["best_val_acc_per_beta"]) == pytest.approx(s["val_acc"])
     assert "val_acc_grid" not in s  # 200 x 20 cells: the per-beta summary only (results_grid=auto)
