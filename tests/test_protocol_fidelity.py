@@ -119,3 +119,23 @@ def test_imagenet_templates_stay_selectable_and_other_datasets_keep_coop(make_cf
     assert make_cfg(["experiment=tip_adapter_f_16shot", "data=dtd"]).data.templates is None  # CoOp's "{} texture."
     assert make_cfg(["experiment=zeroshot_16shot", "data=imagenet"]).data.templates is None
     assert OmegaConf.to_container(make_cfg(["method=tip_adapter"]).method.dataset_templates) == {"imagenet": "tip7"}
+
+
+# ---- (2) the report keeps the two modes apart -----------------------------------------------------------------------
+def test_report_marks_paper_selected_cells_and_never_averages_them_with_val(tmp_path):
+    from test_report import cell, write_result
+
+    from xmx.report import build_report
+    for seed, (val_acc, paper_acc) in enumerate([(60.0, 70.0), (62.0, 72.0)], start=1):
+        for ds in ("dtd", "eurosat"):
+            write_result(tmp_path, method="tip_adapter_f", dataset=ds, seed=seed, acc=val_acc,
+                         config={"selection": "val"}, selection="val")
+            write_result(tmp_path, method="tip_adapter_f", dataset=ds, seed=seed, acc=paper_acc,
+                         config={"selection": "paper"}, selection="paper")
+    res = build_report([tmp_path], out=tmp_path / "report", plots=False)
+    cells = res["cells"]
+    val = cell(cells, dataset="average", column="16", selection="val")
+    paper = cell(cells, dataset="average", column="16", selection="paper")
+    assert (val["mean"], paper["mean"]) == (61.0, 71.0)  # a mixed mean would be 66
+    assert paper["text"].startswith("71.00†") and "†" not in val["text"] and "selection: paper" in paper["label"]
+    assert len(res["skipped"]) == 0 and "never averaged" in res["markdown"]
