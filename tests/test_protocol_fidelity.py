@@ -3,13 +3,15 @@ what a run selects on, which mode chose it, and which prompts ImageNet gets."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from types import SimpleNamespace
 
 import pytest
 from omegaconf import OmegaConf
 
-from xmx.data.datasets import Datum, DatasetSplits
+import xmx.data.coop as coop
+from xmx.data.datasets import Datum, DatasetSplits, read_json
 from xmx.data.fewshot import describe_val, resolve_val_shots, select_fewshot
 from xmx.data.protocols import EvalSet
 from xmx.data.templates import resolve_templates
@@ -28,12 +30,24 @@ TIP_IMAGENET_TEMPLATES = ["itap of a {}.", "a bad photo of the {}.", "a origami 
 # ---- (1) the selection set: the dataset's whole CoOp validation split ------------------------------------------
 def test_tip_adapter_selects_on_the_whole_caltech101_validation_split(make_cfg, tmp_path_factory, tmp_path,
                                                                        one_thread):
-    root = fake_coop_tree(tmp_path_factory, "caltech101")  # every image of the real split file (tiny JPEGs)
+    tree = fake_coop_tree(tmp_path_factory, "caltech101")  # every image of the real split file (tiny JPEGs)
+    # the real split file with its test list cut to one image per class (the test set is not what this checks, and
+    # extracting 2,465 test images would dominate the test's time); a split file in the dataset folder wins
+    raw = read_json(coop.SPLITS_DIR / "split_zhou_Caltech101.json.gz")
+    firsts = {}
+    for item in raw["test"]:
+        firsts.setdefault(item[1], item)
+    root = tmp_path / "DATA"
+    (root / "caltech-101").mkdir(parents=True)
+    (root / "caltech-101" / "101_ObjectCategories").symlink_to(tree / "caltech-101" / "101_ObjectCategories")
+    (root / "caltech-101" / "split_zhou_Caltech101.json").write_text(
+        json.dumps({**raw, "test": list(firsts.values())}))
     res = run(make_cfg(["experiment=tip_adapter_16shot", "backbone=tiny", "augment.views=1", "shots=1",
                         f"paths.data_dir={root}", "features.batch_size=512", "data.eval_batch_size=4096",
                         "method.n_beta=2", "method.n_alpha=2", "trainer.accelerator=cpu"],
                        output_dir=tmp_path / "tip"))
-    assert res["data"]["splits"]["val"]["n"] == 1649 and res["data"]["splits"]["train"]["n"] == 100
+    assert res["data"]["splits"]["val"]["n"] == len(raw["val"]) == 1649 and res["data"]["splits"]["train"]["n"] == 100
+    assert res["data"]["splits"]["test"]["n"] == 100
     assert res["data"]["val"] == {"val_shots": "all", "selection": "the whole validation split"}
     assert res["extra"]["searched_on"] == "val" and res["selection"] == "val"
     assert res["config"]["data"]["val_shots"] == "all"
