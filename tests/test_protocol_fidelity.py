@@ -153,3 +153,9 @@ def test_report_marks_paper_selected_cells_and_never_averages_them_with_val(tmp_
     assert (val["mean"], paper["mean"]) == (61.0, 71.0)  # a mixed mean would be 66
     assert paper["text"].startswith("71.00†") and "†" not in val["text"] and "selection: paper" in paper["label"]
     assert len(res["skipped"]) == 0 and "never averaged" in res["markdown"]
+
+
+def test_selection_paper_is_refused_by_methods_without_a_test_selecting_release(make_cfg, tmp_path):
+    one_line_error(lambda: run(make_cfg(["backbone=tiny", "data=synthetic", "method=zeroshot", "selection=paper"],
+                                        output_dir=tmp_path / "zs")), "selection=paper", "zeroshot", "selection=val")
+    assert not (tmp_path / "zs" / "results.json").exists()

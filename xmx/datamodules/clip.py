@@ -141,6 +141,8 @@ class CLIPDataModule(L.LightningDataModule):
             subset_file=self.subset_file, val_shots=self.val_shots, root=self.root,
             target_templates=None if explicit else (lambda t: list(t.templates)))
         self.classnames = self.protocol.classnames
+        log.info("%s: selecting on %d validation images (%s)", self.name, len(self.protocol.val.items),
+                 describe_val(self.val_shots, self.shots, self.has_val_split))
         self.val_set: EvalSet = self.protocol.val
         self.eval_sets: list[EvalSet] = self.protocol.eval_sets
         self.logit_scale = self.backbone.logit_scale

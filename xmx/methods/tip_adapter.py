@@ -356,6 +356,7 @@ class TipAdapterMethod(XmxModule):
     ``eval_set.train_index``; unseen classes are refused (a cache holds values for training classes only)."""
 
     needs_fit = False
+    selection_modes = SELECTION_MODES
 
     def __init__(self, datasets: dict | None = None, beta_max: float | None = None, alpha_max: float | None = None,
                  init_alpha: float | None = None, init_beta: float | None = None, n_beta: int | None = None,
