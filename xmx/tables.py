@@ -85,10 +85,13 @@ def compose_job(job: Job, user_overrides=()):
     from hydra.core.global_hydra import GlobalHydra
 
     from xmx.config import config_dir
+    overrides = job.args() + [o for o in user_overrides if not o.startswith("hydra")]
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            return compose("config", overrides=job.args() + [o for o in user_overrides if not o.startswith("hydra")])
+            return compose("config", overrides=overrides)
+    except Exception as e:  # noqa: BLE001 - a Hydra composition error: name the job and the first line
+        raise XmxError(f"cannot compose job {' '.join(overrides)}: {str(e).splitlines()[0]}") from None
     finally:
         GlobalHydra.instance().clear()
 
@@ -264,6 +267,8 @@ def main(argv=None) -> int:
         print("\n".join(p.lines(args.table, table)))
         if args.command == "run":
             cmds = launch_commands(p, args.overrides)
+            if not cmds:
+                print("nothing to run: every job whose data and preset are present is complete")
             failed = 0
             for cmd in cmds:
                 print("$ python " + " ".join(cmd[1:]), flush=True)
