@@ -42,22 +42,23 @@ def test_launch_commands_cover_runnable_jobs_only():
 def test_plan_counts_done_and_missing_then_show_compares(make_cfg, tmp_path, monkeypatch, one_thread):
     logs, data = tmp_path / "logs", tmp_path / "DATA"
     monkeypatch.setenv("DATA", str(data))  # an empty $DATA: every real dataset is missing
-    table = {"title": "toy table", "datasets": ["synthetic", "dtd"], "seeds": [1], "shots": [2], "selection": "paper",
+    table = {"title": "toy table", "datasets": ["synthetic", "dtd"], "seeds": [1], "shots": [1, 2], "selection": "paper",
              "references": {"table": "fewshot", "methods": ["tip_adapter"]},
              "jobs": [{"experiment": "tip_adapter_16shot"}]}
     small = ["backbone=tiny", "augment.views=1", "method.n_beta=3", "method.n_alpha=2", "trainer.accelerator=cpu",
              f"paths.log_dir={logs}", f"paths.cache_dir={make_cfg().paths.cache_dir}"]
     # synthetic is generated in the cache (its data.root); dtd is looked up under $DATA
     p = plan(table, small)
-    assert len(p.jobs) == 2 and not p.done and p.missing_data == {"dtd": str(data / "dtd")}
-    assert [p.jobs[i].dataset for i in p.runnable] == ["synthetic"]
-    assert "2 jobs (tip_adapter_16shot), 0 already done, 1 to run" in "\n".join(p.lines("toy", table))
+    assert len(p.jobs) == 4 and not p.done and p.missing_data == {"dtd": str(data / "dtd")}
+    assert [(p.jobs[i].dataset, p.jobs[i].shots) for i in p.runnable] == [("synthetic", 1), ("synthetic", 2)]
+    assert "4 jobs (tip_adapter_16shot), 0 already done, 2 to run" in "\n".join(p.lines("toy", table))
 
-    job = p.jobs[p.runnable[0]]
+    # the 2-shot job, run as xmx.run composes it, is the plan's job (the plan composes shots=1 and sets shots=2)
+    job = p.jobs[p.runnable[1]]
     res = run(make_cfg(job.args() + small, output_dir=logs / "toy" / "0"))
     assert res["selection"] == "paper"
     p2 = plan(table, small)
-    assert list(p2.done) == [p.runnable[0]] and p2.runnable == []
+    assert list(p2.done) == [p.runnable[1]] and p2.runnable == [p.runnable[0]]
 
     refs = tmp_path / "refs.yaml"
     refs.write_text(yaml.safe_dump([{"table": "fewshot", "method": "tip_adapter", "dataset": "synthetic",
@@ -67,7 +68,7 @@ def test_plan_counts_done_and_missing_then_show_compares(make_cfg, tmp_path, mon
     assert "†" in rows[0]["label"]
     text = show("toy", table, small, p2, [refs])
     assert "| tip_adapter | synthetic | 2 | 50.00 |" in text and f"{res['metrics']['test/acc'] - 50:+.2f}" in text
-    assert "1 of 2 jobs of `toy` have results" in text
+    assert "1 of 4 jobs of `toy` have results" in text
     # published rows with no run of ours are still listed (the shipped RN50 numbers: our run is a tiny backbone)
     assert "| tip_adapter | average | 16 | 70.32 | – | – |" in text
     assert format_comparison("x", {"title": "t"}, [], 0, 0).count("no published numbers") == 1
