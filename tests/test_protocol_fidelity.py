@@ -101,6 +101,10 @@ def test_paper_selection_picks_tip_adapter_f_epoch_on_test(make_cfg, tmp_path, o
     assert ex["selected_epoch"] == ex["epoch_curve"][first_best]["epoch"]
     assert res["metrics"][PAPER_EPOCH_MONITOR] == pytest.approx(max(test_curve))
     assert ex["searched_on"] == "val"  # alpha/beta on validation except on ImageNet (main.py)
+    # main.py then reports max(best_acc, acc): the better of the initial and the searched alpha/beta on test
+    pc = ex["paper_final_choice"]
+    assert res["metrics"]["test/acc"] == pytest.approx(max(pc["test_acc_initial"], pc["test_acc_searched"]))
+    assert pc["test_acc_initial"] == pytest.approx(max(test_curve))  # the selected epoch at the initial alpha/beta
     assert res["config"]["selection"] == "paper"
 
 

@@ -600,9 +600,34 @@ class TipAdapterFMethod(TipAdapterMethod):
     def on_test_start(self) -> None:
         if self.search_enabled:
             self.search_on_validation(self.dm)
+            if self.selection == "paper":
+                self.paper_final_choice()
+
+    @torch.no_grad()
+    def paper_final_choice(self) -> None:
+        """The release's main.py reports ``max(best_acc, acc)``: the better test accuracy of the selected epoch at the
+        initial alpha/beta and of the searched alpha/beta. With ``selection: paper`` the run keeps whichever of the
+        two is better on test (ties: the searched pair). Not on ImageNet (main_imagenet.py reports its test search)
+        and only for Tip-Adapter-F's own model."""
+        if (self.dm.name or "").lower() in PAPER_TEST_SEARCH or not isinstance(self.model, TipAdapterF):
+            return
+        m, test = self.model, self.dm.eval_sets[0]
+        searched = (float(m.alpha), float(m.beta))
+        acc_searched = self.accuracy_on(test)
+        m.set_alpha_beta(self.hp["init_alpha"], self.hp["init_beta"])
+        acc_init = self.accuracy_on(test)
+        kept = "initial" if acc_init > acc_searched else "searched"
+        if kept == "searched":
+            m.set_alpha_beta(*searched)
+        self.paper_choice = {"kept": kept, "test_acc_searched": acc_searched, "test_acc_initial": acc_init,
+                             "why": "main.py reports max(best_acc, acc) on test"}
 
     def extra_results(self) -> dict:
         out = super().extra_results()
+        if getattr(self, "paper_choice", None):
+            out["paper_final_choice"] = self.paper_choice
+            if self.paper_choice["kept"] == "initial":
+                out.update(alpha=self.hp["init_alpha"], beta=self.hp["init_beta"])
         by = (f"{PAPER_EPOCH_MONITOR}: test accuracy at the initial alpha/beta (selection=paper, as the release)"
               if self.selection == "paper" else "val/acc at the initial alpha/beta (best checkpoint)")
         out.update(init_alpha=self.hp.get("init_alpha"), init_beta=self.hp.get("init_beta"),
