@@ -165,6 +165,7 @@ class LinearProbe(XmxModule):
         self.best_C: float | None = None
         self.solver_used: str | None = None
         self.fit_seconds: float | None = None
+        self.fit_cpu_seconds: float | None = None
 
     def build(self, dm) -> None:
         if dm.inputs != "features":
@@ -191,7 +192,7 @@ class LinearProbe(XmxModule):
             fit: Fit = lambda A, t, c, C: fit_torch(A, t, c, C, self.max_iter, self.tol)  # noqa: E731
         else:
             fit = lambda A, t, c, C: fit_sklearn(A, t, c, C, self.max_iter, self.tol)  # noqa: E731
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         total = len(self.coarse_grid) + 2 * self.refine_steps
         if self.fixed_C is None:
             def report(e: dict) -> None:
@@ -204,10 +205,10 @@ class LinearProbe(XmxModule):
         else:
             self.best_C = float(self.fixed_C)
         W, b = fit(X, y, k, self.best_C)
-        self.fit_seconds = time.perf_counter() - t0
-        log.info("linear probe: C=%.4g (%s, %s solver), %d fits in %.1fs", self.best_C,
+        self.fit_seconds, self.fit_cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+        log.info("linear probe: C=%.4g (%s, %s solver), %d fits in %.1fs (%.1fs CPU)", self.best_C,
                  "searched on validation" if self.fixed_C is None else "fixed", self.solver_used,
-                 len(self.curve) + 1, self.fit_seconds)
+                 len(self.curve) + 1, self.fit_seconds, self.fit_cpu_seconds)
         with torch.no_grad():
             self.head.weight.copy_(torch.from_numpy(W).float())
             self.head.bias.copy_(torch.from_numpy(b).float())
@@ -231,5 +232,5 @@ class LinearProbe(XmxModule):
     def extra_results(self) -> dict:
         return {"C": self.best_C, "C_selected_by": "fixed" if self.fixed_C is not None else
                 "lpclip search on validation (last bisection step)", "normalize": self.normalize,
-                "solver": self.solver_used, "fit_seconds": self.fit_seconds,
+                "solver": self.solver_used, "fit_seconds": self.fit_seconds, "fit_cpu_seconds": self.fit_cpu_seconds,
                 "validation_curve": [dict(e) for e in self.curve]}
