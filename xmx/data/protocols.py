@@ -1,7 +1,8 @@
 """Evaluation protocols (spec §6): which images train, which select, and which label sets are tested.
 
 - ``fewshot``: K shots per class of every class; test on the dataset's test split.
-- ``base2new``: sorted label ids, base = first ceil(N·ratio) (or floor, or the MMA release's rule), new = the rest, each relabelled from 0; the
+- ``base2new``: sorted label ids, base = first ceil(N·ratio) (or floor, or the MMA release's rule), new = the rest,
+  each relabelled from 0; the
   training subset is the all-class few-shot subset filtered to base classes (not resampled); test base and new
   separately, each with only its own classes; HM = 2BN/(B+N).
 - ``cross_dataset`` / ``domain_shift``: train few-shot on the source dataset; test on the source and on every

@@ -7,7 +7,7 @@ variant), its inverse L2 strength ``C`` chosen on the validation subset:
              [mid, hi] (log10 midpoint); otherwise (ties included) keep lo, the range becomes [lo, mid]
     C        the C kept by the last step (not the best seen); ``steps = 0`` keeps C*
 
-The objective (scikit-learn's, ``penalty='l2'``): ``C·Σ_i CE_i + ½‖W‖²`` (bias not penalised), ``max_iter`` 1000,
+The objective (scikit-learn's L2 penalty): ``C·Σ_i CE_i + ½‖W‖²`` (bias not penalised), ``max_iter`` 1000,
 ``tol`` 1e-4. Two solvers minimise it: ``sklearn`` (``LogisticRegression(solver="lbfgs")``, what CoOp runs; the
 fast path on CPU) and ``torch`` (full-batch ``torch.optim.LBFGS`` on the same objective; the fast path for large
 problems on a GPU, tested equal to the scikit-learn fit). ``solver: auto`` takes torch only on a GPU and only when

@@ -41,7 +41,8 @@ from xmx.methods.tip_adapter import (FULL_GRID_CELLS, ZS_SCALE, TipAdapterFMetho
 
 __all__ = ["IMG2TXT", "GAMMA_MODES", "TXT_KEYS_FROM", "Img2TxtNet", "MetaNet", "TextMixture", "LinearImg2Txt",
            "PseudoTokenImg2Txt", "make_pseudo_token_prompt", "hard_sample_weights", "XMAdapter", "XMSearchResult",
-           "search_xmadapter", "search_beta_txt_separately", "BETA_TXT_SEARCH", "gamma_grid", "Branches", "TXT_KEYS_REFRESH", "XMAdapterMethod"]
+           "search_xmadapter", "search_beta_txt_separately", "BETA_TXT_SEARCH", "gamma_grid", "Branches",
+           "TXT_KEYS_REFRESH", "XMAdapterMethod"]
 
 IMG2TXT = ("text_mixture", "linear", "pseudo_token")
 GAMMA_MODES = ("fixed", "searched", "learned")
@@ -451,7 +452,9 @@ class XMAdapterMethod(TipAdapterFMethod):
 
     ``gamma_mode``: ``fixed`` (``gamma`` throughout), ``searched`` (trained at ``gamma``, then searched on the
     validation grid ``gamma_grid(gamma_steps)`` with beta/alpha) or ``learned`` (``sigmoid`` of a trained scalar
-    starting at ``gamma``). ``search_betas_txt``: null ties beta_txt to beta in the search, or a list searched jointly.
+    starting at ``gamma``). ``search_betas_txt``: ``separate`` (default: beta_txt on its own grid after the tied
+    search, :func:`search_beta_txt_separately`), ``tied``/null (beta_txt = beta), or a list searched jointly. The
+    text branch trains by default (``img2txt_proj`` and ``learn_img2txt_temp`` on; spec §4.2).
     The search runs on ``search_device`` like Tip-Adapter's (the model visits it for the search)."""
 
     def __init__(self, img2txt: str = "text_mixture", img2txt_temp: float = 100.0, learn_img2txt_temp: bool = True,
