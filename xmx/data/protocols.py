@@ -2,9 +2,8 @@
 
 - ``fewshot``: K shots per class of every class; test on the dataset's test split.
 - ``base2new``: sorted label ids, base = first ceil(N·ratio) (or floor, or the MMA release's rule), new = the rest,
-  each relabelled from 0; the
-  training subset is the all-class few-shot subset filtered to base classes (not resampled); test base and new
-  separately, each with only its own classes; HM = 2BN/(B+N).
+  each relabelled from 0; the training subset is the all-class few-shot subset filtered to base classes (not
+  resampled); test base and new separately, each with only its own classes; HM = 2BN/(B+N).
 - ``cross_dataset`` / ``domain_shift``: train few-shot on the source dataset; test on the source and on every
   target's test split with the target's own classes (ImageNet-A/-R: their 200-class subsets).
 """
