@@ -126,6 +126,9 @@ class XmxModule(L.LightningModule):
     def training_record(self, selected_by: str = "val/acc (best checkpoint restored)") -> dict:
         """How training went, for results.json: the validation curve and which epoch was kept."""
         sel = self.selected_epoch
+        cb = getattr(self._trainer, "checkpoint_callback", None) if self._trainer is not None else None
+        if sel is not None and cb is not None and getattr(cb, "monitor", "") is None:
+            selected_by = "last epoch (the restored checkpoint monitors nothing: no validation selection)"
         return {"epochs": self.epochs, "epochs_run": len(self.epoch_curve), "epoch_curve": self.epoch_curve,
                 "selected_epoch": sel,
                 "selected_by": selected_by if sel is not None else
