@@ -77,7 +77,7 @@ def fit_projection(views: Tensor, y: Tensor, P0: Tensor, bias: Tensor | None, W:
         sched.step()
     if P.device.type == "cuda":
         torch.cuda.synchronize(P.device)
-    return P.detach(), {"seconds": time.perf_counter() - t0, "epochs": epochs, "final_loss": float(loss)}
+    return P.detach(), {"seconds": time.perf_counter() - t0, "epochs": epochs, "final_loss": float(loss.detach())}
 
 
 def accuracy(z: Tensor, y: Tensor, P: Tensor, bias: Tensor | None, W: Tensor) -> float:

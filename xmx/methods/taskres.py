@@ -52,7 +52,7 @@ class TaskResHead(nn.Module):
         return F.normalize(self.base + self.alpha * self.residual, dim=0)          # [C,K]
 
     def forward(self, feats: Tensor, logit_scale: float) -> Tensor:
-        return math.exp(logit_scale) * F.normalize(feats, dim=-1) @ self.classifier()
+        return math.exp(logit_scale) * F.normalize(feats.float(), dim=-1) @ self.classifier()
 
 
 def warmup_cosine(epoch: int, epochs: int, lr: float, warmup_epochs: int = 1, warmup_lr: float = 1e-5) -> float:
