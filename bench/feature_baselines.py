@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -191,6 +192,7 @@ def main(argv=None) -> dict:
            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
            or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "sizes": s,
+           "load_average_1min_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
            "command": "python bench/feature_baselines.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     if "gda" in only:
         res["gda"] = bench_gda(d, device)
@@ -224,7 +226,9 @@ def main(argv=None) -> dict:
         q = res["prolip"]
         rows.append(("ProLIP", f"{q['s_per_epoch']:.3f} s/epoch", f"300 epochs ~{q['fit_300_epochs_s_est']:.0f} s; "
                      f"49-fit grid ~{q['search_49_fits_s_est']:.0f} s (estimates)"))
-    print(f"feature baselines on {res['device']} ({res['device_name']}, {res['threads']} threads), "
+    res["load_average_1min_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    print(f"feature baselines on {res['device']} ({res['device_name']}, {res['threads']} threads, load "
+          f"{res['load_average_1min_at_start'] or 0:.1f} -> {res['load_average_1min_at_end'] or 0:.1f}), "
           f"{s['classes']} classes x {s['shots']} shots, C={s['dim']}, D={s['pre_dim']}")
     for name, val, note in rows:
         print(f"  {name:<26} {val:>16}   {note}")
