@@ -69,7 +69,7 @@ def fit_projection(views: Tensor, y: Tensor, P0: Tensor, bias: Tensor | None, W:
     t0 = time.perf_counter()
     loss = torch.tensor(float("nan"))
     for epoch in range(epochs):
-        z = views[epoch % views.shape[0]]
+        z = views[epoch % views.shape[0]].float()  # views stay in their stored precision (300 views are large)
         loss = prolip_loss(z, y, P, P0, bias, W, lam, scale)
         opt.zero_grad()
         loss.backward()
@@ -126,7 +126,7 @@ class ProLIPMethod(XmxModule):
         dev = fit_device(self.device_choice)
         P0, bias = dm.backbone.image_projection()
         P0, bias = P0.to(dev), None if bias is None else bias.to(dev)
-        views = dm.train_features.to(dev).float()                                     # [V,n,D]
+        views = dm.train_features.to(dev)                                             # [V,n,D] stored precision
         if views.shape[-1] != P0.shape[0]:
             raise XmxError(f"prolip: cached features have width {views.shape[-1]} but the backbone's projection "
                            f"expects {P0.shape[0]}; clear the stale pre-projection entries of the feature store")
