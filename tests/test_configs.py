@@ -45,6 +45,8 @@ def test_every_experiment_runs_one_step(make_cfg, experiment):
         overrides.append("protocol=fewshot")
     if make_cfg(overrides).method.name == "linear_probe":  # one step: a short L-BFGS search is enough
         overrides += ["method.refine_steps=1", "method.max_iter=50"]
+    if make_cfg(overrides).method.name == "prolip":  # the release's 300 cached views: extraction, not the point here
+        overrides += ["augment.views=2"]
     cfg = make_cfg(overrides)
     results = run(cfg)
     assert results["status"] == "complete"

@@ -156,6 +156,13 @@ def eval_labels(eval_set) -> Tensor:
     return torch.tensor([d.label for d in eval_set.items], dtype=torch.long)
 
 
+def fast_dev_run(module) -> bool:
+    """True under ``trainer.fast_dev_run`` (``debug=fdr``): the build-time loops then run one step, as Lightning's
+    own loops run one batch."""
+    trainer = getattr(module, "_trainer", None)
+    return bool(getattr(trainer, "fast_dev_run", False))
+
+
 def fit_device(choice: str) -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from xmx.errors import XmxError
 from xmx.methods.base import XmxModule
-from xmx.methods.gda import class_columns, eval_labels, fit_device
+from xmx.methods.gda import class_columns, eval_labels, fast_dev_run, fit_device
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,8 @@ class LPPMethod(XmxModule):
         xv = F.normalize(dm.features_of(dm.val_set).to(dev).float(), dim=-1)
         yv = eval_labels(dm.val_set).to(dev)
         g = torch.Generator().manual_seed(int(getattr(dm, "seed", 1)))
-        self.result = fit_lpp(x, y, T, K, self.epochs, self.alpha_every, self.alpha_grad, self.bias_init,
+        epochs = 1 if fast_dev_run(self) else self.epochs
+        self.result = fit_lpp(x, y, T, K, epochs, self.alpha_every, self.alpha_grad, self.bias_init,
                               self.momentum, xv, yv, g)
         W, b, a = self.result["W"], self.result["b"], self.result["alpha"]
         for s in [dm.val_set, *dm.eval_sets]:

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from xmx.errors import XmxError
 from xmx.methods.base import XmxModule
-from xmx.methods.gda import eval_labels, fit_device
+from xmx.methods.gda import eval_labels, fast_dev_run, fit_device
 
 log = logging.getLogger(__name__)
 
@@ -133,13 +133,16 @@ class ProLIPMethod(XmxModule):
         y = dm.train_labels.to(dev)
         W = dm.text_classifier(list(dm.classnames)).to(dev).float()
         shots = int(dm.shots)
+        fdr = fast_dev_run(self)  # debug=fdr: one epoch, one grid point
+        epochs = 1 if fdr else self.epochs
+        lr_grid, lambda_grid = (self.lr_grid[:1], self.lambda_grid[:1]) if fdr else (self.lr_grid, self.lambda_grid)
         if self.search_enabled:
             zv, yv = dm.features_of(dm.val_set).to(dev).float(), eval_labels(dm.val_set).to(dev)
             best = None
             t0 = time.perf_counter()
-            for lr in self.lr_grid:
-                for lam in self.lambda_grid:
-                    P, _ = fit_projection(views, y, P0, bias, W, lr, lam, self.epochs, self.adam_eps, self.zs_scale)
+            for lr in lr_grid:
+                for lam in lambda_grid:
+                    P, _ = fit_projection(views, y, P0, bias, W, lr, lam, epochs, self.adam_eps, self.zs_scale)
                     acc = accuracy(zv, yv, P, bias, W)
                     self.search_curve.append({"lr": lr, "lambda": lam, "val_acc": acc})
                     if best is None or acc > best[0]:  # the release: strictly better replaces (first max kept)
@@ -149,7 +152,7 @@ class ProLIPMethod(XmxModule):
             self.fit_info = {"search_seconds": time.perf_counter() - t0, "fits": len(self.search_curve)}
         else:
             lr, lam = self.lr, self.lambda_for(shots)
-            P, info = fit_projection(views, y, P0, bias, W, lr, lam, self.epochs, self.adam_eps, self.zs_scale)
+            P, info = fit_projection(views, y, P0, bias, W, lr, lam, epochs, self.adam_eps, self.zs_scale)
             self.chosen = {"lr": lr, "lambda": lam, "by": f"lambda_rule={self.lambda_rule} (no validation)"}
             self.fit_info = info
         self.P, self.bias = P, bias
