@@ -12,11 +12,17 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import one_line_error
+
 from xmx.backbones.clip import CLIPBackbone
-from xmx.methods.gda import GDAMethod, class_means, gda_classifier, ks_precision, search_alpha, \
-    synthesize_new_classes
+from xmx.methods.gda import (
+    GDAMethod,
+    class_means,
+    gda_classifier,
+    ks_precision,
+    search_alpha,
+    synthesize_new_classes,
+)
 from xmx.methods.lpp import fit_lpp, lpp_init, lpp_logits, lpp_step_sizes
 from xmx.methods.prolip import fit_projection, project
 from xmx.methods.taskres import TaskResHead, warmup_cosine

@@ -44,12 +44,21 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from xmx.errors import XmxError
-from xmx.methods.base import XmxModule
+from xmx.methods.base import XmxModule, class_columns, eval_labels, fit_device
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ALPHAS", "class_means", "ks_precision", "class_mean_precision", "sklearn_precision", "gda_classifier",
-           "synthesize_new_classes", "search_alpha", "GDAMethod"]
+__all__ = [
+    "ALPHAS",
+    "GDAMethod",
+    "class_mean_precision",
+    "class_means",
+    "gda_classifier",
+    "ks_precision",
+    "search_alpha",
+    "sklearn_precision",
+    "synthesize_new_classes",
+]
 
 ALPHAS = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)  # the release's grid
 COVARIANCES = ("ks", "class_mean", "ledoit_wolf", "oas", "empirical")
@@ -152,36 +161,6 @@ def search_alpha(zs_logits: Tensor, gda_logits: Tensor, labels: Tensor, alphas=A
 
 
 # ==================================================================================================== LightningModule
-def eval_labels(eval_set) -> Tensor:
-    return torch.tensor([d.label for d in eval_set.items], dtype=torch.long)
-
-
-def fast_dev_run(module) -> bool:
-    """True under ``trainer.fast_dev_run`` (``debug=fdr``): the build-time loops then run one step, as Lightning's
-    own loops run one batch."""
-    trainer = getattr(module, "_trainer", None)
-    return bool(getattr(trainer, "fast_dev_run", False))
-
-
-def fit_device(choice: str) -> torch.device:
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
-
-
-def class_columns(eval_set, num_train: int) -> tuple[str, Tensor | None]:
-    """How an eval set maps onto the training classes: ("same", None), ("seen", train columns) or ("new", None)."""
-    idx = list(eval_set.train_index or [])
-    if idx == list(range(num_train)):
-        return "same", None
-    if idx and all(i is not None for i in idx):
-        return "seen", torch.tensor(idx, dtype=torch.long)
-    if idx and all(i is None for i in idx):
-        return "new", None
-    raise XmxError(f"eval set '{eval_set.name}' mixes training and unseen classes; GDA scores either the training "
-                   "classes or synthesised new ones (base-to-new), not both at once")
-
-
 class GDAMethod(XmxModule):
     """GDA (training-free). ``build``: W, b from the normalised cached training views, alpha searched on the
     validation set (or, under ``selection: paper``, where the release searched it); new classes of an eval set

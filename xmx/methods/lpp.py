@@ -33,12 +33,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from xmx.errors import XmxError
-from xmx.methods.base import XmxModule
-from xmx.methods.gda import class_columns, eval_labels, fast_dev_run, fit_device
+from xmx.methods.base import (
+    XmxModule,
+    class_columns,
+    eval_labels,
+    fast_dev_run,
+    fit_device,
+)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["lpp_logits", "lpp_init", "lpp_step_sizes", "fit_lpp", "LPPMethod"]
+__all__ = ["LPPMethod", "fit_lpp", "lpp_init", "lpp_logits", "lpp_step_sizes"]
 
 
 # ---- the equations -----------------------------------------------------------------------------------------------

@@ -31,12 +31,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from xmx.errors import XmxError
-from xmx.methods.base import XmxModule
-from xmx.methods.gda import eval_labels, fast_dev_run, fit_device
+from xmx.methods.base import XmxModule, eval_labels, fast_dev_run, fit_device
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LR_GRID", "LAMBDA_GRID", "project", "prolip_logits", "prolip_loss", "fit_projection", "ProLIPMethod"]
+__all__ = ["LAMBDA_GRID", "LR_GRID", "ProLIPMethod", "fit_projection", "project", "prolip_logits", "prolip_loss"]
 
 LR_GRID = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8)
 LAMBDA_GRID = (10.0, 1.0, 0.1, 0.01, 0.001, 0.0001, 0.0)

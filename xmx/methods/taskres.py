@@ -31,12 +31,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xmx.errors import XmxError
-from xmx.methods.base import XmxModule
-from xmx.methods.gda import class_columns
+from xmx.methods.base import XmxModule, class_columns
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TaskResHead", "warmup_cosine", "TaskResMethod"]
+__all__ = ["TaskResHead", "TaskResMethod", "warmup_cosine"]
 
 
 class TaskResHead(nn.Module):
