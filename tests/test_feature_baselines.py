@@ -143,16 +143,23 @@ def test_lpp_init_and_step_sizes_follow_the_release(one_thread):
 
 
 # ---- TaskRes ------------------------------------------------------------------------------------------------------
+_DMS: dict = {}
+
+
 def _setup_dm(make_cfg, overrides):
-    cfg = make_cfg(SMALL + overrides)
-    L.seed_everything(int(cfg.seed), verbose=False)
-    dm = build(cfg.data, backbone=build(cfg.backbone), _convert_="all")
-    dm.setup("test")
-    return dm
+    """A set-up datamodule per override list, shared by this module's tests (extraction is the slow part)."""
+    key = tuple(overrides)
+    if key not in _DMS:
+        cfg = make_cfg(SMALL + overrides)
+        L.seed_everything(int(cfg.seed), verbose=False)
+        dm = build(cfg.data, backbone=build(cfg.backbone), _convert_="all")
+        dm.setup("test")
+        _DMS[key] = dm
+    return _DMS[key]
 
 
 def test_taskres_alpha_zero_is_zero_shot(make_cfg, one_thread):
-    dm = _setup_dm(make_cfg, ["method=taskres"])
+    dm = _setup_dm(make_cfg, ["method=zeroshot", "features.precision=fp32"])
     tmpl = [dm.templates[0]]
     base = dm.text_classifier(dm.classnames, tmpl, normalize=False)
     W = dm.text_classifier(dm.classnames, tmpl)
