@@ -3,7 +3,8 @@
 Sizes (full): 16-shot ImageNet — 16,000 training features x 1,024 (RN50's width), 1,000 classes, validation 4,000,
 test 50,000; ProLIP's pre-projection features are 2,048 wide (RN50's attention pool) and its projection 2,048 x 1,024.
 
-  gda      fit (class means, the KS shrinkage precision through eigh-pinv, W and b) + the 7-value alpha search on
+  gda      fit (class means, the KS shrinkage precision (an LU inverse: the matrix is positive definite), W, b)
+           + the 7-value alpha search on
            validation; then scoring the 50,000 test features. Target on the 2-core CPU: fit + search <= 10 s.
   lpp      the release's 300 full-batch epochs with validation after every epoch (step sizes included: an eigen-
            decomposition of X^T X); then test scoring. Target on the 2-core CPU: <= 60 s.
