@@ -204,6 +204,7 @@ class GDAMethod(XmxModule):
         self.alpha: float | None = None
         self.search: dict | None = None
         self.heads: dict[str, tuple[Tensor, Tensor, Tensor]] = {}  # eval set -> (W_clip, W, b)
+        self.final: dict[str, tuple[Tensor, Tensor]] = {}  # eval set -> (100·W_clip + alpha·W, alpha·b)
         self.fit_info: dict = {}
 
     def build(self, dm) -> None:
@@ -264,10 +265,14 @@ class GDAMethod(XmxModule):
         self.search = {"on": on.name, "val_acc" if on is dm.val_set else "acc": acc,
                        "curve": [{"alpha": a, "acc": c} for a, c in curve]}
         log.info("gda: alpha %.4g chosen on %s (%.2f%%)", self.alpha, on.name, acc)
+        # alpha fixed: one classifier per eval set, 100·W_clip + alpha·W and alpha·b (one matmul per batch)
+        self.final = {name: (self.zs_scale * W_clip + self.alpha * W, self.alpha * b)
+                      for name, (W_clip, W, b) in self.heads.items()}
 
     def logits(self, x: Tensor, eval_set) -> Tensor:
-        zs, g = self._parts(self.image_features(x), eval_set.name)
-        return (zs + self.alpha * g).to(x.device)
+        W, b = self.final[eval_set.name]
+        f = F.normalize(self.image_features(x).float().to(W.device), dim=-1)
+        return (f @ W + b).to(x.device)
 
     def extra_results(self) -> dict:
         return {"alpha": self.alpha, "selection": self.selection, "searched_on": (self.search or {}).get("on"),
