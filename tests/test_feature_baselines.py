@@ -84,7 +84,7 @@ def test_gda_alpha_search_keeps_the_first_best():
 
 def test_gda_new_classes_synthesised_from_their_nearest_features(one_thread):
     x, _ = _problem(K=3, per=10, d=6)
-    t = F.normalize(torch.randn(6, 2, dtype=torch.float64), dim=0)
+    t = F.normalize(torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2)), dim=0)
     mu, P = synthesize_new_classes(x, t, topk=5, text_repeats=2)
     near = torch.topk(t[:, 0] @ x.T, 5).indices
     torch.testing.assert_close(mu[0], (x[near].sum(0) + 2 * t[:, 0]) / 7)
@@ -114,11 +114,19 @@ def test_gda_paper_selection_uses_imagenet_test():
 
 
 # ---- LP++ ---------------------------------------------------------------------------------------------------------
+def _text_for(x, y, seed=1):
+    """A text classifier [d,K] that agrees with the classes (a noisy copy of the class means), seeded."""
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.stack([x[y == k].mean(0) for k in range(int(y.max()) + 1)])
+    return F.normalize(mu + 0.3 * torch.randn(mu.shape, generator=g, dtype=mu.dtype), dim=-1).T.contiguous()
+
+
 def test_lpp_with_zero_visual_weight_is_zero_shot(one_thread):
     x, y = _problem(d=8)
     x = x.float()
-    T = F.normalize(torch.randn(8, 4), dim=0)
+    T = _text_for(x, y)
     _, _, alpha = lpp_init(x, y, T, 4)
+    assert (alpha > 0).all()                                    # the text agrees with the classes
     out = lpp_logits(x, torch.zeros(4, 8), torch.zeros(4), alpha, T)
     zs = zeroshot_logits(x, T, math.log(100.0))
     torch.testing.assert_close(out, zs * (alpha[0] / 100.0))
@@ -128,7 +136,7 @@ def test_lpp_with_zero_visual_weight_is_zero_shot(one_thread):
 def test_lpp_init_and_step_sizes_follow_the_release(one_thread):
     x, y = _problem(d=8)
     x = x.float()
-    T = F.normalize(torch.randn(8, 4), dim=0)
+    T = _text_for(x, y)
     W, b, alpha = lpp_init(x, y, T, 4, bias="zeros")
     torch.testing.assert_close(W, torch.stack([x[y == k].sum(0) for k in range(4)]))     # class sums
     own = torch.stack([(x[y == k] @ T[:, k]).mean() for k in range(4)])
