@@ -235,9 +235,12 @@ def test_presets_run_and_record_their_selection(make_cfg, tmp_path, one_thread):
     gda = run(make_cfg(["experiment=gda_b2n"] + SMALL + ["shots=1"], output_dir=tmp_path / "gda"))
     assert gda["extra"]["searched_on"] == "val" and gda["extra"]["selection"] == "val"
     assert all(math.isfinite(v) for v in gda["metrics"].values()) and "test_new/acc" in gda["metrics"]
-    gda1 = run(make_cfg(["experiment=gda_16shot"] + SMALL + ["shots=1", "augment.views=1"],
+    gda1 = run(make_cfg(["experiment=gda_16shot"] + SMALL + ["shots=1", "augment.views=1", "selection=paper"],
                         output_dir=tmp_path / "gda1"))       # 1 shot, 1 view: zero scatter, still finite
     assert math.isfinite(gda1["metrics"]["test/acc"])
+    # paper selection is recorded; only ImageNet searches on test in the release, so synthetic stays on val
+    assert gda1["selection"] == "paper" and gda1["extra"]["selection"] == "paper"
+    assert gda1["extra"]["searched_on"] == "val"
     tr = run(make_cfg(["experiment=taskres_16shot"] + SMALL + ["method.epochs=3"], output_dir=tmp_path / "tr"))
     assert tr["extra"]["selected_epoch"] == 2 and tr["extra"]["selected_by"].startswith("last epoch")
     assert tr["config"]["method"]["optimizer"]["lr"] == 2e-3 and tr["extra"]["alpha"] == 0.5
@@ -252,9 +255,15 @@ def test_taskres_tables_resolve_from_shots_and_dataset(make_cfg):
     assert cfg.method.epochs == 200 and cfg.method.alpha == 1.0 and cfg.method.optimizer.lr == 2e-3
 
 
+def test_selection_paper_is_gda_only(make_cfg, tmp_path):
+    for m in ("lpp", "taskres", "prolip"):  # their releases select on validation or not at all: refused before work
+        one_line_error(lambda: run(make_cfg(SMALL + [f"method={m}", "selection=paper"], output_dir=tmp_path / m)),
+                       "selection=paper", "selection=val")
+
+
 def test_bad_keys_fail_in_one_line():
     one_line_error(lambda: GDAMethod(covariance="shrunk"), "method.covariance", "ks")
-    one_line_error(lambda: GDAMethod(selection="test"), "method.selection", "paper")
+    one_line_error(lambda: GDAMethod(selection="test"), "selection", "paper")
     from xmx.methods.lpp import LPPMethod
     from xmx.methods.prolip import ProLIPMethod
     one_line_error(lambda: LPPMethod(alpha_grad="sum"), "method.alpha_grad")

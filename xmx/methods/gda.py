@@ -31,7 +31,7 @@ Covariance estimators: ``ks`` (the release), ``class_mean`` (the release's base-
 
 Selection: ``selection: val`` (default) searches alpha on the validation set. The release searches alpha on the
 **test** set for ImageNet (it has no validation split there: ``val_features = test_features``) and on the whole
-validation split for the other datasets; ``selection: paper`` reproduces that (ImageNet and its variants: the
+validation split for the other datasets; the top-level ``selection=paper`` reproduces that (ImageNet and its variants: the
 first eval set, i.e. test), and results.json records where alpha was chosen.
 """
 
@@ -179,6 +179,7 @@ class GDAMethod(XmxModule):
     are synthesised from their text embeddings when ``new_classes: synthesize`` (base-to-new)."""
 
     needs_fit = False
+    selection_modes = ("val", "paper")  # paper: the release searches alpha on ImageNet's test set
 
     def __init__(self, covariance: str = "ks", alphas=ALPHAS, zs_scale: float = 100.0, selection: str = "val",
                  new_classes: str = "synthesize", new_topk: int = 64, new_text_repeats: int = 16,
@@ -187,7 +188,7 @@ class GDAMethod(XmxModule):
         if covariance not in COVARIANCES:
             raise XmxError(f"method.covariance={covariance!r}; valid choices: {', '.join(COVARIANCES)}")
         if selection not in ("val", "paper"):
-            raise XmxError(f"method.selection={selection!r}; valid choices: val, paper")
+            raise XmxError(f"selection={selection!r}; valid choices: val, paper")
         if new_classes not in ("synthesize", "refuse"):
             raise XmxError(f"method.new_classes={new_classes!r}; valid choices: synthesize, refuse")
         if solve_dtype not in ("float32", "float64"):
@@ -258,7 +259,7 @@ class GDAMethod(XmxModule):
 
     def _choose_alpha(self, dm, dev) -> None:
         on = dm.val_set
-        if self.selection == "paper" and str(dm.name).lower().startswith("imagenet"):
+        if self.selection == "paper" and str(dm.name).lower() == "imagenet":
             on = dm.eval_sets[0]  # the release: ImageNet's "validation" features are its test features
         zs, g = self._parts(dm.features_of(on).to(dev), on.name)
         self.alpha, acc, curve = search_alpha(zs, g, eval_labels(on).to(dev), self.alphas)
