@@ -20,7 +20,7 @@ from xmx.methods.coop import (ClassPrompts, CoCoOpMethod, CoOpMethod, KgCoOpMeth
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-NAMES = ["red_circle", "golden retriever", "st. bernard", "airbus a380-800", "x"]
+NAMES = ["red_circle", "golden retriever", "st. bernard", "airbus a380-800", "x", "kite (bird of prey)"]  # ")." is 1 token
 NEW = ["blue square", "faded green jeans"]
 
 
@@ -133,7 +133,9 @@ def test_middle_and_front_match_the_released_per_class_concatenation(bb, positio
         with torch.no_grad():
             ours = encode_prompts(bb, cp.assemble(x.expand(n_ctx, -1)), cp.tokens)
         ref = _frozen(bb, [c.replace("_", " ") + " X X X X X." for c in NAMES])
-        assert (ours - ref).abs().max().item() <= 1e-5
+        plain = [i for i, c in enumerate(NAMES) if not c.endswith(")")]  # "prey)." keeps its merged full stop
+        assert len(plain) == len(NAMES) - 1 and (ours - ref)[plain].abs().max().item() <= 1e-5
+        assert cp.name_lens[-1] == int(bb.tokenize(["kite (bird of prey)."]).argmax(-1)) - 1  # ")." moves with it
 
 
 def test_gradients_reach_only_the_context(bb):

@@ -87,20 +87,27 @@ class ClassPrompts(nn.Module):
         if not classnames:
             raise XmxError("prompt learning: a label set has no classes; check the dataset's class names")
         names = [c.replace("_", " ") for c in classnames]
-        name_lens = (_eot(backbone.tokenize(names)) - 1).tolist()
+        # tokens of "name." as the prompt has them (BPE may merge the full stop into the name: "prey)." is one token)
+        dot_lens = (_eot(backbone.tokenize([n + "." for n in names])) - 1).tolist()
         limit = int(backbone.context_length)
-        longest = max(range(len(names)), key=lambda i: name_lens[i])
-        need = 1 + n_ctx + name_lens[longest] + 2  # SOT, context, name, ".", EOT
+        longest = max(range(len(names)), key=lambda i: dot_lens[i])
+        need = 1 + n_ctx + dot_lens[longest] + 1  # SOT, context, name + ".", EOT
         if need > limit:
-            raise XmxError(f"method.n_ctx={n_ctx} is too long: the class {names[longest]!r} ({name_lens[longest]} "
-                           f"tokens) needs {need} of the text encoder's {limit} positions; set method.n_ctx<="
-                           f"{limit - 3 - name_lens[longest]}")
+            raise XmxError(f"method.n_ctx={n_ctx} is too long: the class {names[longest]!r} ({dot_lens[longest]} "
+                           f"tokens with its full stop) needs {need} of the text encoder's {limit} positions; set "
+                           f"method.n_ctx<={limit - 2 - dot_lens[longest]}")
         text = [" ".join([PLACEHOLDER] * n_ctx) + " " + n + "." for n in names]
         tokens = backbone.tokenize(text)  # [N, context_length]
         eot = _eot(tokens)
-        if not bool((eot == 1 + n_ctx + torch.tensor(name_lens) + 1).all()):  # "X" is one token in CLIP's BPE
+        x_id = int(backbone.tokenize([PLACEHOLDER])[0, 1])
+        placed = bool((tokens[:, 1:1 + n_ctx] == x_id).all()) and bool((eot == 1 + n_ctx + torch.tensor(dot_lens)).all())
+        if not placed:
             raise XmxError("prompt learning: the tokenizer split the placeholder context unexpectedly; this backbone's "
                            "tokenizer is not CLIP's BPE")
+        # the name's own tokens (what middle/front move): "name." without a separate full-stop token
+        dot_id = int(backbone.tokenize(["."])[0, 1])
+        before_eot = tokens.gather(1, (eot - 1)[:, None])[:, 0]
+        name_lens = [d - int(b == dot_id) for d, b in zip(dot_lens, before_eot.tolist())]
         L = int(eot.max()) + 1 if trim else tokens.shape[1]
         tokens = tokens[:, :L]
         with torch.no_grad():
