@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import one_line_error
-from xmx.data.datamodule import CLIPDataModule
+from xmx.datamodules.clip import CLIPDataModule
 from xmx.methods.coop import ClassPrompts, PromptLearner, encode_prompts
 from xmx.run import run
 
