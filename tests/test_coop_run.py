@@ -52,6 +52,8 @@ def test_coop_learns_beyond_its_zero_shot_start_and_checkpoints_only_the_context
     dm = capture_dm[-1]
     ex, m = res["extra"], res["metrics"]
     assert res["method"] == "coop" and ex["selection"] == "last" and ex["selected_epoch"] == 11
+    assert ex["epochs_trained"] == 12 and ex["epochs_run"] == 1  # validation ran once, after the last epoch
+    assert ex["amp"] == "bf16" and ex["amp_applied"] is False  # CPU: fp32
     assert ex["n_ctx"] == 4 and ex["ctx_init"] == "a photo of a" and ex["params"] == 4 * dm.backbone.text_width
     # only the context is saved; the final epoch is what was tested
     sd = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
@@ -115,7 +117,8 @@ def test_init_from_carries_the_context_to_an_evaluation_only_run(make_cfg, tmp_p
     fresh = run(make_cfg(["experiment=coop_cross_dataset", *TINY, "train=false"], output_dir=tmp_path / "fresh"))
     c = load_file(tmp_path / "fresh" / "predictions.safetensors")
     assert not torch.equal(a["test_synthetic/logits"], c["test_synthetic/logits"])
-    assert fresh["extra"]["epochs_run"] == 0
+    assert first["extra"]["epochs_trained"] == 2
+    assert fresh["extra"]["epochs_trained"] == 0 and second["extra"]["epochs_trained"] == 0
 
 
 def test_bad_input_stops_before_any_feature_is_extracted(make_cfg, tmp_path, capture_dm):

@@ -273,6 +273,7 @@ class PromptLearningMethod(XmxModule):
         self._rows: dict[str, str] = {}  # csc: label set name -> buffer of its classes' rows in the context
         self._eval_cache: dict[str, torch.Tensor] = {}
         self.logit_scale: float | None = None
+        self.epochs_trained = 0
 
     # ---- construction -----------------------------------------------------------------------------------------
     def make_learner(self, n_ctx: int, width: int, init, n_cls: int | None, embed_dim: int) -> PromptLearner:
@@ -379,6 +380,9 @@ class PromptLearningMethod(XmxModule):
         """Extra loss on the training classes' features (KgCoOp)."""
         return 0.0
 
+    def on_train_epoch_end(self) -> None:
+        self.epochs_trained = int(self.current_epoch) + 1  # validation may run only at the end: count epochs here
+
     def on_validation_epoch_start(self) -> None:
         self._eval_cache.clear()
 
@@ -401,6 +405,8 @@ class PromptLearningMethod(XmxModule):
             "params": None if learner is None else sum(p.numel() for p in learner.parameters() if p.requires_grad),
             "n_ctx": self.n_ctx, "ctx_init": self.ctx_init, "position": self.position, "csc": self.csc,
             "conditional": self.conditional, "trim_context": self.trim_context, "amp": self.amp_name,
+            "amp_applied": bool(self.amp is not None and self.device.type == "cuda"),  # autocast runs on CUDA only
+            "epochs_trained": self.epochs_trained,
             "prompt_lengths": {n: getattr(self, a).length for n, a in self._sets.items()},
             "logit_scale": self.logit_scale,
             "selection": self.selection,
