@@ -164,7 +164,7 @@ def main(argv=None) -> dict:
                       "ratio": p["time_ms"] / r["time_ms"]}
     on_gpu = device.type == "cuda"
     res = {"bench": "prompt_learning", "smoke": bool(args.smoke), "device": str(device),
-           "device_name": torch.cuda.get_device_name(device) if on_gpu else platform.processor() or platform.machine(),
+           "device_name": (torch.cuda.get_device_name(device) if on_gpu else platform.processor() or platform.machine()),
            "torch": torch.__version__, "amp": "bf16" if amp is not None else "fp32",
            "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "sizes": {"model": args.model, "classes": N, "batch": args.batch, "cocoop_batch": args.cocoop_batch,
@@ -182,8 +182,8 @@ def main(argv=None) -> dict:
 
 def table(res: dict) -> str:
     s = res["sizes"]
-    lines = [f"prompt learning step, {s['model']} text tower ({res['weights']}), N = {s['classes']} classes, "
-             f"{res['device_name']} ({res['device']}, {res['amp']})",
+    lines = [(f"prompt learning step, {s['model']} text tower ({res['weights']}), N = {s['classes']} classes, "
+              f"{res['device_name']} ({res['device']}, {res['amp']})"),
              f"{'part':<12} {'seqs':>6} {'tokens':>6} {'step ms':>10} {'plain ms':>10} {'ratio':>6}"]
     for k, p in res["parts"].items():
         lines.append(f"{k:<12} {p['sequences']:>6} {p['tokens']:>6} {p['step']['time_ms']:>10.2f} "

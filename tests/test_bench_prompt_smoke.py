@@ -24,7 +24,7 @@ def test_prompt_learning_smoke(tmp_path, capsys):
     assert p["coop"]["tokens"] == p["cocoop_b1"]["tokens"] == longest < 77 and p["coop_full"]["tokens"] == 77
     assert [p[k]["sequences"] for k in p] == [20, 20, 20, 80]
     assert p["cocoop_b4"]["chunk"] == 40 and p["cocoop_b1"]["chunk"] is None
-    for k, r in p.items():
+    for r in p.values():
         assert r["step"]["time_ms"] > 0 and r["plain"]["time_ms"] > 0 and len(r["step"]["time_ms_all"]) == 2
         assert r["ratio"] == pytest.approx(r["plain"]["time_ms"] / r["step"]["time_ms"])
         assert r["step"]["peak_mem_mb"] is None  # no allocator statistics off CUDA: nothing is made up

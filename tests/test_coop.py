@@ -11,12 +11,19 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import one_line_error
+
 from xmx.backbones.clip import CLIPBackbone
 from xmx.data.protocols import EvalSet
-from xmx.methods.coop import (ClassPrompts, CoCoOpMethod, CoOpMethod, KgCoOpMethod, PromptLearner, WarmupCosineLR,
-                              encode_prompts)
+from xmx.methods.coop import (
+    ClassPrompts,
+    CoCoOpMethod,
+    CoOpMethod,
+    KgCoOpMethod,
+    PromptLearner,
+    WarmupCosineLR,
+    encode_prompts,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

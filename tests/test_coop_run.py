@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import one_line_error
 from safetensors.torch import load_file
 
-from conftest import one_line_error
 from xmx.datamodules.clip import CLIPDataModule
 from xmx.methods.coop import ClassPrompts, PromptLearner, encode_prompts
 from xmx.run import run
@@ -124,6 +124,6 @@ def test_init_from_carries_the_context_to_an_evaluation_only_run(make_cfg, tmp_p
 def test_bad_input_stops_before_any_feature_is_extracted(make_cfg, tmp_path, capture_dm):
     for over, needles in ((["method.csc=true"], ("method.csc=true", "base2new", "method.csc=false")),
                           (["method.n_ctx=16"], ("method.ctx_init", "method.n_ctx=4"))):
-        one_line_error(lambda: run(make_cfg(["experiment=coop_b2n", *TINY, *over], output_dir=tmp_path / "bad")),
-                       *needles)
+        one_line_error(lambda over=over: run(make_cfg(["experiment=coop_b2n", *TINY, *over],
+                                                      output_dir=tmp_path / "bad")), *needles)
     assert capture_dm == []  # the datamodule was never set up
