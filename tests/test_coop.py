@@ -207,3 +207,25 @@ def test_bad_input_is_one_line(bb):
     # csc on any label set with classes never trained on (whatever the protocol key says)
     m = CoOpMethod(n_ctx=4, csc=True)
     one_line_error(lambda: m.build(fake_dm(bb, NAMES, NEW)), "'test_new'", "never trained", "method.csc=false")
+
+
+# ------------------------------------------------------------------------------------------------------- recipes
+@pytest.mark.parametrize("overrides, expect", [
+    (["experiment=coop_16shot", "shots=1"], dict(epochs=50, batch_size=32, n_ctx=16, ctx_init=None, views=50)),
+    (["experiment=coop_16shot", "data=imagenet", "shots=2"], dict(epochs=50, batch_size=32, n_ctx=16, views=50)),
+    (["experiment=coop_b2n"], dict(epochs=200, batch_size=32, n_ctx=4, ctx_init="a photo of a", views=50)),
+    (["experiment=cocoop_b2n"], dict(epochs=10, batch_size=1, n_ctx=4, ctx_init="a photo of a", views=10)),
+    (["experiment=kgcoop_b2n", "data=dtd"], dict(epochs=100, batch_size=128, n_ctx=4, kg_weight=8.0,
+                                                 kg_templates=["a photo of a {}, a type of texture."])),
+    (["experiment=coop_domain_shift"], dict(epochs=50, batch_size=32, n_ctx=4, views=50)),
+])
+def test_presets_carry_the_released_recipes(make_cfg, overrides, expect):
+    cfg = make_cfg(overrides)
+    m = cfg.method
+    for k, v in expect.items():
+        got = cfg.augment.views if k == "views" else m.get(k)
+        assert (list(got) if hasattr(got, "__len__") and not isinstance(got, str) else got) == v, (k, got)
+    assert m.optimizer.lr == 0.002 and m.optimizer.momentum == 0.9 and m.optimizer.weight_decay == 5e-4
+    assert m.scheduler.warmup_epochs == 1 and m.scheduler.warmup_lr == 1e-5 and m.view_sampling == "cycle"
+    assert m.selection == "last" and cfg.callbacks.get("model_checkpoint") is None  # the release tests the last epoch
+    assert cfg.augment.preset == "coop"
