@@ -50,6 +50,7 @@ def parse(argv) -> argparse.Namespace:
     ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available, cpu with --smoke)")
     ap.add_argument("--classes", type=int, default=None)
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--out", default=None, help="also write the results as JSON")
     args = ap.parse_args(argv)
     for k, v in (SMOKE if args.smoke else FULL).items():
