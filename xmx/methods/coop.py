@@ -25,8 +25,8 @@ The image encoder is frozen, so `f(x)` comes from the feature store: `augment.vi
 training image stand in for fresh augmentation (one view per image per epoch). Only the text tower runs in the
 training step, through ``CLIPBackbone.encode_text_from_embeddings``; the fixed parts of every label set's prompts (SOT,
 class-name tokens, ".", EOT) are embedded once. Attention in the text tower is causal, so the tokens after the last
-end-of-text token of a label set cannot change its features: prompts are cut there (``trim_context``; 77 → ~20
-tokens on the 11 datasets), which gives the same features up to float rounding.
+end-of-text token of a label set cannot change its features: prompts are cut there (``trim_context``; ImageNet with
+"a photo of a": 77 → 18 tokens), which gives the same features up to float rounding.
 
 Below the math: ``ClassPrompts`` (one label set's fixed embeddings), ``PromptLearner`` (the context and Meta-Net: all
 that trains and all that checkpoints hold), ``WarmupCosineLR`` (Dassl's schedule), then the LightningModules.
