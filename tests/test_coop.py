@@ -163,6 +163,21 @@ def test_gradients_reach_only_the_context(bb):
     assert all(p.grad is None for p in bb.parameters())
 
 
+def test_chunked_and_checkpointed_cocoop_gives_the_same_gradients(bb):
+    torch.manual_seed(2)
+    dm = fake_dm(bb, NAMES)
+    grads = []
+    for text_batch, ckpt in ((None, False), (len(NAMES), True)):  # all at once | one image per call, recomputed
+        torch.manual_seed(3)
+        m = CoCoOpMethod(n_ctx=4, ctx_init="a photo of a", text_batch=text_batch, grad_checkpoint=ckpt)
+        m.build(dm)
+        feats = torch.randn(3, bb.embed_dim)
+        F.cross_entropy(m.conditional_logits(feats, "train"), torch.tensor([0, 2, 4])).backward()
+        grads.append([p.grad.clone() for p in m.learner.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------------------- schedule
 def _dassl_lrs(epochs, base=0.002, warm=1, cons=1e-5):
     """Dassl's build_lr_scheduler(cosine) + ConstantWarmupScheduler, replayed with torch's CosineAnnealingLR."""
