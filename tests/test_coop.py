@@ -242,5 +242,5 @@ def test_presets_carry_the_released_recipes(make_cfg, overrides, expect):
         assert (list(got) if hasattr(got, "__len__") and not isinstance(got, str) else got) == v, (k, got)
     assert m.optimizer.lr == 0.002 and m.optimizer.momentum == 0.9 and m.optimizer.weight_decay == 5e-4
     assert m.scheduler.warmup_epochs == 1 and m.scheduler.warmup_lr == 1e-5 and m.view_sampling == "cycle"
-    assert m.selection == "last" and cfg.callbacks.get("model_checkpoint") is None  # the release tests the last epoch
+    assert m.test_epoch == "last" and cfg.callbacks.get("model_checkpoint") is None  # the release tests the last epoch
     assert cfg.augment.preset == "coop"

@@ -51,7 +51,7 @@ def test_coop_learns_beyond_its_zero_shot_start_and_checkpoints_only_the_context
     res = run(make_cfg(["experiment=coop_b2n", *TINY, "method.epochs=12"], output_dir=out))
     dm = capture_dm[-1]
     ex, m = res["extra"], res["metrics"]
-    assert res["method"] == "coop" and ex["selection"] == "last" and ex["selected_epoch"] == 11
+    assert res["method"] == "coop" and ex["test_epoch"] == "last" and ex["selected_epoch"] == 11
     assert ex["epochs_trained"] == 12 and ex["epochs_run"] == 1  # validation ran once, after the last epoch
     assert ex["amp"] == "bf16" and ex["amp_applied"] is False  # CPU: fp32
     assert ex["n_ctx"] == 4 and ex["ctx_init"] == "a photo of a" and ex["params"] == 4 * dm.backbone.text_width

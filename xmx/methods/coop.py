@@ -242,13 +242,13 @@ class PromptLearningMethod(XmxModule):
     def __init__(self, n_ctx: int = 16, ctx_init: str | None = None, position: str = "end", csc: bool = False,
                  init_std: float = 0.02, trim_context: bool = True, amp: str | None = "bf16",
                  text_batch: int | None = None, grad_checkpoint: bool = False, protocol: str | None = None,
-                 selection: str = "val", epochs_by_shots: dict | None = None, epochs_by_dataset: dict | None = None,
+                 test_epoch: str = "best_val", epochs_by_shots: dict | None = None, epochs_by_dataset: dict | None = None,
                  **kwargs):
         super().__init__(**kwargs)
-        if selection not in ("val", "last"):
-            raise XmxError(f"method.selection={selection!r}; valid choices: last (the released code: the final "
-                           "epoch), val (the epoch with the best val/acc)")
-        self.selection = selection
+        if test_epoch not in ("best_val", "last"):
+            raise XmxError(f"method.test_epoch={test_epoch!r}; valid choices: last (the released code: the final "
+                           "epoch), best_val (the epoch with the best val/acc)")
+        self.test_epoch = test_epoch
         if position not in POSITIONS:
             raise XmxError(f"method.position={position!r}; valid choices: {', '.join(POSITIONS)}")
         if int(n_ctx) < 1:
@@ -409,18 +409,19 @@ class PromptLearningMethod(XmxModule):
             "epochs_trained": self.epochs_trained,
             "prompt_lengths": {n: getattr(self, a).length for n, a in self._sets.items()},
             "logit_scale": self.logit_scale,
-            "selection": self.selection,
-            **self.training_record("val/acc (best checkpoint restored)" if self.selection == "val" else
+            "test_epoch": self.test_epoch,
+            **self.training_record("val/acc (best checkpoint restored)" if self.test_epoch == "best_val" else
                                    "last epoch (the released code's final model)"),
         }
 
     def on_fit_start(self) -> None:
         monitored = [cb.monitor for cb in self.trainer.checkpoint_callbacks if getattr(cb, "monitor", None)]
-        if self.selection == "last" and monitored:
-            raise XmxError(f"method.selection=last but a checkpoint callback monitors {monitored[0]} (its best epoch "
-                           "would be tested); set callbacks.model_checkpoint=null, or method.selection=val")
-        if self.selection == "val" and not monitored:
-            log.warning("method.selection=val but no checkpoint callback monitors val/acc: the final epoch is tested")
+        if self.test_epoch == "last" and monitored:
+            raise XmxError(f"method.test_epoch=last but a checkpoint callback monitors {monitored[0]} (its best epoch "
+                           "would be tested); set callbacks.model_checkpoint=null, or method.test_epoch=best_val")
+        if self.test_epoch == "best_val" and not monitored:
+            log.warning("method.test_epoch=best_val but no checkpoint callback monitors val/acc: the final epoch is "
+                        "tested")
 
 
 class CoOpMethod(PromptLearningMethod):
