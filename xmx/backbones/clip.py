@@ -234,10 +234,17 @@ class CLIPBackbone(nn.Module):
         return self.model.token_embedding(tokens.to(self.device))
 
     def _text_transformer(self, x: torch.Tensor) -> torch.Tensor:
+        """[N,L,W] input embeddings -> [N,L,W] last-layer states. ``L`` may be shorter than ``context_length``:
+        attention is causal, so the states up to a position do not depend on the positions after it, and a batch
+        cut after its last end-of-text token gives the same pooled features (prompt learning uses that)."""
         m = self.model
         cast = m.transformer.get_cast_dtype()
-        x = x.to(cast) + m.positional_embedding.to(cast)
-        x = m.transformer(x, attn_mask=m.attn_mask)
+        L = x.shape[1]
+        if L > m.positional_embedding.shape[0]:
+            raise XmxError(f"text encoder: {L} tokens exceed the context length {m.positional_embedding.shape[0]}")
+        x = x.to(cast) + m.positional_embedding[:L].to(cast)
+        mask = m.attn_mask
+        x = m.transformer(x, attn_mask=None if mask is None else mask[:L, :L])
         return m.ln_final(x)  # [N,L,W]
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
