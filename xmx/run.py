@@ -118,10 +118,29 @@ def job_identity(cfg: DictConfig) -> dict:
     return _strip(resolved)
 
 
-def job_id(cfg: DictConfig) -> str:
-    """16 hex digits of sha256 over the canonical JSON of :func:`job_identity`."""
-    blob = json.dumps(job_identity(cfg), sort_keys=True, separators=(",", ":"), default=str)
+def job_id(cfg: DictConfig, data: dict | None = None) -> str:
+    """16 hex digits of sha256 over the canonical JSON of :func:`job_identity` and, when given, the fingerprint of
+    the image files the job reads (``data["digest"]``, :mod:`xmx.data.fingerprint`): a run on other bytes (another
+    ``$DATA`` copy with one image changed) is another job, never "already complete"."""
+    ident = job_identity(cfg)
+    if data is not None:
+        ident["data_content"] = data["digest"]
+    blob = json.dumps(ident, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _early_datamodule(cfg: DictConfig):
+    """(datamodule without encoders, fingerprint of its images) when the data module can fingerprint its files
+    before any encoder is built (``data_fingerprint``), else (None, None)."""
+    target = OmegaConf.select(cfg, "data._target_")
+    try:
+        cls = hydra.utils.get_class(str(target)) if target else None
+    except Exception:  # noqa: BLE001 - an unknown target fails later, with Hydra's own message
+        return None, None
+    if cls is None or not hasattr(cls, "data_fingerprint"):
+        return None, None
+    dm = build(cfg.data, backbone=None, _convert_="all")
+    return dm, dm.data_fingerprint()
 
 
 def _is_rank_zero() -> bool:
@@ -233,7 +252,8 @@ def _run(cfg: DictConfig) -> tuple[dict, str]:
     """-> (results, outcome) with outcome one of done | resumed | skipped."""
     t0 = time.time()
     out = _output_dir(cfg)
-    jid = job_id(cfg)
+    datamodule, data_fp = _early_datamodule(cfg)  # lists + one stat per image (content hashes cached)
+    jid = job_id(cfg, data_fp)
     outcome, folder, done, ckpt = _plan(cfg, out, jid)
     if outcome == "skipped":
         log.info("skip: job %s is already complete: %s", jid, folder / "results.json")
@@ -254,7 +274,10 @@ def _run(cfg: DictConfig) -> tuple[dict, str]:
     encoders = {"backbone": build(cfg.backbone)}
     if cfg.get("plm") is not None:
         encoders["plm"] = build(cfg.plm)
-    datamodule = build(cfg.data, **encoders, _convert_="all")
+    if datamodule is None:
+        datamodule = build(cfg.data, **encoders, _convert_="all")
+    else:
+        datamodule.backbone, datamodule.plm = encoders["backbone"], encoders.get("plm")
     method = build(cfg.method, _convert_="partial")  # before any extraction: a bad method config costs nothing
     method.init_from = cfg.get("init_from")
     # Set the data up now (feature extraction on a cold cache draws from the global RNG: loader seeds) and put the
@@ -419,7 +442,7 @@ def _hydra_main(cfg: DictConfig):
             _write_job_status("failed", cfg, jid, error=f"{type(e).__name__}: {line}")
         return float("nan") if cfg.get("optimized_metric") else None  # a sweeper records the trial as failed
     if _is_rank_zero():
-        _write_job_status(outcome, cfg, jid, results)
+        _write_job_status(outcome, cfg, results.get("job_id", jid), results)
     return value
 
 
