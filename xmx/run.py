@@ -4,7 +4,8 @@ With no arguments it runs ``experiment=demo`` (a synthetic CPU demo). ``results.
 its presence means the run finished. Schema: README "results.json".
 
 Jobs (docs/sweeps.md): a run's identity ``job_id`` is a hash of its resolved config without what cannot change the
-numbers (paths, loggers, progress bars, devices, worker counts, ``hydra``, ``notice``). An index
+numbers (paths, loggers, progress bars, devices, worker counts, ``hydra``, ``notice``), plus the fingerprint of the
+bytes of the images it reads (``xmx.data.fingerprint``; then ``data.root`` itself is left out). An index
 ``${paths.log_dir}/.index/<job_id>.json`` points at the folder of the job's latest attempt; with ``skip_done`` a job
 whose attempt has a complete ``results.json`` is not recomputed, and with ``resume: auto`` an attempt that left
 ``checkpoints/last.ckpt`` but no results is continued in its own folder. In a multirun a failing job is recorded
@@ -123,8 +124,10 @@ def job_id(cfg: DictConfig, data: dict | None = None) -> str:
     the image files the job reads (``data["digest"]``, :mod:`xmx.data.fingerprint`): a run on other bytes (another
     ``$DATA`` copy with one image changed) is another job, never "already complete"."""
     ident = job_identity(cfg)
-    if data is not None:
+    if data is not None:  # the bytes decide, not where they are: the same files under another root are the same job
         ident["data_content"] = data["digest"]
+        if isinstance(ident.get("data"), dict):
+            ident["data"].pop("root", None)
     blob = json.dumps(ident, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

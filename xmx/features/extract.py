@@ -348,7 +348,7 @@ def extract_image_features(backbone, images: Sequence, root: str | os.PathLike |
     amp_dtype = AMP[amp] if device.type == "cuda" else None
     home = backbone.device
     backbone.to(device)
-    out = torch.empty(v_run, len(paths), backbone.embed_dim, dtype=PRECISIONS[precision])  # [V,N,C]
+    out = torch.zeros(v_run, len(paths), backbone.embed_dim, dtype=PRECISIONS[precision])  # [V,N,C]; skipped rows: 0
     counts = {"gpu_decoded": 0, "cpu_decoded": 0}
     bar = _Progress(progress, len(paths) * v_run, f"image features ({decode}, {backbone.name})")
     t0 = time.perf_counter()
