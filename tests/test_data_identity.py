@@ -123,7 +123,7 @@ def test_changed_copy_is_a_new_job_with_new_features(make_cfg, xmx_cache, tmp_pa
     split = json.loads((copy / "synthetic" / "split_zhou_Synthetic.json").read_text())
     replace_keeping_size_and_mtime(copy / "synthetic" / "images" / split["test"][5][0])
     caplog.clear()
-    with caplog.at_level("INFO", logger="xmx.data.datamodule"):
+    with caplog.at_level("INFO", logger="xmx.datamodules.clip"):
         c = run(make_cfg(common + [f"data.root={copy}"], output_dir=logs / "c"))
     assert c["job_id"] != a["job_id"] and (logs / "c" / "results.json").is_file()
     assert c["data"]["root"] == str(copy) and c["data"]["content"]["digest"] != a["data"]["content"]["digest"]
@@ -165,7 +165,7 @@ def test_invalid_unreadable_policy_is_refused_before_the_encoder_is_built(make_c
 
 
 def test_image_batches_leave_unreadable_files_out_and_count_them(make_cfg, xmx_cache, tmp_path, backbone):
-    from xmx.data.datamodule import CLIPDataModule
+    from xmx.datamodules.clip import CLIPDataModule
     copy = _synthetic_copy(xmx_cache, make_cfg, tmp_path / "copy")
     split = json.loads((copy / "synthetic" / "split_zhou_Synthetic.json").read_text())
     bad = f"synthetic/images/{split['test'][3][0]}"
