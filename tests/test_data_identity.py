@@ -177,3 +177,23 @@ def test_image_batches_leave_unreadable_files_out_and_count_them(make_cfg, xmx_c
     x, y = next(iter(dm.test_dataloader()[0]))
     assert len(y) == len(split["test"]) - 1
     assert dm.data_record()["unreadable"]["skipped"] == 1
+
+
+def test_the_retrieval_index_skips_unreadable_images_too(backbone, tmp_path, one_thread):
+    from xmx.features import FeatureStore
+    from xmx.features.extract import embed_image_folder
+    folder = tmp_path / "coco"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"{i}.jpg").write_bytes(_jpeg(i))
+    (folder / "2.jpg").write_bytes(b"\xff\xd8\xff broken")
+    store = FeatureStore(tmp_path / "store")
+    kw = dict(num_workers=0, progress=False, precision="fp32")
+    one_line_error(lambda: embed_image_folder(store, backbone, folder, **kw), "2.jpg", "data.unreadable=skip")
+    skipped: list = []
+    feats, names = embed_image_folder(store, backbone, folder, unreadable="skip", skipped=skipped, **kw)
+    assert names == ["0.jpg", "1.jpg", "3.jpg"] and skipped == ["2.jpg"] and feats.shape[0] == 3
+    again: list = []
+    feats2, names2 = embed_image_folder(store, backbone, folder, unreadable="skip", skipped=again, **kw)
+    assert store.last_outcome == "hit" and names2 == names and again == ["2.jpg"] and torch.equal(feats, feats2)
+    one_line_error(lambda: embed_image_folder(store, backbone, folder, **kw), "2.jpg", "no decoder reads it")

@@ -18,11 +18,11 @@ log = logging.getLogger(__name__)
 UNREADABLE = ("error", "skip")
 
 
-def check_unreadable(policy: str) -> str:
+def check_unreadable(policy: str, key: str = "data.unreadable") -> str:
     """The ``data.unreadable`` policy, validated: ``error`` stops at the first unreadable image naming it, ``skip``
     leaves such images out of every list (feature extraction, image batches) and counts them."""
     if policy not in UNREADABLE:
-        raise XmxError(f"data.unreadable={policy!r}; valid choices: error, skip (skip leaves unreadable images "
+        raise XmxError(f"{key}={policy!r}; valid choices: error, skip (skip leaves unreadable images "
                        "out and counts them)")
     return policy
 

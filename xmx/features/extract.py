@@ -147,9 +147,9 @@ def _one_line(path, e: BaseException) -> str:
     return f"{path}: {type(e).__name__}: {text}"
 
 
-def unreadable_message(first: str, more: int = 0) -> str:
+def unreadable_message(first: str, more: int = 0, key: str = "data.unreadable") -> str:
     return (f"cannot read image {first}" + (f" (+{more} more)" if more else "")
-            + "; replace the file, or set data.unreadable=skip to leave such files out")
+            + f"; replace the file, or set {key}=skip to leave such files out")
 
 
 # ---- datasets run in DataLoader workers ---------------------------------------------------------------------------
@@ -314,7 +314,7 @@ def extract_image_features(backbone, images: Sequence, root: str | os.PathLike |
                            precision: str = "fp16", decode: str = "auto", device=None, amp: str = "fp16",
                            batch_size: int = 256, num_workers: int | None = None, progress: bool = True,
                            stats: dict | None = None, unreadable: str = "error",
-                           skipped: list | None = None) -> torch.Tensor:
+                           skipped: list | None = None, policy_key: str = "data.unreadable") -> torch.Tensor:
     """Raw image features ``[V, N, C]`` (CPU, ``precision``) of ``images`` (absolute paths, or paths / Datums
     relative to ``root``) under ``views`` draws of ``preset`` (+ ``noise_std``).
 
@@ -367,7 +367,7 @@ def extract_image_features(backbone, images: Sequence, root: str | os.PathLike |
         for batch, imgs in batches:
             if batch["errors"]:
                 if unreadable == "error":
-                    raise XmxError(unreadable_message(batch["errors"][0][1], len(batch["errors"]) - 1))
+                    raise XmxError(unreadable_message(batch["errors"][0][1], len(batch["errors"]) - 1, policy_key))
                 bad.extend(batch["errors"])
                 bar.update(len(batch["errors"]) * v_run, done / max(time.perf_counter() - t0, 1e-9))
             idx = batch["index"]  # [B]
@@ -595,10 +595,14 @@ def list_image_folder(folder: str | os.PathLike, extensions: Sequence[str] = IMA
 def embed_image_folder(store: FeatureStore, backbone, folder: str | os.PathLike, *,
                        extensions: Sequence[str] = IMAGE_EXTENSIONS, preset: str = "none", precision: str = "fp16",
                        decode: str = "auto", device=None, amp: str = "fp16", batch_size: int = 256,
-                       num_workers: int | None = None, progress: bool = True) -> tuple[torch.Tensor, list[str]]:
+                       num_workers: int | None = None, progress: bool = True, unreadable: str = "error",
+                       skipped: list | None = None,
+                       policy_key: str = "data.unreadable") -> tuple[torch.Tensor, list[str]]:
     """Embed every image under ``folder`` (e.g. the X-adapter retrieval index) through the store:
     ``(features [N, C] raw, relative paths [N])``. The key covers the listing with each file's size and mtime, so
-    an added, removed or rewritten file makes a new entry."""
+    an added, removed or rewritten file makes a new entry. ``unreadable="skip"`` leaves unreadable files out of
+    both (their names are appended to ``skipped``); ``error`` stops naming the first."""
+    check_unreadable(unreadable)
     folder = Path(folder).expanduser().resolve()
     rel = list_image_folder(folder, extensions)
     if not rel:
@@ -614,8 +618,23 @@ def embed_image_folder(store: FeatureStore, backbone, folder: str | os.PathLike,
                             device_type=device.type)
 
     def compute():
-        return {"features": extract_image_features(
+        bad: list = []
+        out = {"features": extract_image_features(
             backbone, rel, folder, preset=preset, views=1, precision=precision, decode=decode, device=device,
-            amp=amp, batch_size=batch_size, num_workers=num_workers, progress=progress)[0]}
+            amp=amp, batch_size=batch_size, num_workers=num_workers, progress=progress, unreadable=unreadable,
+            skipped=bad, policy_key=policy_key)[0]}
+        if bad:
+            out["skipped"] = torch.tensor([i for i, _ in bad], dtype=torch.long)
+        return out
 
-    return store.get_or_compute("image_features", key, compute)["features"], rel
+    entry = store.get_or_compute("image_features", key, compute)
+    if "skipped" not in entry:
+        return entry["features"], rel
+    idx = entry["skipped"].tolist()
+    if unreadable == "error":
+        raise XmxError(unreadable_message(f"{folder / rel[idx[0]]} (no decoder reads it)", len(idx) - 1, policy_key))
+    drop = set(idx)
+    keep = [i for i in range(len(rel)) if i not in drop]
+    if skipped is not None:
+        skipped.extend(rel[i] for i in idx)
+    return entry["features"][keep], [rel[i] for i in keep]
