@@ -374,7 +374,8 @@ def _print_summary(results: dict, out: Path) -> None:
         table.add_row(k, f"{v:.2f}")
     console = Console(stderr=False)
     console.print(table)
-    if results["weights"].get("random_init") or results["dataset"] == "synthetic":
+    if results["weights"].get("random_init") or results["dataset"] == "synthetic" or \
+            (results.get("data") or {}).get("synthetic"):  # the generated set or a `xmx.data fake` tree
         console.print("[yellow]note: random-init weights and/or synthetic data — these numbers test the pipeline; "
                       "they are not CLIP accuracies[/yellow]")
     console.print(f"results: {out / 'results.json'}")
