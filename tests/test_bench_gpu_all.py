@@ -70,7 +70,7 @@ def test_runs_all_within_budget_isolates_failures_and_kills_overruns(tmp_path, c
     t0 = time.monotonic()
     code = gpu_all.main(["--bench-dir", str(bench), "--smoke", "--budget", "8", "--out", str(tmp_path / "out")])
     took = time.monotonic() - t0
-    assert code == 1 and took < 12
+    assert code == 1 and took < 20  # the 8 s budget bounds it (plus process start-up on a loaded machine)
     rec = json.loads((tmp_path / "out" / "gpu_all.json").read_text())
     rows = {r["name"]: r for r in rec["benchmarks"]}
     assert [r["name"] for r in rec["benchmarks"]] == ["quick", "broken", "hangs", "huge"]
