@@ -52,3 +52,17 @@ def test_a_preset_runs_end_to_end_on_the_fake_tree_and_says_so(make_cfg, tmp_pat
     assert res["dataset"] == "caltech101" and res["data"]["splits"]["test"]["n"] == 2465
     assert res["data"]["synthetic"] is True and res["weights"]["random_init"] is True
     assert 0 <= res["metrics"]["test/acc"] <= 100
+
+
+def test_imagenet_family_one_colour_per_class_across_variants(tmp_path):
+    from xmx.data import coop
+    write_fake_dataset(tmp_path, "imagenet", per_class=1)
+    write_fake_dataset(tmp_path, "imagenet_a", per_class=1)
+    inet, a = load_dataset("imagenet", tmp_path), load_dataset("imagenet_a", tmp_path)
+    assert (len(inet.train), len(inet.test), len(inet.classnames)) == (1000, 1000, 1000)
+    assert (len(a.test), len(a.classnames)) == (200, 200)
+    j = 7  # ImageNet-A's 8th class is ImageNet's class idx[7]: the same colour in both trees
+    idx = coop.imagenet_indices("imagenet_a")[j]
+    src = next(d for d in inet.train if d.label == idx)
+    tgt = next(d for d in a.test if d.label == j)
+    assert (Image.open(tmp_path / src.path).getpixel((4, 4)) == Image.open(tmp_path / tgt.path).getpixel((4, 4)))

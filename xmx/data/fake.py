@@ -2,7 +2,10 @@
 
 For each dataset whose split file xmx ships (``split_zhou_*.json``: caltech101, oxford_pets, stanford_cars,
 oxford_flowers, dtd, eurosat, ucf101), every image the split file lists is written as a tiny JPEG (``size`` x
-``size`` pixels) of one plain colour per class, at the path the real dataset has. The real readers, ``python -m
+``size`` pixels) of one plain colour per class, at the path the real dataset has. ImageNet and its four variants
+get their class folders from the shipped WordNet ids with ``--per-class`` images each (ImageNet's counts then differ
+from the real ones, so the checker says ``incomplete``); 16-shot runs sample from them, while 1-8-shot runs use the
+shipped CoOp subsets, whose files a fake ImageNet does not hold. The real readers, ``python -m
 xmx.data check`` (which then says ``found`` with the exact counts) and any preset run on it end to end in about a
 minute on a CPU, so the real-data path can be tried before the data is downloaded.
 
@@ -32,10 +35,38 @@ MARKER = "xmx_fake_data.json"
 VERSION = 1
 
 
+IMAGENET_FAMILY = ("imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+
+
 def fakeable() -> list[str]:
-    """The datasets whose split file ships with xmx (the fake tree follows it)."""
-    return [n for n in coop.COOP_DATASETS if "split_file" in DATASETS[n].extra
-            and (coop.SPLITS_DIR / f"{DATASETS[n].extra['split_file']}.gz").is_file()]
+    """The datasets whose split file ships with xmx (the fake tree follows it) and the ImageNet family (class
+    folders from the shipped WordNet ids, ``--per-class`` images each)."""
+    return [n for n in coop.COOP_DATASETS if n in IMAGENET_FAMILY or ("split_file" in DATASETS[n].extra
+            and (coop.SPLITS_DIR / f"{DATASETS[n].extra['split_file']}.gz").is_file())]
+
+
+def _listing(name: str, per_class: int) -> tuple[list[tuple[str, int]], int, dict]:
+    """(path relative to the dataset folder, colour index) of every file, the number of colours, split counts.
+    ImageNet-family labels are ImageNet-1k indices, so a class has one colour in every variant."""
+    info = DATASETS[name]
+    if name not in IMAGENET_FAMILY:
+        raw = read_json(coop.SPLITS_DIR / f"{info.extra['split_file']}.gz")
+        image_dir = info.extra["image_dir"]
+        files = [(f"{image_dir}/{p}" if image_dir else p, int(y)) for s in ("train", "val", "test")
+                 for p, y, _ in raw[s]]
+        return files, len({int(y) for _, y, _ in raw["train"]}), {s: len(raw[s]) for s in ("train", "val", "test")}
+    wnids = list(coop.shipped_wnids(info.extra.get("wnids", "imagenet")))
+    labels = coop.imagenet_indices(name)
+    if name == "imagenet":
+        n_test = max(1, per_class // 10)
+        files = [(f"images/train/{w}/{w}_{k}.JPEG", y) for w, y in zip(wnids, labels) for k in range(per_class)]
+        files += [(f"images/val/{w}/ILSVRC2012_val_{w}_{k}.JPEG", y) for w, y in zip(wnids, labels)
+                  for k in range(n_test)]
+        return files, 1000, {"train": per_class * len(wnids), "val": 0, "test": n_test * len(wnids)}
+    image_dir = info.extra["image_dir"]
+    folders = [str(i) for i in range(len(wnids))] if info.extra.get("numbered") else wnids
+    files = [(f"{image_dir}/{f}/{k}.jpg", y) for f, y in zip(folders, labels) for k in range(max(1, per_class // 10))]
+    return files, 1000, {"train": 0, "val": 0, "test": len(files)}
 
 
 def is_fake_tree(root: str | os.PathLike, name: str) -> bool:
@@ -59,15 +90,18 @@ def _jpeg(colour: tuple[int, int, int], size: int) -> bytes:
     return buf.getvalue()
 
 
-def write_fake_dataset(root: str | os.PathLike, name: str, size: int = 8) -> dict:
+def write_fake_dataset(root: str | os.PathLike, name: str, size: int = 8, per_class: int = 20) -> dict:
     """Write dataset ``name`` under ``root`` (see the module docstring); returns ``{"dataset", "folder", "train",
-    "val", "test", "classes", "seconds"}``."""
+    "val", "test", "classes", "seconds"}``. ``per_class``: training images per class of ImageNet (its test set
+    and the variants get ``per_class // 10``, at least 1); the other datasets follow their split files."""
     info = get_info(name)
     if name not in fakeable():
         raise XmxError(f"cannot fake {name!r}: xmx does not ship its split file; fakeable datasets: "
                        f"{', '.join(fakeable())}")
     if not 1 <= int(size) <= 512:
         raise XmxError(f"--size {size}: image side in pixels must be in 1..512")
+    if int(per_class) < 1:
+        raise XmxError(f"--per-class {per_class}: give at least 1 image per class")
     t0 = time.perf_counter()
     root = Path(root).expanduser()
     final = root / info.dir
@@ -75,29 +109,24 @@ def write_fake_dataset(root: str | os.PathLike, name: str, size: int = 8) -> dic
         raise XmxError(f"{final} exists and is not a fake tree; refusing to write into a real dataset folder "
                        "(choose another root)")
     root.mkdir(parents=True, exist_ok=True)
-    raw = read_json(coop.SPLITS_DIR / f"{info.extra['split_file']}.gz")
-    n_classes = len({int(y) for _, y, _ in raw["train"]})
+    files, n_classes, counts = _listing(name, int(per_class))
     blobs: dict[int, bytes] = {}
     tmp = root / f".{info.dir}.fake-{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    image_dir = tmp / info.extra["image_dir"] if info.extra["image_dir"] else tmp
     made: set[str] = set()
     try:
-        for split in ("train", "val", "test"):
-            for path, label, _ in raw[split]:
-                label = int(label)
-                if label not in blobs:
-                    blobs[label] = _jpeg(class_colour(label, n_classes), int(size))
-                target = os.path.join(image_dir, path)
-                parent = os.path.dirname(target)
-                if parent not in made:
-                    os.makedirs(parent, exist_ok=True)
-                    made.add(parent)
-                with open(target, "wb") as f:
-                    f.write(blobs[label])
-        counts = {s: len(raw[s]) for s in ("train", "val", "test")}
+        for path, label in files:
+            if label not in blobs:
+                blobs[label] = _jpeg(class_colour(label, n_classes), int(size))
+            target = os.path.join(tmp, path)
+            parent = os.path.dirname(target)
+            if parent not in made:
+                os.makedirs(parent, exist_ok=True)
+                made.add(parent)
+            with open(target, "wb") as f:
+                f.write(blobs[label])
         (tmp / MARKER).write_text(json.dumps({"fake": True, "version": VERSION, "dataset": name, "size": int(size),
-                                              "classes": n_classes, **counts,
+                                              "classes": len(blobs), **counts,
                                               "note": "tiny one-colour-per-class JPEGs written by "
                                                       "python -m xmx.data fake; not the real dataset"}))
         if final.exists():
@@ -105,7 +134,7 @@ def write_fake_dataset(root: str | os.PathLike, name: str, size: int = 8) -> dic
         os.rename(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"dataset": name, "folder": str(final), **counts, "classes": n_classes,
+    return {"dataset": name, "folder": str(final), **counts, "classes": len(blobs),
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
@@ -117,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", default="dtd,oxford_pets",
                         help=f"comma-separated subset of: {','.join(fakeable())} (or 'all')")
     parser.add_argument("--size", type=int, default=8, help="image side in pixels (default 8)")
+    parser.add_argument("--per-class", type=int, default=20,
+                        help="ImageNet training images per class (default 20: 16 shots + 4 validation); its test set "
+                             "and the variants get a tenth of it")
     args = parser.parse_args(argv)
     try:
         names = fakeable() if args.datasets.strip() == "all" else \
@@ -129,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise XmxError(f"cannot fake {n!r}: xmx does not ship its split file; fakeable datasets: "
                                f"{', '.join(fakeable())}")
         for n in names:
-            r = write_fake_dataset(args.root, n, args.size)
+            r = write_fake_dataset(args.root, n, args.size, args.per_class)
             print(f"{n:<16} wrote train {r['train']}  val {r['val']}  test {r['test']}  classes {r['classes']}  "
                   f"({r['seconds']:.1f}s) -> {r['folder']}")
     except XmxError as e:
