@@ -13,7 +13,6 @@ from test_data_coop import fake_coop_tree
 from xmx.data.__main__ import main as data_main
 from xmx.data.datasets import load_dataset
 from xmx.data.fake import MARKER, class_colour, write_fake_dataset
-from xmx.errors import XmxError
 from xmx.run import run
 
 

@@ -174,7 +174,7 @@ def test_image_batches_leave_unreadable_files_out_and_count_them(make_cfg, xmx_c
                         num_workers=0, eval_batch_size=500)
     dm.setup("fit")
     assert dm.skipped == {"test": [bad]} and len(dm.eval_sets[0].items) == len(split["test"]) - 1
-    x, y = next(iter(dm.test_dataloader()[0]))
+    _, y = next(iter(dm.test_dataloader()[0]))
     assert len(y) == len(split["test"]) - 1
     assert dm.data_record()["unreadable"]["skipped"] == 1
 
