@@ -146,6 +146,9 @@ def _write_cache(path: Path, record: dict) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             json.dump(record, f)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; collaborators on a shared cache read it too
         os.replace(tmp, path)
     except OSError:
         pass
