@@ -15,8 +15,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from xmx.data.datasets import Datum, load_dataset
-from xmx.data.fewshot import subset_digest, subset_to_json
 from xmx.data.fake import is_fake_tree
+from xmx.data.fewshot import describe_val, subset_digest, subset_to_json
 from xmx.data.fingerprint import check_mode, combine, fingerprint_files
 from xmx.data.images import ImageListDataset, check_unreadable, collate_skip, find_unreadable
 from xmx.data.protocols import EvalSet, build_protocol
@@ -144,6 +144,7 @@ class CLIPDataModule(L.LightningDataModule):
         if self._lists_ready:
             return
         splits = load_dataset(self.name, self.root)
+        self.has_val_split = bool(splits.val)
         self.templates = resolve_templates(self.templates_choice, splits.templates)
         explicit = self.templates_choice is not None
         self.protocol = build_protocol(
@@ -151,6 +152,8 @@ class CLIPDataModule(L.LightningDataModule):
             subset_file=self.subset_file, val_shots=self.val_shots, root=self.root,
             target_templates=None if explicit else (lambda t: list(t.templates)))
         self.classnames = self.protocol.classnames
+        log.info("%s: selecting on %d validation images (%s)", self.name, len(self.protocol.val.items),
+                 describe_val(self.val_shots, self.shots, self.has_val_split))
         self.val_set: EvalSet = self.protocol.val
         self.eval_sets: list[EvalSet] = self.protocol.eval_sets
         self.synthetic = self.name == "synthetic" or is_fake_tree(self.root, self.name)
@@ -333,6 +336,8 @@ class CLIPDataModule(L.LightningDataModule):
         fp = self.data_fingerprint()
         return {"dataset": self.name, "root": str(self.root), "protocol": self.protocol.name,
                 "subset_source": self.protocol.subset_source, "templates": self.templates,
+                "val": {"val_shots": self.val_shots,
+                        "selection": describe_val(self.val_shots, self.shots, self.has_val_split)},
                 "splits": {k: {"n": len(items), "classes": len(names), "sha256": subset_digest(items)}
                            for k, (items, names) in sets.items()},
                 "content": {k: fp[k] for k in ("mode", "files", "bytes", "digest", "sets")},

@@ -36,6 +36,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 class XmxModule(L.LightningModule):
     needs_fit: bool = True  # training-free methods (zero-shot, Tip-Adapter) set False
+    # top-level `selection` values the method implements: "paper" = its release's selection on the test set, only
+    # where a method reproduces one (the Tip family); a run refuses the others before any work
+    selection_modes: tuple[str, ...] = ("val",)
     frozen_prefixes: tuple[str, ...] = ("backbone.", "plm.")  # never written into checkpoints
 
     def __init__(self, name: str | None = None, inputs: str = "features", batch_size: int | None = 256,

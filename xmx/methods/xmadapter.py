@@ -489,7 +489,8 @@ class XMAdapterMethod(TipAdapterFMethod):
     def search_on_validation(self, dm) -> None:
         m = self.model
         home, dev = m.W.device, self._device_for_search()
-        f_val, y_val = dm.features_of(dm.val_set).float(), torch.tensor([d.label for d in dm.val_set.items])
+        sel = self.selection_set(dm)  # validation (selection=paper on ImageNet: test, as Tip-Adapter's release)
+        f_val, y_val = dm.features_of(sel).float(), torch.tensor([d.label for d in sel.items])
         gammas = gamma_grid(self.gamma_steps) if m.gamma_mode == "searched" else None
         m.to(dev)  # the search runs where the model's tensors are
         try:
@@ -507,8 +508,8 @@ class XMAdapterMethod(TipAdapterFMethod):
                               "betas_txt": res.betas_txt,
                               "best_val_acc_per_gamma": [round(float(a), 4) for a in per_gamma],
                               **grid_summary(res.grid, res.betas, full)}
-        log.info("xmadapter: alpha %.4g, beta %.4g, beta_txt %.4g, gamma %.3g searched on validation (%.2f%%)",
-                 res.alpha, res.beta, res.beta_txt, res.gamma, res.acc)
+        log.info("xmadapter: alpha %.4g, beta %.4g, beta_txt %.4g, gamma %.3g searched on %s (%.2f%%)",
+                 res.alpha, res.beta, res.beta_txt, res.gamma, sel.name, res.acc)
 
     def extra_results(self) -> dict:
         out = super().extra_results()
