@@ -289,6 +289,7 @@ def _run(cfg: DictConfig) -> tuple[dict, str]:
         "experiment": cfg.get("task_name"), "method": cfg.method.get("name"), "dataset": datamodule.name,
         "protocol": datamodule.protocol.name, "shots": datamodule.shots, "seed": int(cfg.seed),
         "metrics": metrics, "extra": method.extra_results(),
+        "parameters": method.parameter_counts(*encoders.values()),
         "data": {**datamodule.data_record(), "subset_file": "subset.json"},
         "weights": encoders["backbone"].describe(),
         "code": code_version(), "packages": package_versions(),
