@@ -58,7 +58,7 @@ def tower_blocks(model: nn.Module, tower: str, what: str = "LoRA") -> list[nn.Mo
     trunk = getattr(owner, "transformer", None)
     blocks = list(getattr(trunk, "resblocks", None) or [])
     if not blocks:
-        kind = type(owner.visual if tower == "vision" else owner).__name__
+        kind = type(owner).__name__
         raise XmxError(f"{what}: the {tower} tower of this backbone ({kind}) has no transformer attention layers; "
                        "use a ViT backbone (backbone=clip_vit_b16) or adapt the other tower (method.encoder=text)")
     for i, b in enumerate(blocks):
