@@ -217,3 +217,16 @@ def test_presets_compose():
             assert cfg.method.name == method and cfg.protocol.name == protocol and cfg.augment.preset == "coop"
             assert cfg.backbone.model == "ViT-B-16" and cfg.trainer.limit_val_batches == 0
     GlobalHydra.instance().clear()
+
+
+def test_trimmed_text_equals_the_full_context(tiny):
+    from xmx.methods.online import encode_text_trimmed
+    bb = copy.deepcopy(tiny)
+    inject_lora(bb.model, "text", "all", ["q", "v"], r=2, alpha=1, dropout=0.0)
+    for b in bb.model.transformer.resblocks:
+        for p in b.attn.lora.values():
+            nn.init.normal_(p.B, std=0.05)
+    tok = bb.tokenize(["a photo of a cat.", "a photo of a very large dog, a type of pet.", "x"])
+    with torch.no_grad():
+        full, trimmed = bb.encode_text(tok), encode_text_trimmed(bb, tok)
+    torch.testing.assert_close(trimmed, full, atol=1e-5, rtol=1e-5)

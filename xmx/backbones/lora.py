@@ -149,11 +149,14 @@ class LoRAAttention(nn.Module):
         if not b.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         w, bias = b.in_proj_weight, b.in_proj_bias
-        proj = []
-        for i, (p, x) in enumerate(zip("qkv", (query, key, value))):
-            y = F.linear(x, w[i * E:(i + 1) * E], None if bias is None else bias[i * E:(i + 1) * E])
-            proj.append(y + self.lora[p](x).to(y.dtype) if p in self.lora else y)
-        q, k, v = proj  # [N, L, E] each
+        inputs = (query, key, value)
+        if query is key and key is value:  # self-attention (open_clip's blocks): one packed projection
+            frozen = F.linear(query, w, bias).chunk(3, dim=-1)
+        else:
+            frozen = [F.linear(x, w[i * E:(i + 1) * E], None if bias is None else bias[i * E:(i + 1) * E])
+                      for i, x in enumerate(inputs)]
+        q, k, v = (y + self.lora[p](x).to(y.dtype) if p in self.lora else y
+                   for p, x, y in zip("qkv", inputs, frozen))  # [N, L, E] each
         N, L, S = q.shape[0], q.shape[1], k.shape[1]
         q, k, v = (t.reshape(N, -1, H, E // H).transpose(1, 2) for t in (q, k, v))  # [N, H, L, d]
         if attn_mask is not None:

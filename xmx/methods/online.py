@@ -16,7 +16,8 @@ training) and says through ``adapts_text`` whether the text tower changes. The s
 - autocast (``amp``: ``auto`` = bf16 on a CUDA device that supports it, else fp32; ``bf16`` | ``fp16`` | ``none``);
   channels-last image batches on CUDA; open_clip's activation checkpointing (``grad_checkpointing``, for ViT-L/14);
 - frozen text features cached when the text tower is not adapted; adapted ones cached per label set in evaluation
-  and dropped whenever training resumes;
+  and dropped whenever training resumes; the text tower runs on the prompts' used positions only (``trim_text``:
+  causal attention makes the padding irrelevant to the pooled feature);
 - an iteration budget (``iters_per_shot`` × shots steps, CLIP-LoRA's 500 × K) that sets the trainer's ``max_steps``;
 - DDP through ``trainer=ddp`` (the image loader shards with a distributed sampler; ``batch_size`` stays global).
 """
@@ -39,6 +40,23 @@ AMP = ("auto", "bf16", "fp16", "none")
 SELECTIONS = ("final", "val")
 
 
+def encode_text_trimmed(bb, tokens: torch.Tensor) -> torch.Tensor:
+    """``bb.encode_text(tokens)`` computed on the first ``max(EOT)+1`` positions only: CLIP's text attention is
+    causal, so the padding after the last end-of-text token never reaches a pooled feature; "a photo of a {}."
+    prompts are ~10 of 77 positions, so this cuts the text tower's cost (forward and backward) several-fold."""
+    m = bb.model
+    mask = getattr(m, "attn_mask", None)
+    if mask is None or getattr(m, "text_pool_type", "argmax") != "argmax":
+        return bb.encode_text(tokens)  # not a causal argmax-pooled CLIP text tower: nothing to trim safely
+    tokens = tokens.to(bb.device)
+    n = int(tokens.argmax(dim=-1).max()) + 1
+    t = tokens[:, :n]
+    cast = m.transformer.get_cast_dtype()
+    x = m.token_embedding(t).to(cast) + m.positional_embedding[:n].to(cast)
+    x = m.ln_final(m.transformer(x, attn_mask=mask[:n, :n]))
+    return bb._project(x[torch.arange(x.shape[0], device=x.device), t.argmax(dim=-1)])
+
+
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``amp`` on ``device`` (None: no autocast)."""
     if amp == "none":
@@ -58,7 +76,7 @@ class EncoderMethod(XmxModule):
 
     def __init__(self, amp: str = "auto", grad_checkpointing: bool = False, logit_scale: float | None = None,
                  prompt: str | None = None, iters_per_shot: int | None = None, selection: str = "final",
-                 **kwargs):
+                 trim_text: bool = True, **kwargs):
         kwargs.setdefault("inputs", "images")
         super().__init__(**kwargs)
         if self.inputs != "images":
@@ -74,6 +92,7 @@ class EncoderMethod(XmxModule):
             raise XmxError(f"method.logit_scale={logit_scale}: the logit multiplier must be positive (or null: "
                            "CLIP's own exp(logit_scale))")
         self.amp, self.grad_checkpointing, self.selection = amp, bool(grad_checkpointing), selection
+        self.trim_text = bool(trim_text)
         self.fixed_logit_scale = None if logit_scale is None else float(logit_scale)
         self.prompt, self.iters_per_shot = prompt, None if iters_per_shot is None else int(iters_per_shot)
         self.total_steps: int | None = None
@@ -141,7 +160,8 @@ class EncoderMethod(XmxModule):
         per = len(prompts[0])
         tokens = bb.tokenize([p for ps in prompts for p in ps]).to(bb.device)
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()), self._autocast():
-            feats = F.normalize(bb.encode_text(tokens).float(), dim=-1)  # [N·T, C]
+            enc = encode_text_trimmed(bb, tokens) if self.trim_text else bb.encode_text(tokens)
+            feats = F.normalize(enc.float(), dim=-1)  # [N·T, C]
         return F.normalize(feats.view(len(classnames), per, -1).mean(dim=1), dim=-1)
 
     def text_features(self, name: str) -> torch.Tensor:
