@@ -152,6 +152,9 @@ def test_checkpoint_holds_only_adapted_tensors_and_reloads_to_identical_logits(m
     a, b = load_file(tmp_path / "a" / "predictions.safetensors"), load_file(tmp_path / "b" / "predictions.safetensors")
     assert torch.equal(a["test/logits"], b["test/logits"])
     assert again["metrics"] == first["metrics"]
+    run(make_cfg([*TINY, "method=clip_lora", "train=false"], output_dir=tmp_path / "c"))  # B = 0: the frozen model
+    c = load_file(tmp_path / "c" / "predictions.safetensors")
+    assert not torch.allclose(c["test/logits"].float(), a["test/logits"].float(), atol=1e-2)  # the reload did load
 
 
 def test_stopped_run_resumes_to_the_same_numbers(make_cfg, tmp_path, monkeypatch):
