@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from xmx.backbones.clip import CLIPBackbone
 from xmx.methods.clip_lora import ClipLoRAMethod
-from xmx.methods.online import autocast_dtype
+from xmx.methods._training import autocast_dtype
 
 TARGET_RATIO = 0.80  # LoRA images/s over plain forward+backward images/s
 IMAGENET = {"classes": 1000, "shots": 16, "iters_per_shot": 500, "test_images": 50_000, "eval_batch": 256}

@@ -223,7 +223,7 @@ def test_presets_compose():
 
 
 def test_trimmed_text_equals_the_full_context(tiny):
-    from xmx.methods.online import encode_text_trimmed
+    from xmx.methods._training import encode_text_trimmed
     bb = copy.deepcopy(tiny)
     inject_lora(bb.model, "text", "all", ["q", "v"], r=2, alpha=1, dropout=0.0)
     for b in bb.model.transformer.resblocks:

@@ -8,7 +8,7 @@ For every attention layer at ``position`` of the towers in ``encoder`` and every
     logit[b, c] = 100 · ⟨v_b, t_c⟩,   loss = CE                        # the release's fixed multiplier 100
 
 The LoRA algebra and the injection live in :mod:`xmx.backbones.lora`; the online training path (images through the
-image tower every step, autocast, cached frozen text when ``encoder=vision``) in :mod:`xmx.methods.online`.
+image tower every step, autocast, cached frozen text when ``encoder=vision``) in ``xmx.methods._training.EncoderMethod``.
 
 Recipe [code]: AdamW (lr 2e-4, weight decay 1e-2, betas 0.9/0.999), cosine to 1e-6 over 500 × K iterations stepped
 per iteration, batch 32, fp16 autocast in the release (bf16 here where the GPU has it), RandomResizedCrop(224, scale
@@ -20,7 +20,7 @@ ViT-B/16 with the defaults: 12 × 3 × 2·2·512 (text) + 12 × 3 × 2·2·768 (
 from __future__ import annotations
 
 from xmx.backbones.lora import check_lora_config, inject_lora
-from xmx.methods.online import EncoderMethod
+from xmx.methods._training import EncoderMethod
 
 
 class ClipLoRAMethod(EncoderMethod):

@@ -30,7 +30,7 @@ from torch import nn
 
 from xmx.backbones.lora import tower_blocks
 from xmx.errors import XmxError
-from xmx.methods.online import EncoderMethod
+from xmx.methods._training import EncoderMethod
 
 
 class _GradScale(torch.autograd.Function):
