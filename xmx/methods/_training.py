@@ -220,8 +220,10 @@ class EncoderMethod(XmxModule):
     # ---- construction -----------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        if self.total_steps and stage == "fit" and self.trainer is not None:
-            # an iteration budget instead of epochs (CLIP-LoRA: 500 × K steps); the cosine T_max follows it
+        t = self.trainer
+        if self.total_steps and stage == "fit" and t is not None and not t.fast_dev_run and t.max_steps == -1:
+            # an iteration budget instead of epochs (CLIP-LoRA: 500 × K steps); the cosine T_max follows it. An
+            # explicit trainer.max_steps or a fast_dev_run wins.
             self.trainer.fit_loop.max_epochs = -1
             self.trainer.fit_loop.epoch_loop.max_steps = self.total_steps
 
