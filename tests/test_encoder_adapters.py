@@ -191,6 +191,36 @@ def test_bad_lora_keys_are_one_line(make_cfg, override, needles):
     one_line_error(lambda: run(make_cfg([*TINY, "method=clip_lora", override])), *needles)
 
 
+@pytest.mark.parametrize("overrides,needles", [
+    (["callbacks=default"], ["method.selection=final", "callbacks=final"]),
+    (["method.selection=val"], ["method.selection=val", "callbacks=default"]),
+    (["method.amp=fp16"], ["method.amp=fp16", "trainer.precision=16-mixed"]),
+])
+def test_what_is_recorded_is_what_runs(make_cfg, overrides, needles):
+    one_line_error(lambda: run(make_cfg([*TINY, "method=clip_lora", *overrides])), *needles)
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tiny):
+    from types import SimpleNamespace
+    names = ["cat", "dog", "bird"]
+    es = SimpleNamespace(name="test", classnames=names, templates=["a photo of a {}."])
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        bb = copy.deepcopy(tiny)
+        dm = SimpleNamespace(backbone=bb, inputs="images", classnames=names, templates=["a photo of a {}."],
+                             val_set=es, eval_sets=[es], logit_scale=bb.logit_scale, shots=2)
+        method = MMAYangMethod(layers=[1, 2], amp="none", grad_checkpointing=ckpt)
+        method.build(dm)
+        method.train()
+        img = torch.randn(4, 3, bb.image_size, bb.image_size, generator=torch.Generator().manual_seed(3))
+        method.training_step((img, torch.tensor([0, 1, 2, 0])), 0).backward()
+        grads.append({n: p.grad.clone() for n, p in method.named_parameters() if p.requires_grad})
+    assert bb.model.transformer.grad_checkpointing and grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5)
+
+
 def test_backbone_without_attention_layers_is_one_line(tiny):
     bb = copy.deepcopy(tiny)
     bb.model.visual = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1))  # like a ResNet image tower

@@ -218,9 +218,26 @@ class EncoderMethod(XmxModule):
         return [[t.format(c.replace("_", " ")) for t in templates] for c in classnames]
 
     # ---- construction -----------------------------------------------------------------------------------------
+    def _check_trainer(self, t) -> None:
+        """What the run records must be what it does: the selection mode against the checkpoint callbacks, fp16
+        autocast against the trainer's loss scaling."""
+        from lightning.pytorch.callbacks import ModelCheckpoint
+        best = [c for c in t.callbacks if isinstance(c, ModelCheckpoint) and c.monitor]
+        if self.selection == "final" and best:
+            raise XmxError(f"method.selection=final keeps the final weights, but a checkpoint callback monitoring "
+                           f"{best[0].monitor} would restore the best epoch; use callbacks=final (the presets do) or "
+                           "method.selection=val")
+        if self.selection == "val" and (not best or not t.limit_val_batches):
+            raise XmxError("method.selection=val needs validation and a best-checkpoint callback: use "
+                           "callbacks=default and trainer.limit_val_batches=1.0")
+        if self.amp == "fp16" and "16-mixed" not in str(t.precision) and "16" != str(t.precision):
+            raise XmxError("method.amp=fp16 needs loss scaling: set trainer.precision=16-mixed (or use method.amp=bf16)")
+
     def setup(self, stage: str) -> None:
-        super().setup(stage)
         t = self.trainer
+        if t is not None and stage == "fit" and not self._built:
+            self._check_trainer(t)
+        super().setup(stage)
         if self.total_steps and stage == "fit" and t is not None and not t.fast_dev_run and t.max_steps == -1:
             # an iteration budget instead of epochs (CLIP-LoRA: 500 × K steps); the cosine T_max follows it. An
             # explicit trainer.max_steps or a fast_dev_run wins.
