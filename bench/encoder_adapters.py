@@ -12,7 +12,8 @@ Parts:
          1000 class prompts once. Decoding and augmentation are not timed (loader workers overlap them with the GPU).
 
 Random-init ViT-B/16 (``--model``, open_clip architecture; the weights do not change the cost), random images already
-on the device, bf16 autocast on CUDA (fp32 on CPU). Timings are medians after warm-up (CUDA events on a GPU).
+on the device, bf16 autocast on CUDA (fp32 on CPU). Timings are medians after warm-up (CUDA events on a GPU); the two
+steps of part ``step`` alternate.
 
     python bench/encoder_adapters.py                  # both parts on cuda if available
     python bench/encoder_adapters.py --smoke          # CPU, tiny model (xmx-tiny), tiny sizes
@@ -135,8 +136,13 @@ def part_step(args, device) -> dict:
     torch.manual_seed(0)
     plain = CLIPBackbone(args.model, None).to(device)  # the same towers without LoRA
     method.train()
-    lora_t = time_calls(lora_step_fn(method, images, labels), device, args.warmup, args.repeats)
-    plain_t = time_calls(plain_step_fn(plain, images, tokens, labels, dtype), device, args.warmup, args.repeats)
+    lora_fn, plain_fn = lora_step_fn(method, images, labels), plain_step_fn(plain, images, tokens, labels, dtype)
+    time_calls(lora_fn, device, args.warmup, 0)
+    time_calls(plain_fn, device, args.warmup, 0)
+    lora_t, plain_t = [], []
+    for _ in range(args.repeats):  # interleaved, so that a busy machine slows both alike
+        lora_t += time_calls(lora_fn, device, 0, 1)
+        plain_t += time_calls(plain_fn, device, 0, 1)
     lora_ips, plain_ips = args.batch / statistics.median(lora_t), args.batch / statistics.median(plain_t)
     ratio = lora_ips / plain_ips
     return {"model": args.model, "batch": args.batch, "classes": args.classes,

@@ -157,9 +157,11 @@ def test_checkpoint_holds_only_adapted_tensors_and_reloads_to_identical_logits(m
     assert not torch.allclose(c["test/logits"].float(), a["test/logits"].float(), atol=1e-2)  # the reload did load
 
 
-def test_stopped_run_resumes_to_the_same_numbers(make_cfg, tmp_path, monkeypatch):
-    args = [*TINY, "method=mma_yang", "method.layers=[1,2]", "method.epochs=4", "method.batch_size=8",
-            f"paths.log_dir={tmp_path / 'logs'}"]
+@pytest.mark.parametrize("kind", ["mma_yang", "clip_lora"])
+def test_stopped_run_resumes_to_the_same_numbers(make_cfg, tmp_path, monkeypatch, kind):
+    method = ["method=mma_yang", "method.layers=[1,2]", "method.epochs=4", "method.scale=1.0", "method.optimizer.lr=0.5"] if kind == "mma_yang" else \
+        ["method=clip_lora", "method.iters_per_shot=5", "method.optimizer.lr=0.05"]  # 10 steps, 3 per epoch
+    args = [*TINY, *method, "method.batch_size=8", f"paths.log_dir={tmp_path / 'logs'}"]
     ref = run(make_cfg(args, output_dir=tmp_path / "ref"))
 
     class Stop(Exception):
@@ -170,7 +172,8 @@ def test_stopped_run_resumes_to_the_same_numbers(make_cfg, tmp_path, monkeypatch
             raise Stop()
 
     with monkeypatch.context() as m:
-        m.setattr(MMAYangMethod, "on_train_epoch_start", stop_at_epoch_2, raising=False)
+        m.setattr(MMAYangMethod if kind == "mma_yang" else ClipLoRAMethod, "on_train_epoch_start", stop_at_epoch_2,
+                  raising=False)
         with pytest.raises(Stop):
             run(make_cfg(args, output_dir=tmp_path / "logs" / "run"))
     ckpt = tmp_path / "logs" / "run" / "checkpoints" / "last.ckpt"

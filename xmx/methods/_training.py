@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
@@ -200,6 +201,7 @@ class EncoderMethod(XmxModule):
         self.fixed_logit_scale = None if logit_scale is None else float(logit_scale)
         self.prompt, self.iters_per_shot = prompt, None if iters_per_shot is None else int(iters_per_shot)
         self.total_steps: int | None = None
+        self.step_budget: int | None = None  # total_steps when this run keeps the budget itself (see setup)
         self.logit_scale: float | None = None  # CLIP's, read in build
         self._text_frozen: dict[str, str] = {}
         self._text_eval: dict[str, torch.Tensor] = {}
@@ -238,11 +240,28 @@ class EncoderMethod(XmxModule):
         if t is not None and stage == "fit" and not self._built:
             self._check_trainer(t)
         super().setup(stage)
+        self.step_budget = None
         if self.total_steps and stage == "fit" and t is not None and not t.fast_dev_run and t.max_steps == -1:
-            # an iteration budget instead of epochs (CLIP-LoRA: 500 × K steps); the cosine T_max follows it. An
-            # explicit trainer.max_steps or a fast_dev_run wins.
-            self.trainer.fit_loop.max_epochs = -1
-            self.trainer.fit_loop.epoch_loop.max_steps = self.total_steps
+            # an iteration budget instead of epochs (CLIP-LoRA: 500 × K steps), kept by the method rather than by
+            # trainer.max_steps: Lightning resumes an iteration-based run from an epoch-end checkpoint by replaying
+            # that epoch's tail, which breaks resumed == uninterrupted. Epochs = ceil(budget / batches per epoch)
+            # (set in on_train_start, once the loader is known); the last one stops at the budget. An explicit
+            # trainer.max_steps or a fast_dev_run wins. The cosine T_max is the budget.
+            self.step_budget = self.total_steps
+            t.fit_loop.max_epochs = -1
+
+    def on_train_start(self) -> None:
+        if self.step_budget:
+            nb = self.trainer.num_training_batches
+            if not math.isfinite(nb) or nb < 1:
+                raise XmxError(f"{self.label}: the training loader has no length; method.iters_per_shot needs a "
+                               "sized loader (or set method.iters_per_shot=null and method.epochs)")
+            self.trainer.fit_loop.max_epochs = -(-self.step_budget // int(nb))
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.step_budget and self.global_step >= self.step_budget:
+            return -1  # the budget is spent: skip the rest of the last epoch
+        return None
 
     def build(self, dm) -> None:
         bb = dm.backbone

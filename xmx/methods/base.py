@@ -172,7 +172,8 @@ class XmxModule(L.LightningModule):
         bound = getattr(self.scheduler_factory, "keywords", None) or {}
         if "T_max" not in bound and "T_max" in inspect.signature(self.scheduler_factory).parameters:
             # a cosine schedule left open spans the whole run, in the scheduler's own unit
-            total = (self.trainer.estimated_stepping_batches if self.scheduler_interval == "step"
+            budget = getattr(self, "step_budget", None)  # a method's own iteration budget (CLIP-LoRA: 500 x K)
+            total = ((budget or self.trainer.estimated_stepping_batches) if self.scheduler_interval == "step"
                      else self.trainer.max_epochs)
             if total is None or not math.isfinite(total) or total < 1:
                 raise XmxError(f"cosine schedule needs a finite number of {self.scheduler_interval}s; set "
