@@ -195,8 +195,8 @@ def test_bad_lora_keys_are_one_line(make_cfg, override, needles):
 
 
 @pytest.mark.parametrize("overrides,needles", [
-    (["callbacks=default"], ["method.selection=final", "callbacks=final"]),
-    (["method.selection=val"], ["method.selection=val", "callbacks=default"]),
+    (["callbacks=default"], ["method.keep=final", "callbacks=final"]),
+    (["method.keep=best_val"], ["method.keep=best_val", "callbacks=default"]),
     (["method.amp=fp16"], ["method.amp=fp16", "trainer.precision=16-mixed"]),
 ])
 def test_what_is_recorded_is_what_runs(make_cfg, overrides, needles):

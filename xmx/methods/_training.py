@@ -121,7 +121,7 @@ class AdapterMethod(XmxModule):
 # ==============================================================================================================
 
 AMP = ("auto", "bf16", "fp16", "none")
-SELECTIONS = ("final", "val")
+KEEP = ("final", "best_val")
 
 
 def encode_text_trimmed(bb, tokens: torch.Tensor) -> torch.Tensor:
@@ -180,7 +180,7 @@ class EncoderMethod(XmxModule):
     adapts_text: bool = True  # subclasses: whether the text tower changes (else its features are cached once)
 
     def __init__(self, amp: str = "auto", grad_checkpointing: bool = False, logit_scale: float | None = None,
-                 prompt: str | None = None, iters_per_shot: int | None = None, selection: str = "final",
+                 prompt: str | None = None, iters_per_shot: int | None = None, keep: str = "final",
                  trim_text: bool = True, **kwargs):
         kwargs.setdefault("inputs", "images")
         super().__init__(**kwargs)
@@ -189,14 +189,14 @@ class EncoderMethod(XmxModule):
                            "images (method.inputs=images)")
         if amp not in AMP:
             raise XmxError(f"method.amp={amp!r} is unknown; valid choices: {', '.join(AMP)}")
-        if selection not in SELECTIONS:
-            raise XmxError(f"method.selection={selection!r} is unknown; valid choices: {', '.join(SELECTIONS)}")
+        if keep not in KEEP:
+            raise XmxError(f"method.keep={keep!r} is unknown; valid choices: {', '.join(KEEP)}")
         if iters_per_shot is not None and int(iters_per_shot) <= 0:
             raise XmxError(f"method.iters_per_shot={iters_per_shot}: must be a positive integer (or null: epochs)")
         if logit_scale is not None and float(logit_scale) <= 0:
             raise XmxError(f"method.logit_scale={logit_scale}: the logit multiplier must be positive (or null: "
                            "CLIP's own exp(logit_scale))")
-        self.amp, self.grad_checkpointing, self.selection = amp, bool(grad_checkpointing), selection
+        self.amp, self.grad_checkpointing, self.keep = amp, bool(grad_checkpointing), keep
         self.trim_text = bool(trim_text)
         self.fixed_logit_scale = None if logit_scale is None else float(logit_scale)
         self.prompt, self.iters_per_shot = prompt, None if iters_per_shot is None else int(iters_per_shot)
@@ -221,16 +221,16 @@ class EncoderMethod(XmxModule):
 
     # ---- construction -----------------------------------------------------------------------------------------
     def _check_trainer(self, t) -> None:
-        """What the run records must be what it does: the selection mode against the checkpoint callbacks, fp16
+        """What the run records must be what it does: ``keep`` against the checkpoint callbacks, fp16
         autocast against the trainer's loss scaling."""
         from lightning.pytorch.callbacks import ModelCheckpoint
         best = [c for c in t.callbacks if isinstance(c, ModelCheckpoint) and c.monitor]
-        if self.selection == "final" and best:
-            raise XmxError(f"method.selection=final keeps the final weights, but a checkpoint callback monitoring "
+        if self.keep == "final" and best:
+            raise XmxError(f"method.keep=final keeps the final weights, but a checkpoint callback monitoring "
                            f"{best[0].monitor} would restore the best epoch; use callbacks=final (the presets do) or "
-                           "method.selection=val")
-        if self.selection == "val" and (not best or not t.limit_val_batches):
-            raise XmxError("method.selection=val needs validation and a best-checkpoint callback: use "
+                           "method.keep=best_val")
+        if self.keep == "best_val" and (not best or not t.limit_val_batches):
+            raise XmxError("method.keep=best_val needs validation and a best-checkpoint callback: use "
                            "callbacks=default and trainer.limit_val_batches=1.0")
         if self.amp == "fp16" and "16-mixed" not in str(t.precision) and "16" != str(t.precision):
             raise XmxError("method.amp=fp16 needs loss scaling: set trainer.precision=16-mixed (or use method.amp=bf16)")
@@ -356,8 +356,8 @@ class EncoderMethod(XmxModule):
 
     # ---- results ----------------------------------------------------------------------------------------------
     def extra_results(self) -> dict:
-        sel = ("final weights (no validation during training, as the release)" if self.selection == "final"
+        sel = ("final weights (no validation during training, as the release)" if self.keep == "final"
                else "val/acc (best checkpoint restored)")
         return {"amp": self.amp, "logit_scale": self.scale() if self.logit_scale is not None else None,
-                "adapts_text": self.adapts_text, "total_steps": self.total_steps, "selection": self.selection,
+                "adapts_text": self.adapts_text, "total_steps": self.total_steps, "keep": self.keep,
                 **self.training_record(selected_by=sel)}

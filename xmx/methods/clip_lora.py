@@ -13,7 +13,7 @@ image tower every step, autocast, cached frozen text when ``encoder=vision``) in
 Recipe [code]: AdamW (lr 2e-4, weight decay 1e-2, betas 0.9/0.999), cosine to 1e-6 over 500 × K iterations stepped
 per iteration, batch 32, fp16 autocast in the release (bf16 here where the GPU has it), RandomResizedCrop(224, scale
 0.08–1, bicubic) + flip (``augment=coop``). The release trains without validation and keeps the final weights:
-``selection: final`` (default, recorded in results.json); ``selection: val`` keeps the best validation epoch instead.
+``keep: final`` (default, recorded in results.json); ``keep: best_val`` keeps the best validation epoch instead.
 ViT-B/16 with the defaults: 12 × 3 × 2·2·512 (text) + 12 × 3 × 2·2·768 (image) = 184,320 trainable parameters.
 """
 
