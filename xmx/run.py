@@ -322,6 +322,7 @@ def _run(cfg: DictConfig) -> tuple[dict, str]:
         "protocol": datamodule.protocol.name, "shots": datamodule.shots, "seed": int(cfg.seed),
         "selection": selection,
         "metrics": metrics, "extra": method.extra_results(),
+        "parameters": method.parameter_counts(*encoders.values()),
         "data": {**datamodule.data_record(), "subset_file": "subset.json"},
         "weights": encoders["backbone"].describe(),
         "code": code_version(), "packages": package_versions(),
