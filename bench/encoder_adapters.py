@@ -24,6 +24,10 @@ steps of part ``step`` alternate.
 
 from __future__ import annotations
 
+# bench/gpu_all.py runs this on a GPU with these arguments, within this many seconds on one H200
+GPU_COMMAND = ["--out", "{out}/bench.json"]
+GPU_BUDGET_S = 300
+
 import argparse
 import json
 import platform

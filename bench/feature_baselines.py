@@ -25,6 +25,10 @@ Random features with class structure (timings are the point; accuracies only sho
 
 from __future__ import annotations
 
+# bench/gpu_all.py runs this on a GPU with these arguments, within this many seconds on one H200
+GPU_COMMAND = ["--device", "cuda", "--out", "{out}/bench.json"]
+GPU_BUDGET_S = 240
+
 import argparse
 import json
 import math

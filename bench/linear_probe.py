@@ -19,6 +19,10 @@ The features are random (class centres plus noise, at the scale of raw CLIP feat
 
 from __future__ import annotations
 
+# bench/gpu_all.py runs this on a GPU with these arguments, within this many seconds on one H200
+GPU_COMMAND = ["--device", "cuda", "--iters", "50", "--out", "{out}/bench.json"]
+GPU_BUDGET_S = 240
+
 import argparse
 import json
 import platform

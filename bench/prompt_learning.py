@@ -23,6 +23,10 @@ The weights are random (``backbone.weights=null``): timings only, never an accur
 
 from __future__ import annotations
 
+# bench/gpu_all.py runs this on a GPU with these arguments, within this many seconds on one H200
+GPU_COMMAND = ["--device", "cuda", "--out", "{out}/bench.json"]
+GPU_BUDGET_S = 150
+
 import argparse
 import json
 import platform

@@ -8,8 +8,6 @@ same logits; a run stopped mid-training resumes to the same numbers; bad input i
 from __future__ import annotations
 
 import copy
-import json
-from pathlib import Path
 
 import pytest
 import torch

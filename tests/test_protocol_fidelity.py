@@ -15,7 +15,6 @@ from xmx.data.datasets import Datum, DatasetSplits, read_json
 from xmx.data.fewshot import describe_val, resolve_val_shots, select_fewshot
 from xmx.data.protocols import EvalSet
 from xmx.data.templates import resolve_templates
-from xmx.errors import XmxError
 from xmx.methods.tip_adapter import PAPER_EPOCH_MONITOR, TipAdapterMethod
 from xmx.run import run
 
