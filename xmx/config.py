@@ -19,3 +19,151 @@ def config_dir() -> Path:
         f"xmx: no Hydra configs found next to {_PKG} (looked for xmx/conf/config.yaml and ../conf/config.yaml); "
         "reinstall xmx with `pip install .` from a full checkout"
     )
+
+
+# ---- checks before any work ----------------------------------------------------------------------------------------
+# Cheap checks of a composed config that need neither torch nor data: each failure is one XmxError line naming the
+# key and how to fix it. ``xmx.run`` calls them first, so bad input costs about a second.
+
+def _select(cfg, key: str):
+    from omegaconf import OmegaConf
+
+    from xmx.errors import XmxError
+    try:
+        return OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=True)
+    except Exception as e:  # noqa: BLE001 - a broken interpolation is a config problem
+        raise XmxError(f"{key}: cannot resolve its value ({str(e).splitlines()[0]})") from None
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _whole(cfg, key: str, lo: int, allow_none: bool = False, also: tuple = (), hint: str = "") -> None:
+    from xmx.errors import XmxError
+    v = _select(cfg, key)
+    if (v is None and allow_none) or v in also:
+        return
+    if not _is_int(v) or v < lo:
+        what = "a whole number" if not _is_int(v) else f"at least {lo}"
+        extra = f" or {', '.join(map(str, also))}" if also else ""
+        raise XmxError(f"{key}={v!r}: must be {what}{extra}" + (f" ({hint})" if hint else "") + f"; set {key}=<n>")
+
+
+def _learning_rates(node, prefix: str):
+    """(key, value) of every learning rate under a config node: keys named ``lr`` or ending in ``_lr``."""
+    from omegaconf import DictConfig
+    if not isinstance(node, DictConfig):
+        return
+    for k in node.keys():
+        full = f"{prefix}.{k}"
+        try:
+            v = node[k]
+        except Exception:  # noqa: BLE001 - unresolvable values are checked where they are used
+            continue
+        if isinstance(v, DictConfig):
+            yield from _learning_rates(v, full)
+        elif str(k) == "lr" or str(k).endswith("_lr"):
+            yield full, v
+
+
+def check_writable_dir(key: str, path) -> Path:
+    """``path`` (which may not exist yet) must end up a folder this process can write: the nearest existing part
+    must be a folder, and a probe file must be creatable there. Creates nothing but the folder itself."""
+    import errno
+    import os
+    import tempfile
+
+    from xmx.errors import XmxError
+    p = Path(str(path)).expanduser()
+    existing = p
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise XmxError(f"{key}={path}: {existing} is a file, not a folder; point {key} at a folder")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as e:
+        why = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+               errno.EROFS: "read-only file system", errno.ENOSPC: "disk full"}.get(e.errno, e.strerror)
+        raise XmxError(f"{key}={path}: cannot write there ({why}); point {key} at a writable folder") from None
+    return p
+
+
+def _wandb_has_key() -> bool:
+    import netrc
+    import os
+    from urllib.parse import urlparse
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def check_config(cfg) -> None:
+    """Numbers and switches that would otherwise fail late (or not at all): shots, seed, epochs, batch sizes, learning
+    rates, workers, threads, the W&B login. Raises :class:`xmx.errors.XmxError`."""
+    import os
+
+    from omegaconf import DictConfig
+
+    from xmx.errors import XmxError
+    if "shots" in cfg:
+        _whole(cfg, "shots", 1, hint="labelled images per class")
+    if "seed" in cfg:
+        _whole(cfg, "seed", 0, hint="an integer random seed")
+    if "data" in cfg and "subset_seed" in cfg.data:
+        _whole(cfg, "data.subset_seed", 0, allow_none=True)
+    if "method" in cfg:
+        _whole(cfg, "method.epochs", 1, allow_none=True, hint="training epochs")
+        _whole(cfg, "method.batch_size", 1, allow_none=True)
+        for key, v in _learning_rates(cfg.method, "method"):
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise XmxError(f"{key}={v!r}: a learning rate is a number; set {key}=<lr>, e.g. 1e-3")
+            if not v > 0:
+                raise XmxError(f"{key}={v!r}: a learning rate must be positive; set {key}=<lr>, e.g. 1e-3")
+    if "trainer" in cfg and cfg.get("train", True):
+        _whole(cfg, "trainer.max_epochs", 1, allow_none=True, also=(-1,), hint="-1: no limit, with max_steps")
+        if "max_steps" in cfg.trainer:
+            _whole(cfg, "trainer.max_steps", 1, allow_none=True, also=(-1,))
+    if "data" in cfg:
+        for k in ("eval_batch_size",):
+            if k in cfg.data:
+                _whole(cfg, f"data.{k}", 1)
+        if "num_workers" in cfg.data:
+            _whole(cfg, "data.num_workers", 0)
+    if "features" in cfg:
+        for k, lo in (("batch_size", 1), ("num_workers", 0)):
+            if k in cfg.features:
+                _whole(cfg, f"features.{k}", lo)
+    threads = _select(cfg, "threads") if "threads" in cfg else "auto"
+    if threads != "auto" and (not _is_int(threads) or threads < 1):
+        raise XmxError(f"threads={threads!r}: must be auto or a whole number >= 1 (intra-op CPU threads)")
+    for name, lg in (cfg.get("logger") or {}).items():
+        if not isinstance(lg, DictConfig) or not str(lg.get("_target_", "")).endswith("WandbLogger"):
+            continue
+        offline = bool(lg.get("offline")) or os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled",
+                                                                                            "dryrun")
+        if not offline and not _wandb_has_key():
+            raise XmxError(f"logger.{name}: W&B has no API key here; log offline with WANDB_MODE=offline (or "
+                           f"logger.{name}.offline=true, then `wandb sync`), or set WANDB_API_KEY / run `wandb login`")
+
+
+def check_paths(cfg) -> None:
+    """Every folder a run writes (output, cache, feature store) is a writable folder, before any work."""
+    paths = cfg.get("paths") or {}
+    keys = [("paths.output_dir", paths.get("output_dir") if "output_dir" in paths else None),
+            ("paths.cache_dir", _select(cfg, "paths.cache_dir") if "cache_dir" in paths else None)]
+    feats = cfg.get("features")
+    if feats is not None and feats.get("enabled", True) and "root" in feats:
+        keys.append(("features.root", _select(cfg, "features.root")))
+    for key, value in keys:
+        if value:
+            check_writable_dir(key, value)

@@ -27,19 +27,20 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from xmx.config import config_dir
+from xmx.config import check_config, check_paths, config_dir
 from xmx.errors import XmxError
-from xmx.utils import atomic_write_bytes, atomic_write_text, code_version, package_versions
+from xmx.utils import (apply_threads, atomic_write_bytes, atomic_write_text, code_version, package_versions,
+                       plan_threads, set_thread_env, usable_cores)
+
+# torch and Lightning load inside the run (first use), after the config is checked and the thread count is set:
+# ``--help``, ``--cfg`` and config errors answer in about a second, and OpenMP/BLAS pools start with the right size.
 
 log = logging.getLogger("xmx")
 SCHEMA = "xmx.results/1"
@@ -76,6 +77,7 @@ def _instantiate_all(node) -> list:
 
 
 def _cost(t0: float) -> dict:
+    import torch
     if torch.cuda.is_available():
         device, peak = torch.cuda.get_device_name(), torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -84,9 +86,97 @@ def _cost(t0: float) -> dict:
     return {"wall_time_s": round(time.time() - t0, 3), "device": device, "peak_memory_mb": round(peak, 1)}
 
 
+# ---- before any work: threads, config keys, devices --------------------------------------------------------------
+def _plan_threads(cfg: DictConfig) -> int:
+    """Intra-op CPU threads for this run, from the cores it may use (affinity, cgroup quota) and its DataLoader
+    workers (``data.num_workers``, ``features.num_workers``, capped so that workers x threads <= cores). Sets the
+    OpenMP/BLAS variables before torch and numpy load."""
+    keys = [k for k in ("data.num_workers", "features.num_workers") if OmegaConf.select(cfg, k) is not None]
+    asked = {k: int(OmegaConf.select(cfg, k)) for k in keys}
+    cores = usable_cores()
+    threads, workers = plan_threads(cfg.get("threads", "auto"), max(asked.values(), default=0), cores)
+    with open_dict(cfg):
+        for k, n in asked.items():
+            if n > workers:
+                OmegaConf.update(cfg, k, workers)
+    log.info("cpu: %d usable cores -> %d intra-op threads, at most %d DataLoader workers", cores, threads, workers)
+    set_thread_env(threads)
+    return threads
+
+
+_CALL_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
+
+
+def _accepted_keys(target: str) -> set[str] | None:
+    """The keyword arguments a ``_target_`` accepts (following ``**kwargs`` up the class hierarchy), or None when
+    it takes any."""
+    import inspect
+
+    from hydra._internal.utils import _locate
+    try:
+        obj = _locate(target)
+    except Exception:  # noqa: BLE001 - Hydra reports a missing target itself
+        return None
+    classes = obj.__mro__ if inspect.isclass(obj) else (obj,)
+    names: set[str] = set()
+    for c in classes:
+        fn = c.__init__ if inspect.isclass(obj) else c
+        if inspect.isclass(obj) and "__init__" not in vars(c):
+            continue
+        try:
+            params = inspect.signature(fn).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            return names
+        if c is object or not inspect.isclass(obj):
+            return None
+    return None
+
+
+def check_targets(cfg: DictConfig) -> None:
+    """Every key of every ``_target_`` node (method, data, backbone, trainer, optimiser, ...) is one its class
+    accepts: ``+method.lrr=...`` is an error naming the valid keys, not a TypeError after the data is loaded."""
+    def walk(node, prefix: str):
+        if isinstance(node, DictConfig):
+            target = node.get("_target_") if "_target_" in node else None
+            if isinstance(target, str):
+                ok = _accepted_keys(target)
+                extra = sorted(str(k) for k in node.keys() if str(k) not in _CALL_KEYS and ok is not None
+                               and str(k) not in ok)
+                if extra:
+                    k = f"{prefix}.{extra[0]}" if prefix else extra[0]
+                    raise XmxError(f"{k}: not a setting of {target}; its settings: "
+                                   f"{', '.join(sorted(ok)) or 'none'} (fix the spelling, or drop the override)")
+            for k in node.keys():
+                if not str(k).startswith("_") or str(k) not in _CALL_KEYS:
+                    try:
+                        child = node._get_node(k)
+                    except Exception:  # noqa: BLE001
+                        continue
+                    if isinstance(child, DictConfig):
+                        walk(child, f"{prefix}.{k}" if prefix else str(k))
+    for top in cfg.keys():
+        if str(top) != "hydra":
+            child = cfg._get_node(top)
+            if isinstance(child, DictConfig):
+                walk(child, str(top))
+
+
+def check_devices(cfg: DictConfig) -> None:
+    """A GPU asked for on a machine without one is one line, not Lightning's MisconfigurationException."""
+    import torch
+    wants = [k for k in ("trainer.accelerator", "features.device")
+             if str(OmegaConf.select(cfg, k, default="") or "").split(":")[0] in ("gpu", "cuda")]
+    if wants and not torch.cuda.is_available():
+        raise XmxError(f"{wants[0]}={OmegaConf.select(cfg, wants[0])} but this machine has no CUDA GPU; use "
+                       f"{'trainer=default (accelerator auto) or trainer=cpu' if wants[0].startswith('trainer') else 'features.device=auto'}")
+
+
 # ---- job identity ----------------------------------------------------------------------------------------------
 # Left out of a job's identity: where things are written and how fast/visibly they run, never what is computed.
-_VOLATILE_TOP = ("paths", "hydra", "logger", "notice", "skip_done", "resume", "optimized_metric")
+_VOLATILE_TOP = ("paths", "hydra", "logger", "notice", "skip_done", "resume", "optimized_metric", "threads")
 _VOLATILE_KEYS = {"num_workers", "device", "devices", "accelerator", "strategy", "num_nodes", "default_root_dir",
                   "enable_progress_bar", "enable_model_summary", "log_every_n_steps"}
 _VOLATILE_CALLBACK = re.compile(r"(ProgressBar|ModelSummary|LearningRateMonitor|DeviceStatsMonitor|RNGState)$")
@@ -171,6 +261,7 @@ def _complete_results(folder, jid: str) -> dict | None:
 
 def _readable_checkpoint(path: Path) -> bool:
     """A SIGKILL during a save can leave a truncated file: such a last.ckpt is not resumed from."""
+    import torch
     try:
         torch.load(path, map_location="cpu", weights_only=False)
         return True
@@ -179,26 +270,11 @@ def _readable_checkpoint(path: Path) -> bool:
         return False
 
 
-class RNGState(L.Callback):
-    """Saves the global RNG states (torch, CUDA, numpy, Python) in every checkpoint and restores them on resume, so
-    that a resumed run draws the same random numbers (dropout, loader seeds) as an uninterrupted one."""
-
-    def state_dict(self) -> dict:
-        states = _collect_rng_states(include_cuda=torch.cuda.is_available())
-        if "numpy" in states:  # tensors and plain numbers only: checkpoints stay loadable with weights_only=True
-            name, keys, pos, has_gauss, gauss = states["numpy"]
-            states["numpy"] = [name, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(gauss)]
-        return {"rng": states}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        states = dict(state_dict.get("rng") or {})
-        if not states:
-            return
-        if "numpy" in states:
-            import numpy as np
-            name, keys, pos, has_gauss, gauss = states["numpy"]
-            states["numpy"] = (name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss)
-        _set_rng_states(states)
+def __getattr__(name):
+    if name == "RNGState":  # configs written before it moved (``_target_: xmx.run.RNGState``)
+        from xmx.methods.base import RNGState
+        return RNGState
+    raise AttributeError(f"module 'xmx.run' has no attribute {name!r}")
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------
@@ -232,6 +308,18 @@ def _plan(cfg: DictConfig, out: Path, jid: str) -> tuple[str, Path, dict | None,
 def _run(cfg: DictConfig) -> tuple[dict, str]:
     """-> (results, outcome) with outcome one of done | resumed | skipped."""
     t0 = time.time()
+    check_config(cfg)  # numbers, switches, W&B login: before torch is even imported
+    threads = _plan_threads(cfg)
+    import lightning as L
+    import torch
+    from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+    apply_threads(threads)
+    check_targets(cfg)
+    check_devices(cfg)
+    check_paths(cfg)
+    if cfg.get("init_from"):
+        from xmx.methods.base import check_checkpoint
+        check_checkpoint(cfg.init_from)
     out = _output_dir(cfg)
     jid = job_id(cfg)
     outcome, folder, done, ckpt = _plan(cfg, out, jid)
@@ -294,6 +382,7 @@ def _run(cfg: DictConfig) -> tuple[dict, str]:
         "code": code_version(), "packages": package_versions(),
         "cost": _cost(t0),
         "predictions": "predictions.safetensors" if method.predictions else None,
+        "init_from": getattr(method, "init_record", None),
         "checkpoint": str(Path(best).relative_to(out)) if best and Path(best).is_relative_to(out) else best or None,
         "config": resolved,
     }
@@ -318,6 +407,7 @@ def _best_score(ckpt_cb, best: str) -> float | None:
     from the ModelCheckpoint state saved in that checkpoint."""
     if ckpt_cb is None:
         return None
+    import torch
     if getattr(ckpt_cb, "best_model_score", None) is not None:
         return float(ckpt_cb.best_model_score)
     if best and Path(best).is_file():
@@ -395,8 +485,17 @@ def _write_job_status(status: str, cfg: DictConfig, jid: str | None, results: di
         "output_dir": str(where), "metrics": (results or {}).get("metrics")}, indent=1))
 
 
+def _log_to_files(msg: str) -> None:
+    rec = log.makeRecord(log.name, logging.ERROR, __file__, 0, msg, (), None)
+    for h in logging.getLogger().handlers + log.handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(rec)
+
+
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def _hydra_main(cfg: DictConfig):
+    global _TASK_STARTED
+    _TASK_STARTED = True
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     jid = None
     try:
@@ -407,7 +506,7 @@ def _hydra_main(cfg: DictConfig):
         _finish_wandb_on_error()
         line = str(e).splitlines()[0] if str(e) else type(e).__name__
         if isinstance(e, XmxError):
-            log.error("error: %s", e)
+            _log_to_files(f"error: {e}")  # the run's log file; the terminal gets the line once, below
             print(f"error: {e}", file=sys.stderr)
         elif multirun:
             log.exception("job %s failed: %s: %s", jid, type(e).__name__, line)
@@ -470,19 +569,71 @@ class SweepSummary(HydraCallback):
 def _gpu_slot() -> int:
     """The GPU of this job when several jobs share a node (``hydra/launcher=local_gpus``): job number modulo the
     visible GPUs."""
+    import torch
     return int(HydraConfig.get().job.num) % max(torch.cuda.device_count(), 1)
 
 
 if not OmegaConf.has_resolver("xmx.gpu_slot"):
     OmegaConf.register_new_resolver("xmx.gpu_slot", _gpu_slot, use_cache=False)
 if not OmegaConf.has_resolver("xmx.num_gpus"):
-    OmegaConf.register_new_resolver("xmx.num_gpus", lambda: max(torch.cuda.device_count(), 1))
+    OmegaConf.register_new_resolver("xmx.num_gpus", lambda: _num_gpus())
+
+
+def _num_gpus() -> int:
+    import torch
+    return max(torch.cuda.device_count(), 1)
+
+
+def hydra_error_line(e: BaseException) -> str | None:
+    """One line for an error Hydra raises while reading the command line or composing the config (unknown
+    experiment, misspelt key, bad override syntax), or while creating the run folder; None for anything else."""
+    from hydra.errors import HydraException, MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+    if isinstance(e, MissingConfigException) and e.missing_cfg_file and "/" in str(e.missing_cfg_file):
+        group, _, name = str(e.missing_cfg_file).rpartition("/")
+        return (f"unknown {group} {name!r} ({group}={name}); valid choices: "
+                f"{', '.join(sorted(e.options or [])) or 'none'}")
+    if isinstance(e, OSError) and not isinstance(e, HydraException) and e.filename and not _TASK_STARTED:
+        return (f"cannot create the run folder {e.filename} ({e.strerror}); set paths.log_dir (or XMX_LOG_DIR) "
+                "to a writable folder")
+    if not isinstance(e, (HydraException, OmegaConfBaseException)):
+        return None
+    text = str(e)
+    m = re.match(r"Could not override '([^']+)'", text)
+    cause = e.__cause__
+    if m and isinstance(cause, OmegaConfBaseException):
+        key, parent = m.group(1), getattr(cause, "parent_node", None)
+        keys = sorted(str(k) for k in parent.keys()) if isinstance(parent, DictConfig) else []
+        where = key.rpartition(".")[0] or "the config"
+        return (f"{key}: no such key in {where}" + (f"; its keys: {', '.join(keys)}" if keys else "")
+                + " (check the spelling; `python -m xmx.run --cfg job` prints the whole config)")
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    if isinstance(cause, OmegaConfBaseException):
+        lines += [l.strip() for l in str(cause).splitlines()[:1] if l.strip()]
+    return " ".join(lines).replace("\t", " ") if lines else type(e).__name__
+
+
+_TASK_STARTED = False  # set when Hydra hands over to the task: OSErrors before that are Hydra's folder creation
 
 
 def main() -> None:
+    """``python -m xmx.run``: Hydra's command line; errors in the command line and the config are one ``error:`` line
+    and exit code 2 (Hydra would print several lines and exit 1)."""
     if len(sys.argv) == 1:  # no arguments: the embedded default is the synthetic demo
         sys.argv.append("experiment=demo")
-    _hydra_main()
+    import hydra._internal.utils as hydra_utils
+    report = hydra_utils.run_and_report
+    hydra_utils.run_and_report = lambda func: func()  # let errors reach us instead of Hydra's multi-line report
+    try:
+        _hydra_main()
+    except Exception as e:  # noqa: BLE001
+        line = hydra_error_line(e)
+        if line is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:
+        hydra_utils.run_and_report = report
 
 
 if __name__ == "__main__":
