@@ -40,6 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from xmx.errors import XmxError
+from xmx.utils import apply_umask
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +243,7 @@ class FeatureStore:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
         os.close(fd)
         try:
+            apply_umask(tmp)  # the user's umask, not mkstemp's 0600: a shared store is readable by the group
             save_file(tensors, tmp, metadata=meta)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
