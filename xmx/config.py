@@ -1,4 +1,4 @@
-"""Where the Hydra configs live.
+"""Where the Hydra configs live, and how objects are built from them.
 
 A wheel carries them inside the package (``xmx/conf``); a source checkout (editable install, tests) has them in the
 top-level ``conf/``. ``conf/sweep`` is a link to the top-level ``sweeps/`` folder, so sweeps form the ``sweep`` group.
@@ -6,6 +6,7 @@ top-level ``conf/``. ``conf/sweep`` is a link to the top-level ``sweeps/`` folde
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 _PKG = Path(__file__).resolve().parent
@@ -19,6 +20,24 @@ def config_dir() -> Path:
         f"xmx: no Hydra configs found next to {_PKG} (looked for xmx/conf/config.yaml and ../conf/config.yaml); "
         "reinstall xmx with `pip install .` from a full checkout"
     )
+
+
+def build(node, **kwargs):
+    """``hydra.utils.instantiate`` that lets an XmxError through as itself (Hydra wraps it otherwise), so the user
+    sees its one line."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from xmx.errors import XmxError
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, XmxError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
 
 
 # ---- checks before any work ----------------------------------------------------------------------------------------
@@ -167,3 +186,133 @@ def check_paths(cfg) -> None:
     for key, value in keys:
         if value:
             check_writable_dir(key, value)
+
+
+# ---- threads, config keys, devices --------------------------------------------------------------
+def plan_run_threads(cfg) -> int:
+    """Intra-op CPU threads for this run, from the cores it may use (affinity, cgroup quota) and its DataLoader
+    workers (``data.num_workers``, ``features.num_workers``, capped so that workers x threads <= cores). Sets the
+    OpenMP/BLAS variables before torch and numpy load."""
+    from omegaconf import OmegaConf, open_dict
+
+    from xmx.utils import plan_threads, set_thread_env, usable_cores
+    keys = [k for k in ("data.num_workers", "features.num_workers") if OmegaConf.select(cfg, k) is not None]
+    asked = {k: int(OmegaConf.select(cfg, k)) for k in keys}
+    cores = usable_cores()
+    threads, workers = plan_threads(cfg.get("threads", "auto"), max(asked.values(), default=0), cores)
+    with open_dict(cfg):
+        for k, n in asked.items():
+            if n > workers:
+                OmegaConf.update(cfg, k, workers)
+    logging.getLogger("xmx").info("cpu: %d usable cores -> %d intra-op threads, at most %d DataLoader workers", cores, threads, workers)
+    set_thread_env(threads)
+    return threads
+
+
+_CALL_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
+
+
+def _accepted_keys(target: str) -> set[str] | None:
+    """The keyword arguments a ``_target_`` accepts (following ``**kwargs`` up the class hierarchy), or None when
+    it takes any."""
+    import inspect
+
+    from hydra._internal.utils import _locate
+    try:
+        obj = _locate(target)
+    except Exception:  # noqa: BLE001 - Hydra reports a missing target itself
+        return None
+    classes = obj.__mro__ if inspect.isclass(obj) else (obj,)
+    names: set[str] = set()
+    for c in classes:
+        fn = c.__init__ if inspect.isclass(obj) else c
+        if inspect.isclass(obj) and "__init__" not in vars(c):
+            continue
+        try:
+            params = inspect.signature(fn).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            return names
+        if c is object or not inspect.isclass(obj):
+            return None
+    return None
+
+
+def check_targets(cfg) -> None:
+    """Every key of every ``_target_`` node (method, data, backbone, trainer, optimiser, ...) is one its class
+    accepts: ``+method.lrr=...`` is an error naming the valid keys, not a TypeError after the data is loaded."""
+    from omegaconf import DictConfig
+
+    from xmx.errors import XmxError
+
+    def walk(node, prefix: str):
+        if isinstance(node, DictConfig):
+            target = node.get("_target_") if "_target_" in node else None
+            if isinstance(target, str):
+                ok = _accepted_keys(target)
+                extra = sorted(str(k) for k in node.keys() if str(k) not in _CALL_KEYS and ok is not None
+                               and str(k) not in ok)
+                if extra:
+                    k = f"{prefix}.{extra[0]}" if prefix else extra[0]
+                    raise XmxError(f"{k}: not a setting of {target}; its settings: "
+                                   f"{', '.join(sorted(ok)) or 'none'} (fix the spelling, or drop the override)")
+            for k in node.keys():
+                if not str(k).startswith("_") or str(k) not in _CALL_KEYS:
+                    try:
+                        child = node._get_node(k)
+                    except Exception:  # noqa: BLE001
+                        continue
+                    if isinstance(child, DictConfig):
+                        walk(child, f"{prefix}.{k}" if prefix else str(k))
+    for top in cfg.keys():
+        if str(top) != "hydra":
+            child = cfg._get_node(top)
+            if isinstance(child, DictConfig):
+                walk(child, str(top))
+
+
+def check_devices(cfg) -> None:
+    """A GPU asked for on a machine without one is one line, not Lightning's MisconfigurationException."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from xmx.errors import XmxError
+    wants = [k for k in ("trainer.accelerator", "features.device")
+             if str(OmegaConf.select(cfg, k, default="") or "").split(":")[0] in ("gpu", "cuda")]
+    if wants and not torch.cuda.is_available():
+        raise XmxError(f"{wants[0]}={OmegaConf.select(cfg, wants[0])} but this machine has no CUDA GPU; use "
+                       f"{'trainer=default (accelerator auto) or trainer=cpu' if wants[0].startswith('trainer') else 'features.device=auto'}")
+
+
+def hydra_error_line(e: BaseException, before_task: bool = True) -> str | None:
+    """One line for an error Hydra raises while reading the command line or composing the config (unknown
+    experiment, misspelt key, bad override syntax), or while creating the run folder; None for anything else."""
+    import re
+
+    from hydra.errors import HydraException, MissingConfigException
+    from omegaconf import DictConfig
+    from omegaconf.errors import OmegaConfBaseException
+    if isinstance(e, MissingConfigException) and e.missing_cfg_file and "/" in str(e.missing_cfg_file):
+        group, _, name = str(e.missing_cfg_file).rpartition("/")
+        return (f"unknown {group} {name!r} ({group}={name}); valid choices: "
+                f"{', '.join(sorted(e.options or [])) or 'none'}")
+    if isinstance(e, OSError) and not isinstance(e, HydraException) and e.filename and before_task:
+        return (f"cannot create the run folder {e.filename} ({e.strerror}); set paths.log_dir (or XMX_LOG_DIR) "
+                "to a writable folder")
+    if not isinstance(e, (HydraException, OmegaConfBaseException)):
+        return None
+    text = str(e)
+    m = re.match(r"Could not override '([^']+)'", text)
+    cause = e.__cause__
+    if m and isinstance(cause, OmegaConfBaseException):
+        key, parent = m.group(1), getattr(cause, "parent_node", None)
+        keys = sorted(str(k) for k in parent.keys()) if isinstance(parent, DictConfig) else []
+        where = key.rpartition(".")[0] or "the config"
+        return (f"{key}: no such key in {where}" + (f"; its keys: {', '.join(keys)}" if keys else "")
+                + " (check the spelling; `python -m xmx.run --cfg job` prints the whole config)")
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    if isinstance(cause, OmegaConfBaseException):
+        lines += [l.strip() for l in str(cause).splitlines()[:1] if l.strip()]
+    return " ".join(lines).replace("\t", " ") if lines else type(e).__name__

@@ -28,16 +28,14 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from xmx.config import check_config, check_paths, config_dir
+from xmx.config import (build, check_config, check_devices, check_paths, check_targets, config_dir,
+                        hydra_error_line, plan_run_threads)
 from xmx.errors import XmxError
-from xmx.utils import (apply_threads, atomic_write_bytes, atomic_write_text, code_version, package_versions,
-                       plan_threads, set_thread_env, usable_cores)
+from xmx.utils import apply_threads, atomic_write_bytes, atomic_write_text, code_version, package_versions
 
 # torch and Lightning load inside the run (first use), after the config is checked and the thread count is set:
 # ``--help``, ``--cfg`` and config errors answer in about a second, and OpenMP/BLAS pools start with the right size.
@@ -55,20 +53,6 @@ def _output_dir(cfg: DictConfig) -> Path:
     return path
 
 
-def build(node, **kwargs):
-    """``hydra.utils.instantiate`` that lets an XmxError through as itself (Hydra wraps it otherwise), so the user
-    sees its one line."""
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as e:
-        cause = e.__cause__
-        while cause is not None and not isinstance(cause, XmxError):
-            cause = cause.__cause__
-        if cause is not None:
-            raise cause from None
-        raise
-
-
 def _instantiate_all(node) -> list:
     """A config group holding several ``_target_`` entries (loggers, callbacks) -> list of objects."""
     if not node:
@@ -84,94 +68,6 @@ def _cost(t0: float) -> dict:
         device, peak = f"cpu ({platform.processor() or platform.machine()})", \
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"wall_time_s": round(time.time() - t0, 3), "device": device, "peak_memory_mb": round(peak, 1)}
-
-
-# ---- before any work: threads, config keys, devices --------------------------------------------------------------
-def _plan_threads(cfg: DictConfig) -> int:
-    """Intra-op CPU threads for this run, from the cores it may use (affinity, cgroup quota) and its DataLoader
-    workers (``data.num_workers``, ``features.num_workers``, capped so that workers x threads <= cores). Sets the
-    OpenMP/BLAS variables before torch and numpy load."""
-    keys = [k for k in ("data.num_workers", "features.num_workers") if OmegaConf.select(cfg, k) is not None]
-    asked = {k: int(OmegaConf.select(cfg, k)) for k in keys}
-    cores = usable_cores()
-    threads, workers = plan_threads(cfg.get("threads", "auto"), max(asked.values(), default=0), cores)
-    with open_dict(cfg):
-        for k, n in asked.items():
-            if n > workers:
-                OmegaConf.update(cfg, k, workers)
-    log.info("cpu: %d usable cores -> %d intra-op threads, at most %d DataLoader workers", cores, threads, workers)
-    set_thread_env(threads)
-    return threads
-
-
-_CALL_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
-
-
-def _accepted_keys(target: str) -> set[str] | None:
-    """The keyword arguments a ``_target_`` accepts (following ``**kwargs`` up the class hierarchy), or None when
-    it takes any."""
-    import inspect
-
-    from hydra._internal.utils import _locate
-    try:
-        obj = _locate(target)
-    except Exception:  # noqa: BLE001 - Hydra reports a missing target itself
-        return None
-    classes = obj.__mro__ if inspect.isclass(obj) else (obj,)
-    names: set[str] = set()
-    for c in classes:
-        fn = c.__init__ if inspect.isclass(obj) else c
-        if inspect.isclass(obj) and "__init__" not in vars(c):
-            continue
-        try:
-            params = inspect.signature(fn).parameters.values()
-        except (TypeError, ValueError):
-            return None
-        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-        if not any(p.kind == p.VAR_KEYWORD for p in params):
-            return names
-        if c is object or not inspect.isclass(obj):
-            return None
-    return None
-
-
-def check_targets(cfg: DictConfig) -> None:
-    """Every key of every ``_target_`` node (method, data, backbone, trainer, optimiser, ...) is one its class
-    accepts: ``+method.lrr=...`` is an error naming the valid keys, not a TypeError after the data is loaded."""
-    def walk(node, prefix: str):
-        if isinstance(node, DictConfig):
-            target = node.get("_target_") if "_target_" in node else None
-            if isinstance(target, str):
-                ok = _accepted_keys(target)
-                extra = sorted(str(k) for k in node.keys() if str(k) not in _CALL_KEYS and ok is not None
-                               and str(k) not in ok)
-                if extra:
-                    k = f"{prefix}.{extra[0]}" if prefix else extra[0]
-                    raise XmxError(f"{k}: not a setting of {target}; its settings: "
-                                   f"{', '.join(sorted(ok)) or 'none'} (fix the spelling, or drop the override)")
-            for k in node.keys():
-                if not str(k).startswith("_") or str(k) not in _CALL_KEYS:
-                    try:
-                        child = node._get_node(k)
-                    except Exception:  # noqa: BLE001
-                        continue
-                    if isinstance(child, DictConfig):
-                        walk(child, f"{prefix}.{k}" if prefix else str(k))
-    for top in cfg.keys():
-        if str(top) != "hydra":
-            child = cfg._get_node(top)
-            if isinstance(child, DictConfig):
-                walk(child, str(top))
-
-
-def check_devices(cfg: DictConfig) -> None:
-    """A GPU asked for on a machine without one is one line, not Lightning's MisconfigurationException."""
-    import torch
-    wants = [k for k in ("trainer.accelerator", "features.device")
-             if str(OmegaConf.select(cfg, k, default="") or "").split(":")[0] in ("gpu", "cuda")]
-    if wants and not torch.cuda.is_available():
-        raise XmxError(f"{wants[0]}={OmegaConf.select(cfg, wants[0])} but this machine has no CUDA GPU; use "
-                       f"{'trainer=default (accelerator auto) or trainer=cpu' if wants[0].startswith('trainer') else 'features.device=auto'}")
 
 
 # ---- job identity ----------------------------------------------------------------------------------------------
@@ -309,7 +205,7 @@ def _run(cfg: DictConfig) -> tuple[dict, str]:
     """-> (results, outcome) with outcome one of done | resumed | skipped."""
     t0 = time.time()
     check_config(cfg)  # numbers, switches, W&B login: before torch is even imported
-    threads = _plan_threads(cfg)
+    threads = plan_run_threads(cfg)
     import lightning as L
     import torch
     from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
@@ -584,35 +480,6 @@ def _num_gpus() -> int:
     return max(torch.cuda.device_count(), 1)
 
 
-def hydra_error_line(e: BaseException) -> str | None:
-    """One line for an error Hydra raises while reading the command line or composing the config (unknown
-    experiment, misspelt key, bad override syntax), or while creating the run folder; None for anything else."""
-    from hydra.errors import HydraException, MissingConfigException
-    from omegaconf.errors import OmegaConfBaseException
-    if isinstance(e, MissingConfigException) and e.missing_cfg_file and "/" in str(e.missing_cfg_file):
-        group, _, name = str(e.missing_cfg_file).rpartition("/")
-        return (f"unknown {group} {name!r} ({group}={name}); valid choices: "
-                f"{', '.join(sorted(e.options or [])) or 'none'}")
-    if isinstance(e, OSError) and not isinstance(e, HydraException) and e.filename and not _TASK_STARTED:
-        return (f"cannot create the run folder {e.filename} ({e.strerror}); set paths.log_dir (or XMX_LOG_DIR) "
-                "to a writable folder")
-    if not isinstance(e, (HydraException, OmegaConfBaseException)):
-        return None
-    text = str(e)
-    m = re.match(r"Could not override '([^']+)'", text)
-    cause = e.__cause__
-    if m and isinstance(cause, OmegaConfBaseException):
-        key, parent = m.group(1), getattr(cause, "parent_node", None)
-        keys = sorted(str(k) for k in parent.keys()) if isinstance(parent, DictConfig) else []
-        where = key.rpartition(".")[0] or "the config"
-        return (f"{key}: no such key in {where}" + (f"; its keys: {', '.join(keys)}" if keys else "")
-                + " (check the spelling; `python -m xmx.run --cfg job` prints the whole config)")
-    lines = [l.strip() for l in text.splitlines() if l.strip()]
-    if isinstance(cause, OmegaConfBaseException):
-        lines += [l.strip() for l in str(cause).splitlines()[:1] if l.strip()]
-    return " ".join(lines).replace("\t", " ") if lines else type(e).__name__
-
-
 _TASK_STARTED = False  # set when Hydra hands over to the task: OSErrors before that are Hydra's folder creation
 
 
@@ -627,7 +494,7 @@ def main() -> None:
     try:
         _hydra_main()
     except Exception as e:  # noqa: BLE001
-        line = hydra_error_line(e)
+        line = hydra_error_line(e, before_task=not _TASK_STARTED)
         if line is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"error: {line}", file=sys.stderr)

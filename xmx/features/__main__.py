@@ -80,8 +80,8 @@ def build(overrides: list[str]) -> int:
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from xmx.config import check_config, check_paths, config_dir
-    from xmx.run import hydra_error_line
+    from xmx.config import (build as instantiate, check_config, check_devices, check_paths, check_targets,
+                            config_dir, hydra_error_line, plan_run_threads)
     bad = [a for a in overrides if "=" not in a]
     if bad:
         raise XmxError(f"{bad[0]!r} is neither a command ({', '.join(HOUSEKEEPING)}) nor a KEY=VALUE override "
@@ -100,10 +100,10 @@ def build(overrides: list[str]) -> int:
         cfg.paths.output_dir = None
     check_config(cfg)
     check_paths(cfg)
-    from xmx.run import _plan_threads, build as instantiate, check_targets
     from xmx.utils import apply_threads
-    apply_threads(_plan_threads(cfg))
+    apply_threads(plan_run_threads(cfg))
     check_targets(cfg)
+    check_devices(cfg)
     backbone = instantiate(cfg.backbone)
     dm = instantiate(cfg.data, backbone=backbone, _convert_="all")
     dm.setup("fit")
