@@ -242,7 +242,7 @@ def _accepted_keys(target: str) -> set[str] | None:
 
 def check_targets(cfg) -> None:
     """Every key of every ``_target_`` node (method, data, backbone, trainer, optimiser, ...) is one its class
-    accepts: ``+method.lrr=...`` is an error naming the valid keys, not a TypeError after the data is loaded."""
+    accepts: ``+method.<typo>=...`` is an error naming the valid keys, not a TypeError after the data is loaded."""
     from omegaconf import DictConfig
 
     from xmx.errors import XmxError
