@@ -215,7 +215,7 @@ def _run(cfg: DictConfig) -> tuple[dict, str]:
     check_paths(cfg)
     if cfg.get("init_from"):
         from xmx.methods.base import check_checkpoint
-        check_checkpoint(cfg.init_from)
+        check_checkpoint(cfg.init_from, OmegaConf.select(cfg, "method._target_"))
     out = _output_dir(cfg)
     jid = job_id(cfg)
     outcome, folder, done, ckpt = _plan(cfg, out, jid)
@@ -488,6 +488,8 @@ def main() -> None:
     and exit code 2 (Hydra would print several lines and exit 1)."""
     if len(sys.argv) == 1:  # no arguments: the embedded default is the synthetic demo
         sys.argv.append("experiment=demo")
+    global _TASK_STARTED
+    _TASK_STARTED = False
     import hydra._internal.utils as hydra_utils
     report = hydra_utils.run_and_report
     hydra_utils.run_and_report = lambda func: func()  # let errors reach us instead of Hydra's multi-line report

@@ -243,8 +243,8 @@ class FeatureStore:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
         os.close(fd)
         try:
-            apply_umask(tmp)  # the user's umask, not mkstemp's 0600: a shared store is readable by the group
             save_file(tensors, tmp, metadata=meta)
+            apply_umask(tmp)  # the user's umask, not mkstemp's 0600: a shared store is readable by the group
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)

@@ -43,7 +43,8 @@ def read_checkpoint(path: str | Path) -> tuple[Path, dict]:
         raw = torch.load(ckpt, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - whatever torch/pickle raises for a file that is not a checkpoint
         why = (str(e).splitlines() or [""])[0][:120]
-        raise XmxError(f"init_from={path}: {ckpt} is not a readable PyTorch checkpoint ({type(e).__name__}: {why}); "
+        why = "" if "weights_only" in why or not why else f": {why}"
+        raise XmxError(f"init_from={path}: {ckpt} is not a readable PyTorch checkpoint ({type(e).__name__}{why}); "
                        "pass the checkpoints/best.ckpt (or the folder) of an xmx run") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("state_dict"), dict):
         raise XmxError(f"init_from={path}: {ckpt} holds no 'state_dict': it is not a checkpoint written by an xmx "
@@ -51,9 +52,19 @@ def read_checkpoint(path: str | Path) -> tuple[Path, dict]:
     return ckpt, raw
 
 
-def check_checkpoint(path: str | Path) -> Path:
-    """``init_from`` is checked before any data is read: the file exists and is an xmx checkpoint."""
-    return read_checkpoint(path)[0]
+def check_checkpoint(path: str | Path, target: str | None = None) -> Path:
+    """``init_from`` is checked before any data is read: the file exists, is an xmx checkpoint, and (when it says)
+    comes from the family of the method ``target`` (the method config's ``_target_``)."""
+    ckpt, raw = read_checkpoint(path)
+    theirs = raw.get("xmx_method") or {}
+    if target and theirs.get("family"):
+        parts = str(target).split(".")
+        mine = parts[2] if parts[:2] == ["xmx", "methods"] and len(parts) > 3 else ".".join(parts[:-1])
+        if theirs["family"] != mine:
+            raise XmxError(f"init_from={path}: the checkpoint is of method {theirs.get('name')} ({theirs['family']} "
+                           f"family), this run's method is of the {mine} family; initialise from a run of the same "
+                           "method family")
+    return ckpt
 
 
 def method_family(cls: type) -> str:
