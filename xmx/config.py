@@ -308,7 +308,8 @@ def hydra_error_line(e: BaseException, before_task: bool = True) -> str | None:
     cause = e.__cause__
     if m and isinstance(cause, OmegaConfBaseException):
         key, parent = m.group(1), getattr(cause, "parent_node", None)
-        keys = sorted(str(k) for k in parent.keys() if not str(k).startswith("_")) if isinstance(parent, DictConfig) else []
+        keys = sorted(str(k) for k in parent.keys() if not str(k).startswith("_")) \
+            if isinstance(parent, DictConfig) else []
         where = key.rpartition(".")[0] or "the config"
         return (f"{key}: no such key in {where}" + (f"; its keys: {', '.join(keys)}" if keys else "")
                 + " (check the spelling; `python -m xmx.run --cfg job` prints the whole config)")
