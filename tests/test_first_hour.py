@@ -70,6 +70,18 @@ def test_a_run_sets_threads_from_its_cores_and_workers(make_cfg, monkeypatch):
         torch.set_num_threads(n)
 
 
+def test_long_loops_say_where_they_are(caplog):
+    clock = iter([0.0, 3.0, 12.0, 13.0, 25.0])
+    beat = utils.Heartbeat("search", total=100, every_s=10.0)
+    beat._clock = lambda: next(clock)
+    beat.t0 = beat._last = beat._clock()
+    with caplog.at_level(logging.INFO, logger="xmx"):
+        for done in (10, 40, 50, 80):  # at 3 s, 12 s, 13 s, 25 s
+            beat(done)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["search: 40/100 (12s, ~18s left)", "search: 80/100 (25s, ~6s left)"]
+
+
 # ---- a command line that answers before torch ----------------------------------------------------------------------
 def test_help_config_errors_and_cfg_answer_without_importing_torch(tmp_path):
     script = f"""

@@ -483,11 +483,43 @@ def _num_gpus() -> int:
 _TASK_STARTED = False  # set when Hydra hands over to the task: OSErrors before that are Hydra's folder creation
 
 
+HELP = """xmx: cross-modal adapters for CLIP and language models (Hydra + Lightning).
+
+Usage: python -m xmx.run [KEY=VALUE ...]              one run (no arguments: the synthetic CPU demo)
+       python -m xmx.run -m KEY=A,B ...                a multirun over the values (sweep=<name>: a preset grid)
+       python -m xmx.run experiment=<name> --cfg job   print the composed config and exit
+
+Examples: python -m xmx.run experiment=tip_adapter_f_16shot data=oxford_pets seed=2
+          python -m xmx.run experiment=mma_b2n data=dtd trainer=gpu
+
+Config groups (GROUP=OPTION):
+{groups}
+
+Everything else is KEY=VALUE on the composed config (`--cfg job` lists the keys). Bad input is one `error:` line
+and exit code 2 (docs/errors.md). Outputs: $XMX_LOG_DIR or ./outputs/<task_name>/... (results.json written last).
+Hydra's own options: --hydra-help."""
+
+
+def help_text() -> str:
+    """The ``--help`` page, from the config folders themselves (Hydra's own listing composes the config once per
+    group option: seconds)."""
+    root = config_dir()
+    groups = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and p.name != "hydra"):
+        opts = sorted(f.stem for f in d.glob("*.yaml") if not f.stem.startswith("_"))
+        if opts:
+            groups.append(f"{d.name}: {', '.join(opts)}")
+    return HELP.format(groups="\n".join(groups))
+
+
 def main() -> None:
     """``python -m xmx.run``: Hydra's command line; errors in the command line and the config are one ``error:`` line
     and exit code 2 (Hydra would print several lines and exit 1)."""
     if len(sys.argv) == 1:  # no arguments: the embedded default is the synthetic demo
         sys.argv.append("experiment=demo")
+    if any(a in ("--help", "-h") for a in sys.argv[1:]):
+        print(help_text())
+        return
     global _TASK_STARTED
     _TASK_STARTED = False
     import hydra._internal.utils as hydra_utils

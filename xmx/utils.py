@@ -152,3 +152,33 @@ def apply_threads(threads: int) -> None:
     except ImportError:
         return
     threadpool_limits(threads)
+
+
+# ---- progress of long steps ----------------------------------------------------------------------------------------
+class Heartbeat:
+    """A log line at most every ``every_s`` seconds for a long loop without a progress bar (searches, solver
+    fits): ``what: done/total (elapsed, ~remaining)``. Silent for loops that finish within ``every_s``.
+
+        beat = Heartbeat("alpha/beta search", total=n)
+        for i in range(n):
+            ...
+            beat(i + 1)
+    """
+
+    def __init__(self, what: str, total: int | None = None, every_s: float = 10.0, logger=None):
+        import logging
+        import time
+        self.what, self.total, self.every_s = what, total, every_s
+        self.log = logger or logging.getLogger("xmx")
+        self._clock = time.monotonic
+        self.t0 = self._last = self._clock()
+
+    def __call__(self, done: int, note: str = "") -> None:
+        now = self._clock()
+        if now - self._last < self.every_s:
+            return
+        self._last = now
+        el = now - self.t0
+        eta = f", ~{el * (self.total - done) / done:.0f}s left" if self.total and done else ""
+        of = f"/{self.total}" if self.total else ""
+        self.log.info("%s: %d%s (%.0fs%s)%s", self.what, done, of, el, eta, f" {note}" if note else "")
