@@ -204,7 +204,8 @@ def _plan(cfg: DictConfig, out: Path, jid: str) -> tuple[str, Path, dict | None,
 def _run(cfg: DictConfig) -> tuple[dict, str]:
     """-> (results, outcome) with outcome one of done | resumed | skipped."""
     t0 = time.time()
-    check_config(cfg)  # numbers, switches, W&B login: before torch is even imported
+    check_config(cfg)  # numbers, switches, W&B login, writable folders: before torch is even imported
+    check_paths(cfg)
     threads = plan_run_threads(cfg)
     import lightning as L
     import torch
@@ -212,7 +213,6 @@ def _run(cfg: DictConfig) -> tuple[dict, str]:
     apply_threads(threads)
     check_targets(cfg)
     check_devices(cfg)
-    check_paths(cfg)
     if cfg.get("init_from"):
         from xmx.methods.base import check_checkpoint
         check_checkpoint(cfg.init_from, OmegaConf.select(cfg, "method._target_"))
