@@ -4,7 +4,6 @@ readable by collaborators, GPU-free defaults for the language presets, the backb
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from xmx.errors import XmxError
+
 _PKG = Path(__file__).resolve().parent
 
 
@@ -28,7 +30,6 @@ def build(node, **kwargs):
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    from xmx.errors import XmxError
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as e:
@@ -46,8 +47,6 @@ def build(node, **kwargs):
 
 def _select(cfg, key: str):
     from omegaconf import OmegaConf
-
-    from xmx.errors import XmxError
     try:
         return OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=True)
     except Exception as e:  # noqa: BLE001 - a broken interpolation is a config problem
@@ -59,7 +58,6 @@ def _is_int(v) -> bool:
 
 
 def _whole(cfg, key: str, lo: int, allow_none: bool = False, also: tuple = (), hint: str = "") -> None:
-    from xmx.errors import XmxError
     v = _select(cfg, key)
     if (v is None and allow_none) or v in also:
         return
@@ -90,10 +88,8 @@ def check_writable_dir(key: str, path) -> Path:
     """``path`` (which may not exist yet) must end up a folder this process can write: the nearest existing part
     must be a folder, and a probe file must be creatable there. Creates nothing but the folder itself."""
     import errno
-    import os
     import tempfile
 
-    from xmx.errors import XmxError
     p = Path(str(path)).expanduser()
     existing = p
     while not existing.exists() and existing != existing.parent:
@@ -131,7 +127,6 @@ def check_config(cfg) -> None:
 
     from omegaconf import DictConfig
 
-    from xmx.errors import XmxError
     if "shots" in cfg:
         _whole(cfg, "shots", 1, hint="labelled images per class")
     if "seed" in cfg:
@@ -204,7 +199,8 @@ def plan_run_threads(cfg) -> int:
         for k, n in asked.items():
             if n > workers:
                 OmegaConf.update(cfg, k, workers)
-    logging.getLogger("xmx").info("cpu: %d usable cores -> %d intra-op threads, at most %d DataLoader workers", cores, threads, workers)
+    logging.getLogger("xmx").info("cpu: %d usable cores -> %d intra-op threads, at most %d DataLoader workers",
+                                  cores, threads, workers)
     set_thread_env(threads)
     return threads
 
@@ -245,8 +241,6 @@ def check_targets(cfg) -> None:
     accepts: ``+method.<typo>=...`` is an error naming the valid keys, not a TypeError after the data is loaded."""
     from omegaconf import DictConfig
 
-    from xmx.errors import XmxError
-
     def walk(node, prefix: str):
         if isinstance(node, DictConfig):
             target = node.get("_target_") if "_target_" in node else None
@@ -278,12 +272,12 @@ def check_devices(cfg) -> None:
     import torch
     from omegaconf import OmegaConf
 
-    from xmx.errors import XmxError
     wants = [k for k in ("trainer.accelerator", "features.device")
              if str(OmegaConf.select(cfg, k, default="") or "").split(":")[0] in ("gpu", "cuda")]
     if wants and not torch.cuda.is_available():
-        raise XmxError(f"{wants[0]}={OmegaConf.select(cfg, wants[0])} but this machine has no CUDA GPU; use "
-                       f"{'trainer=default (accelerator auto) or trainer=cpu' if wants[0].startswith('trainer') else 'features.device=auto'}")
+        fix = ("trainer=default (accelerator auto) or trainer=cpu" if wants[0].startswith("trainer")
+               else "features.device=auto")
+        raise XmxError(f"{wants[0]}={OmegaConf.select(cfg, wants[0])} but this machine has no CUDA GPU; use {fix}")
 
 
 def hydra_error_line(e: BaseException, before_task: bool = True) -> str | None:

@@ -119,13 +119,14 @@ def _load_pretrained(name_or_path: str, cache_dir: str | None):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
     path = Path(name_or_path).expanduser()
     is_path = path.exists() or os.sep in name_or_path or name_or_path.startswith((".", "~"))
-    hint = (f"pass a local folder instead: plm.name_or_path=/path/to/{path.name} (holding config.json, the model weights "
-            "and the tokenizer files, e.g. from `save_pretrained`)")
+    hint = (f"pass a local folder instead: plm.name_or_path=/path/to/{path.name} (holding config.json, the model "
+            "weights and the tokenizer files, e.g. from `save_pretrained`)")
     if is_path:
         if not path.is_dir():
             raise XmxError(f"plm.name_or_path: local model folder not found: {path}; {hint.split(': ', 1)[1]}")
         if not (path / "config.json").is_file():
-            raise XmxError(f"plm.name_or_path: {path} has no config.json; it must be a folder written by save_pretrained")
+            raise XmxError(f"plm.name_or_path: {path} has no config.json; it must be a folder written by "
+                           "save_pretrained")
         src, local_only = str(path), True
     else:
         src, local_only = name_or_path, _offline()
@@ -221,5 +222,6 @@ def build_plm(name_or_path: str, kind: str = "auto", freeze: bool = True, cache_
     if kind != "auto" and kind != mtype:
         raise XmxError(f"plm.kind: {kind} was asked for but {name_or_path} is a {mtype} model; set plm.kind=auto")
     if tok.mask_token is None:
-        raise XmxError(f"plm.name_or_path: the tokenizer of {name_or_path} has no mask token; a masked-LM tokenizer is needed")
+        raise XmxError(f"plm.name_or_path: the tokenizer of {name_or_path} has no mask token; a masked-LM tokenizer "
+                       "is needed")
     return PLM(model, tok, mtype, str(name_or_path), src, False, freeze)

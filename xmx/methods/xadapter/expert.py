@@ -100,8 +100,8 @@ def resolve_placement(placement: str | int | Sequence[int], num_layers: int) -> 
         except (TypeError, ValueError):
             k = None
         if k is None or not 1 <= k <= num_layers:
-            raise XmxError(f"method.adapter.placement: {placement!r} is not valid; use last_two, every, or a layer number "
-                           f"k (1..{num_layers}) to insert after layer k")
+            raise XmxError(f"method.adapter.placement: {placement!r} is not valid; use last_two, every, or a layer "
+                           f"number k (1..{num_layers}) to insert after layer k")
         out.append(k - 1)
     return sorted(set(out))
 
