@@ -66,7 +66,9 @@ RUN_CASES = [
     ("init_from: nothing would load", ["TINY", "train=false", "init_from={nothing}"],
      "none of the checkpoint's 1 tensors (e.g. prompt.ctx) is a parameter of tiny_trainable", False),
     ("corrupt backbone weights", ["backbone.weights={garbage}"], "is not a readable xmx-tiny checkpoint", False),
-    ("unknown dataset", ["data.name=no_such_set"], "unknown dataset 'no_such_set'; valid choices:", False),
+    ("unknown dataset", ["data.name=no_such_set"], "unknown dataset 'no_such_set'; valid choices:", True),
+    ("$DATA folder missing", ["data=dtd", "paths.data_dir={tmp}/no_data"], "data root {tmp}/no_data does not exist",
+     True),
     ("resume: bad choice", ["resume=sometimes"], "resume='sometimes'; valid choices: auto, never", True),
 ]
 FEATURE_CASES = [
@@ -98,7 +100,7 @@ def places(tmp_path, monkeypatch):
         monkeypatch.delenv(k, raising=False)
     (tmp_path / "netrc").write_text("")
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
-    yield {"file": tmp_path / "a_file", "readonly": readonly, "garbage": tmp_path / "garbage.pt",
+    yield {"tmp": tmp_path, "file": tmp_path / "a_file", "readonly": readonly, "garbage": tmp_path / "garbage.pt",
            "plain": tmp_path / "plain.ckpt", "other_family": tmp_path / "other_family.ckpt",
            "other_shapes": tmp_path / "other_shapes.ckpt", "nothing": tmp_path / "nothing.ckpt"}
     os.chmod(tmp_path / "readonly", 0o700)

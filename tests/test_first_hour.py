@@ -87,7 +87,7 @@ def test_help_config_errors_and_cfg_answer_without_importing_torch(tmp_path):
 import sys
 from hydra.core.global_hydra import GlobalHydra
 import xmx.run as r
-for argv in (["--help"], ["--cfg", "job"], ["experiment=no_such"], ["shots=0"], ["method.lrr=1"]):
+for argv in (["--help"], ["--cfg", "job"], ["experiment=no_such"], ["shots=0"], ["method.lrr=1"], ["data.name=nope"]):
     sys.argv = ["xmx.run", *argv, "paths.log_dir={tmp_path}"]
     try:
         r.main()
@@ -96,7 +96,7 @@ for argv in (["--help"], ["--cfg", "job"], ["experiment=no_such"], ["shots=0"], 
         code = e.code
     GlobalHydra.instance().clear()
     print("EXIT", argv[0], code, file=sys.stderr)
-print("HEAVY", sorted(m for m in ("torch", "lightning", "open_clip", "numpy") if m in sys.modules), file=sys.stderr)
+print("HEAVY", sorted(m for m in ("torch", "lightning", "open_clip") if m in sys.modules), file=sys.stderr)
 """
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -104,7 +104,8 @@ print("HEAVY", sorted(m for m in ("torch", "lightning", "open_clip", "numpy") if
     err = proc.stderr
     assert "EXIT --help 0" in err and "EXIT --cfg 0" in err, err[-2000:]
     assert "EXIT experiment=no_such 2" in err and "EXIT shots=0 2" in err and "EXIT method.lrr=1 2" in err, err
-    assert "HEAVY []" in err, err[-2000:]  # none of them imported torch, Lightning, open_clip or numpy
+    assert "EXIT data.name=nope 2" in err and "unknown dataset 'nope'" in err, err[-2000:]
+    assert "HEAVY []" in err, err[-2000:]  # none of them imported torch, Lightning or open_clip
     assert "xmx: cross-modal adapters" in proc.stdout and "experiment: clip_adapter_16shot" in proc.stdout
     assert "seed: 1" in proc.stdout  # --cfg job printed the config
 

@@ -70,6 +70,20 @@ def _cost(t0: float) -> dict:
     return {"wall_time_s": round(time.time() - t0, 3), "device": device, "peak_memory_mb": round(peak, 1)}
 
 
+def check_dataset(cfg: DictConfig) -> None:
+    """An image dataset's name and its ``$DATA`` folder, before torch loads (the readers need only numpy/PIL)."""
+    target = str(OmegaConf.select(cfg, "data._target_", default="") or "")
+    name = OmegaConf.select(cfg, "data.name", default=None)
+    if not target.endswith("CLIPDataModule") or not isinstance(name, str):
+        return
+    from xmx.data.datasets import get_info
+    info = get_info(name)
+    root = Path(str(OmegaConf.select(cfg, "data.root"))).expanduser()
+    if not root.is_dir() and not info.extra.get("generated"):
+        raise XmxError(f"data root {root} does not exist; point paths.data_dir (or $DATA) at the folder that holds "
+                       f"the datasets in CoOp layout, e.g. {root}/{info.dir}/")
+
+
 # ---- job identity ----------------------------------------------------------------------------------------------
 # Left out of a job's identity: where things are written and how fast/visibly they run, never what is computed.
 _VOLATILE_TOP = ("paths", "hydra", "logger", "notice", "skip_done", "resume", "optimized_metric", "threads")
@@ -207,6 +221,7 @@ def _run(cfg: DictConfig) -> tuple[dict, str]:
     check_config(cfg)  # numbers, switches, W&B login, writable folders: before torch is even imported
     check_paths(cfg)
     threads = plan_run_threads(cfg)
+    check_dataset(cfg)
     import lightning as L
     import torch
     from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
