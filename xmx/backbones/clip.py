@@ -7,6 +7,7 @@ benchmarks; never an accuracy). OpenAI weights run with QuickGELU, as they were 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -182,9 +183,61 @@ class CLIPBackbone(nn.Module):
                 **self.weights_info}
 
     # ---- images -----------------------------------------------------------------------------------------------
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B,3,H,W] (CLIP-normalised) -> pooled embeddings [B,C]."""
-        return self.model.encode_image(images.to(self.device, self.dtype))
+    def encode_image(self, images: torch.Tensor, project: bool = True) -> torch.Tensor:
+        """images [B,3,H,W] (CLIP-normalised) -> pooled embeddings [B,C]; with ``project=False`` the features
+        *before* the image encoder's final linear projection [B,D] (``raw = pre @ P + b``, see
+        :meth:`image_projection`)."""
+        images = images.to(self.device, self.dtype)
+        if project:
+            return self.model.encode_image(images)
+        with self._image_projection_removed():
+            return self.model.encode_image(images)
+
+    @contextlib.contextmanager
+    def _image_projection_removed(self):
+        """Within the block the image encoder stops before its final projection: a ViT's ``proj`` matrix is
+        unset; a ModifiedResNet's attention-pool output projection ``c_proj`` becomes the identity (as ProLIP's
+        release does it)."""
+        v = self.model.visual
+        if isinstance(getattr(v, "proj", None), torch.Tensor):
+            saved = v.proj
+            v.proj = None
+            try:
+                yield
+            finally:
+                v.proj = saved
+        elif hasattr(v, "attnpool") and isinstance(getattr(v.attnpool, "c_proj", None), nn.Linear):
+            saved = v.attnpool.c_proj
+            d = saved.in_features
+            ident = nn.Linear(d, d).to(saved.weight.device, saved.weight.dtype).requires_grad_(False)
+            with torch.no_grad():
+                ident.weight.copy_(torch.eye(d))
+                ident.bias.zero_()
+            v.attnpool.c_proj = ident
+            try:
+                yield
+            finally:
+                v.attnpool.c_proj = saved
+        else:
+            raise XmxError(f"backbone {self.arch}: its image encoder has no final linear projection xmx knows "
+                           "(ViT proj or ResNet attnpool.c_proj); pre-projection features are not available")
+
+    def image_projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The image encoder's final projection as ``(P [D,C], b [C] or None)`` (fp32 copies, detached):
+        ``encode_image(x) = encode_image(x, project=False) @ P + b``."""
+        v = self.model.visual
+        if isinstance(getattr(v, "proj", None), torch.Tensor):
+            return v.proj.detach().float().clone(), None
+        if hasattr(v, "attnpool") and isinstance(getattr(v.attnpool, "c_proj", None), nn.Linear):
+            c = v.attnpool.c_proj
+            return c.weight.detach().float().T.contiguous(), c.bias.detach().float().clone()
+        raise XmxError(f"backbone {self.arch}: its image encoder has no final linear projection xmx knows "
+                       "(ViT proj or ResNet attnpool.c_proj)")
+
+    @property
+    def pre_projection_dim(self) -> int:
+        """Width D of the features before the image projection."""
+        return int(self.image_projection()[0].shape[0])
 
     # ---- text -------------------------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
@@ -196,10 +249,17 @@ class CLIPBackbone(nn.Module):
         return self.model.token_embedding(tokens.to(self.device))
 
     def _text_transformer(self, x: torch.Tensor) -> torch.Tensor:
+        """[N,L,W] input embeddings -> [N,L,W] last-layer states. ``L`` may be shorter than ``context_length``:
+        attention is causal, so the states up to a position do not depend on the positions after it, and a batch
+        cut after its last end-of-text token gives the same pooled features (prompt learning uses that)."""
         m = self.model
         cast = m.transformer.get_cast_dtype()
-        x = x.to(cast) + m.positional_embedding.to(cast)
-        x = m.transformer(x, attn_mask=m.attn_mask)
+        L = x.shape[1]
+        if L > m.positional_embedding.shape[0]:
+            raise XmxError(f"text encoder: {L} tokens exceed the context length {m.positional_embedding.shape[0]}")
+        x = x.to(cast) + m.positional_embedding[:L].to(cast)
+        mask = m.attn_mask
+        x = m.transformer(x, attn_mask=None if mask is None else mask[:L, :L])
         return m.ln_final(x)  # [N,L,W]
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
@@ -232,9 +292,10 @@ class CLIPBackbone(nn.Module):
 
     @torch.no_grad()
     def text_classifier(self, classnames: Sequence[str], templates: Sequence[str],
-                        batch_size: int = 256) -> torch.Tensor:
+                        batch_size: int = 256, normalize: bool = True) -> torch.Tensor:
         """Zero-shot classifier W [C,N] (spec §0): per class, fill every template with the class name
-        (underscores -> spaces), encode, normalise, average over templates, normalise again."""
+        (underscores -> spaces), encode, normalise, average over templates, normalise again.
+        ``normalize=False``: the plain mean of the *raw* prompt embeddings (TaskRes's base classifier)."""
         if not classnames:
             raise XmxError("text classifier: the class list is empty; check the dataset's class names")
         if not templates:
@@ -242,6 +303,9 @@ class CLIPBackbone(nn.Module):
         prompts = [t.format(c.replace("_", " ")) for c in classnames for t in templates]
         feats = []
         for i in range(0, len(prompts), batch_size):
-            feats.append(F.normalize(self.encode_text(self.tokenize(prompts[i:i + batch_size])).float(), dim=-1))
+            f = self.encode_text(self.tokenize(prompts[i:i + batch_size])).float()
+            feats.append(F.normalize(f, dim=-1) if normalize else f)
         per_prompt = torch.cat(feats).view(len(classnames), len(templates), -1)
+        if not normalize:
+            return per_prompt.mean(dim=1).T.contiguous()  # [C,N]
         return F.normalize(F.normalize(per_prompt.mean(dim=1), dim=-1), dim=-1).T.contiguous()  # [C,N]
