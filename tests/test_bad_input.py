@@ -121,16 +121,13 @@ def _cli(main, argv: list[str], capsys) -> tuple[int, str]:
 
 
 def _shown(text: str, places: dict, tmp_path: Path) -> str:
-    """The line as the table shows it: this run's paths as placeholders, long lists of choices cut short."""
+    """The line as the table shows it: this run's paths as placeholders, lists of choices as ``<list>``."""
     for name, p in sorted(places.items(), key=lambda kv: -len(str(kv[1]))):
         text = text.replace(str(p), "{" + name + "}")
     text = text.replace(str(tmp_path), "{tmp}")
     text = re.sub(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", "<time>", text)
-    def cut(m):
-        items = m.group(2).strip().split(", ")
-        return f"{m.group(1)}: " + ", ".join(items[:4]) + (", ..." if len(items) > 4 else "") + \
-            (" " if m.group(2).endswith(" ") else "")
-    text = re.sub(r"(valid choices|its settings|its keys): ([^;()]*)", cut, text)
+    # lists of options change whenever a preset or dataset is added: the table shows that a list is given
+    text = re.sub(r"(valid choices|its settings|its keys): ([^;()]*?)( \(|;|$)", r"\1: <list>\3", text)
     return text.replace("|", "\\|")
 
 
