@@ -52,7 +52,7 @@ def test_tiny_tokenizers_are_deterministic_and_keep_colour_words_whole(plms):
 
 def test_offline_hub_name_fails_fast_naming_a_local_folder(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(XmxError, match=r"bert-base-uncased.*offline.*plm.name=/path/to/bert-base-uncased"):
+    with pytest.raises(XmxError, match=r"bert-base-uncased.*offline.*plm.name_or_path=/path/to/bert-base-uncased"):
         build_plm("bert-base-uncased", cache_dir=str(tmp_path))
     with pytest.raises(XmxError, match="local model folder not found"):
         build_plm(str(tmp_path / "nope"))
@@ -94,7 +94,7 @@ def test_untrained_adapter_leaves_outputs_unchanged(plms, clip, kind, placement,
 def test_placement_validation_and_missing_context(plms, clip):
     assert resolve_placement("every", 12) == list(range(12)) and resolve_placement("last_two", 12) == [10]
     for bad in (0, 4, "middle"):
-        with pytest.raises(XmxError, match="method.placement"):
+        with pytest.raises(XmxError, match="method.adapter.placement"):
             resolve_placement(bad, 3)
     xa = XAdapter.for_plm(plms["bert"], clip.embed_dim, heads=4)
     try:

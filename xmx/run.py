@@ -28,17 +28,18 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from xmx.config import build, config_dir
+from xmx.config import (build, check_config, check_devices, check_paths, check_targets, config_dir,
+                        hydra_error_line, plan_run_threads)
 from xmx.errors import XmxError
-from xmx.utils import atomic_write_bytes, atomic_write_text, code_version, package_versions
+from xmx.utils import apply_threads, atomic_write_bytes, atomic_write_text, code_version, package_versions
+
+# torch and Lightning load inside the run (first use), after the config is checked and the thread count is set:
+# ``--help``, ``--cfg`` and config errors answer in about a second, and OpenMP/BLAS pools start with the right size.
 
 log = logging.getLogger("xmx")
 SCHEMA = "xmx.results/1"
@@ -62,6 +63,7 @@ def _instantiate_all(node) -> list:
 
 
 def _cost(t0: float) -> dict:
+    import torch
     if torch.cuda.is_available():
         device, peak = torch.cuda.get_device_name(), torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -70,9 +72,23 @@ def _cost(t0: float) -> dict:
     return {"wall_time_s": round(time.time() - t0, 3), "device": device, "peak_memory_mb": round(peak, 1)}
 
 
+def check_dataset(cfg: DictConfig) -> None:
+    """An image dataset's name and its ``$DATA`` folder, before torch loads (the readers need only numpy/PIL)."""
+    target = str(OmegaConf.select(cfg, "data._target_", default="") or "")
+    name = OmegaConf.select(cfg, "data.name", default=None)
+    if not target.endswith("CLIPDataModule") or not isinstance(name, str):
+        return
+    from xmx.data.datasets import get_info
+    info = get_info(name)
+    root = Path(str(OmegaConf.select(cfg, "data.root"))).expanduser()
+    if not root.is_dir() and not info.extra.get("generated"):
+        raise XmxError(f"data root {root} does not exist; point paths.data_dir (or $DATA) at the folder that holds "
+                       f"the datasets in CoOp layout, e.g. {root}/{info.dir}/")
+
+
 # ---- job identity ----------------------------------------------------------------------------------------------
 # Left out of a job's identity: where things are written and how fast/visibly they run, never what is computed.
-_VOLATILE_TOP = ("paths", "hydra", "logger", "notice", "skip_done", "resume", "optimized_metric")
+_VOLATILE_TOP = ("paths", "hydra", "logger", "notice", "skip_done", "resume", "optimized_metric", "threads")
 _VOLATILE_KEYS = {"num_workers", "device", "devices", "accelerator", "strategy", "num_nodes", "default_root_dir",
                   "enable_progress_bar", "enable_model_summary", "log_every_n_steps"}
 _VOLATILE_CALLBACK = re.compile(r"(ProgressBar|ModelSummary|LearningRateMonitor|DeviceStatsMonitor|RNGState)$")
@@ -178,6 +194,7 @@ def _complete_results(folder, jid: str) -> dict | None:
 
 def _readable_checkpoint(path: Path) -> bool:
     """A SIGKILL during a save can leave a truncated file: such a last.ckpt is not resumed from."""
+    import torch
     try:
         torch.load(path, map_location="cpu", weights_only=False)
         return True
@@ -186,26 +203,11 @@ def _readable_checkpoint(path: Path) -> bool:
         return False
 
 
-class RNGState(L.Callback):
-    """Saves the global RNG states (torch, CUDA, numpy, Python) in every checkpoint and restores them on resume, so
-    that a resumed run draws the same random numbers (dropout, loader seeds) as an uninterrupted one."""
-
-    def state_dict(self) -> dict:
-        states = _collect_rng_states(include_cuda=torch.cuda.is_available())
-        if "numpy" in states:  # tensors and plain numbers only: checkpoints stay loadable with weights_only=True
-            name, keys, pos, has_gauss, gauss = states["numpy"]
-            states["numpy"] = [name, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(gauss)]
-        return {"rng": states}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        states = dict(state_dict.get("rng") or {})
-        if not states:
-            return
-        if "numpy" in states:
-            import numpy as np
-            name, keys, pos, has_gauss, gauss = states["numpy"]
-            states["numpy"] = (name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss)
-        _set_rng_states(states)
+def __getattr__(name):
+    if name == "RNGState":  # configs written before it moved (``_target_: xmx.run.RNGState``)
+        from xmx.methods.base import RNGState
+        return RNGState
+    raise AttributeError(f"module 'xmx.run' has no attribute {name!r}")
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------
@@ -255,11 +257,24 @@ def _check_selection(cfg: DictConfig, selection: str) -> None:
 def _run(cfg: DictConfig) -> tuple[dict, str]:
     """-> (results, outcome) with outcome one of done | resumed | skipped."""
     t0 = time.time()
+    check_config(cfg)  # numbers, switches, W&B login, writable folders: before torch is even imported
+    check_paths(cfg)
     selection = cfg.get("selection", "val")
     if selection not in SELECTION_MODES:
         raise XmxError(f"selection={selection!r}; valid choices: {', '.join(SELECTION_MODES)} (val: nothing chosen "
                        "on test; paper: the authors' code where it selects on test)")
+    threads = plan_run_threads(cfg)
+    check_dataset(cfg)
+    import lightning as L
+    import torch
+    from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+    apply_threads(threads)
+    check_targets(cfg)
+    check_devices(cfg)
     _check_selection(cfg, selection)
+    if cfg.get("init_from"):
+        from xmx.methods.base import check_checkpoint
+        check_checkpoint(cfg.init_from, OmegaConf.select(cfg, "method._target_"))
     out = _output_dir(cfg)
     datamodule, data_fp = _early_datamodule(cfg)  # lists + one stat per image (content hashes cached)
     jid = job_id(cfg, data_fp)
@@ -328,6 +343,7 @@ def _run(cfg: DictConfig) -> tuple[dict, str]:
         "code": code_version(), "packages": package_versions(),
         "cost": _cost(t0),
         "predictions": "predictions.safetensors" if method.predictions else None,
+        "init_from": getattr(method, "init_record", None),
         "checkpoint": str(Path(best).relative_to(out)) if best and Path(best).is_relative_to(out) else best or None,
         "config": resolved,
     }
@@ -352,6 +368,7 @@ def _best_score(ckpt_cb, best: str) -> float | None:
     from the ModelCheckpoint state saved in that checkpoint."""
     if ckpt_cb is None:
         return None
+    import torch
     if getattr(ckpt_cb, "best_model_score", None) is not None:
         return float(ckpt_cb.best_model_score)
     if best and Path(best).is_file():
@@ -433,8 +450,17 @@ def _write_job_status(status: str, cfg: DictConfig, jid: str | None, results: di
         "output_dir": str(where), "metrics": (results or {}).get("metrics")}, indent=1))
 
 
+def _log_to_files(msg: str) -> None:
+    rec = log.makeRecord(log.name, logging.ERROR, __file__, 0, msg, (), None)
+    for h in logging.getLogger().handlers + log.handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(rec)
+
+
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def _hydra_main(cfg: DictConfig):
+    global _TASK_STARTED
+    _TASK_STARTED = True
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     jid = None
     try:
@@ -445,7 +471,7 @@ def _hydra_main(cfg: DictConfig):
         _finish_wandb_on_error()
         line = str(e).splitlines()[0] if str(e) else type(e).__name__
         if isinstance(e, XmxError):
-            log.error("error: %s", e)
+            _log_to_files(f"error: {e}")  # the run's log file; the terminal gets the line once, below
             print(f"error: {e}", file=sys.stderr)
         elif multirun:
             log.exception("job %s failed: %s: %s", jid, type(e).__name__, line)
@@ -508,19 +534,76 @@ class SweepSummary(HydraCallback):
 def _gpu_slot() -> int:
     """The GPU of this job when several jobs share a node (``hydra/launcher=local_gpus``): job number modulo the
     visible GPUs."""
+    import torch
     return int(HydraConfig.get().job.num) % max(torch.cuda.device_count(), 1)
 
 
 if not OmegaConf.has_resolver("xmx.gpu_slot"):
     OmegaConf.register_new_resolver("xmx.gpu_slot", _gpu_slot, use_cache=False)
 if not OmegaConf.has_resolver("xmx.num_gpus"):
-    OmegaConf.register_new_resolver("xmx.num_gpus", lambda: max(torch.cuda.device_count(), 1))
+    OmegaConf.register_new_resolver("xmx.num_gpus", lambda: _num_gpus())
+
+
+def _num_gpus() -> int:
+    import torch
+    return max(torch.cuda.device_count(), 1)
+
+
+_TASK_STARTED = False  # set when Hydra hands over to the task: OSErrors before that are Hydra's folder creation
+
+
+HELP = """xmx: cross-modal adapters for CLIP and language models (Hydra + Lightning).
+
+Usage: python -m xmx.run [KEY=VALUE ...]              one run (no arguments: the synthetic CPU demo)
+       python -m xmx.run -m KEY=A,B ...                a multirun over the values (sweep=<name>: a preset grid)
+       python -m xmx.run experiment=<name> --cfg job   print the composed config and exit
+
+Examples: python -m xmx.run experiment=tip_adapter_f_16shot data=oxford_pets seed=2
+          python -m xmx.run experiment=mma_b2n data=dtd trainer=gpu
+
+Config groups (GROUP=OPTION):
+{groups}
+
+Everything else is KEY=VALUE on the composed config (`--cfg job` lists the keys). Bad input is one `error:` line
+and exit code 2 (docs/errors.md). Outputs: $XMX_LOG_DIR or ./outputs/<task_name>/... (results.json written last).
+Hydra's own options: --hydra-help."""
+
+
+def help_text() -> str:
+    """The ``--help`` page, from the config folders themselves (Hydra's own listing composes the config once per
+    group option: seconds)."""
+    root = config_dir()
+    groups = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and p.name != "hydra"):
+        opts = sorted(f.stem for f in d.glob("*.yaml") if not f.stem.startswith("_"))
+        if opts:
+            groups.append(f"{d.name}: {', '.join(opts)}")
+    return HELP.format(groups="\n".join(groups))
 
 
 def main() -> None:
+    """``python -m xmx.run``: Hydra's command line; errors in the command line and the config are one ``error:`` line
+    and exit code 2 (Hydra would print several lines and exit 1)."""
     if len(sys.argv) == 1:  # no arguments: the embedded default is the synthetic demo
         sys.argv.append("experiment=demo")
-    _hydra_main()
+    if any(a in ("--help", "-h") for a in sys.argv[1:]):
+        print(help_text())
+        return
+    global _TASK_STARTED
+    _TASK_STARTED = False
+    import hydra._internal.utils as hydra_utils
+    report = hydra_utils.run_and_report
+    hydra_utils.run_and_report = lambda func: func()  # let errors reach us instead of Hydra's multi-line report
+    try:
+        _hydra_main()
+    except Exception as e:  # noqa: BLE001
+        line = hydra_error_line(e, before_task=not _TASK_STARTED)
+        if line is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:
+        hydra_utils.run_and_report = report
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""Small shared helpers: atomic writes and provenance (code version, package versions)."""
+"""Small shared helpers: atomic writes (with the user's umask), CPU threads, provenance (code and package versions).
+
+Nothing here imports torch at module level: the command line answers ``--help`` and config errors without it.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +12,33 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux tells it (``/proc/self/status``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def apply_umask(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give a file made by ``tempfile`` (always 0600, or 0700 for a folder) the mode a plain ``open``/``mkdir`` would
+    have had, so collaborators sharing the storage can read what a run wrote."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename into place: readers see all or nothing."""
+    """Write to a temporary file in the same folder, fsync, then rename into place: readers see all or nothing.
+    The file gets the user's umask (not ``tempfile``'s 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        apply_umask(tmp)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -59,3 +83,102 @@ def code_version() -> dict:
     except (OSError, subprocess.TimeoutExpired):
         pass
     return info
+
+
+# ---- CPU threads ---------------------------------------------------------------------------------------------------
+_USER_OMP = os.environ.get("OMP_NUM_THREADS")  # read before any run sets it: the user's own request
+_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
+               "VECLIB_MAXIMUM_THREADS")
+
+
+def _cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs allowed by the cgroup quota (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``/``cpu.cfs_period_us``), or None."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def usable_cores(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup CPU quota (containers, SLURM)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    quota = _cgroup_cpu_limit(cgroup_root)
+    if quota is not None:
+        n = min(n, max(1, int(quota)))
+    return max(1, n)
+
+
+def plan_threads(threads, workers: int, cores: int | None = None) -> tuple[int, int]:
+    """-> (intra-op threads, DataLoader workers) with ``workers x threads <= cores``: workers are capped at the
+    cores, and ``threads: auto`` takes the cores each worker leaves (all of them without workers). An explicit
+    ``threads`` (or ``OMP_NUM_THREADS`` set by the user) is kept, and the workers shrink to fit it."""
+    cores = cores or usable_cores()
+    workers = max(0, min(int(workers), cores))
+    if threads in (None, "auto"):
+        env = _USER_OMP
+        threads = int(env) if env and env.isdigit() and int(env) > 0 else max(1, cores // max(1, workers))
+    threads = max(1, min(int(threads), cores))
+    workers = min(workers, cores // threads)
+    return threads, workers
+
+
+def set_thread_env(threads: int) -> None:
+    """Thread-count variables for OpenMP/BLAS pools that read them when they load (numpy/scipy/torch imported
+    later, and child processes)."""
+    for k in _THREAD_ENV:
+        os.environ[k] = str(threads)
+
+
+def apply_threads(threads: int) -> None:
+    """Set the intra-op thread pools of every library already loaded (torch, and BLAS/OpenMP via threadpoolctl)."""
+    set_thread_env(threads)
+    import sys
+    if "torch" in sys.modules:
+        import torch
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return
+    threadpool_limits(threads)
+
+
+# ---- progress of long steps ----------------------------------------------------------------------------------------
+class Heartbeat:
+    """A log line at most every ``every_s`` seconds for a long loop without a progress bar (searches, solver
+    fits): ``what: done/total (elapsed, ~remaining)``. Silent for loops that finish within ``every_s``.
+
+        beat = Heartbeat("alpha/beta search", total=n)
+        for i in range(n):
+            ...
+            beat(i + 1)
+    """
+
+    def __init__(self, what: str, total: int | None = None, every_s: float = 10.0, logger=None):
+        import logging
+        import time
+        self.what, self.total, self.every_s = what, total, every_s
+        self.log = logger or logging.getLogger("xmx")
+        self._clock = time.monotonic
+        self.t0 = self._last = self._clock()
+
+    def __call__(self, done: int, note: str = "") -> None:
+        now = self._clock()
+        if now - self._last < self.every_s:
+            return
+        self._last = now
+        el = now - self.t0
+        eta = f", ~{el * (self.total - done) / done:.0f}s left" if self.total and done else ""
+        of = f"/{self.total}" if self.total else ""
+        self.log.info("%s: %d%s (%.0fs%s)%s", self.what, done, of, el, eta, f" {note}" if note else "")

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import pickle
 import zipfile
 from pathlib import Path
 from typing import Sequence
@@ -100,6 +101,13 @@ def resolve_clip_weights(model: str, weights: str | None, cache_dir: str | None 
     return info
 
 
+def _unreadable(file, model: str, e: BaseException) -> XmxError:
+    why = (str(e).splitlines() or [""])[0][:100]
+    why = "" if "weights_only" in why or not why else f": {why}"  # torch's advice to unpickle anything: not ours
+    return XmxError(f"backbone.weights: {file} is not a readable {model} checkpoint ({type(e).__name__}{why}); "
+                    f"pass an open_clip/OpenAI checkpoint file of {model}, or a pretrained tag")
+
+
 class CLIPBackbone(nn.Module):
     """A frozen open_clip CLIP model in eval mode.
 
@@ -122,6 +130,13 @@ class CLIPBackbone(nn.Module):
             if "Error(s) in loading state_dict" in str(e):
                 raise XmxError(f"backbone.weights: checkpoint {self.weights_info['file']} does not fit "
                                f"{model} (state_dict mismatch); pick the backbone that matches the file") from None
+            if self.weights_info.get("file"):
+                raise _unreadable(self.weights_info["file"], model, e) from None
+            raise
+        except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, KeyError, IndexError,
+                AttributeError, TypeError) as e:
+            if self.weights_info.get("file"):  # not a checkpoint at all: a clear line, not torch.load's advice
+                raise _unreadable(self.weights_info["file"], model, e) from None
             raise
         if not isinstance(self.model, open_clip.CLIP):
             raise XmxError(f"backbone.model: {model} is not a plain CLIP model (custom text towers are not supported)")

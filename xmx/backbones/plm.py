@@ -119,13 +119,14 @@ def _load_pretrained(name_or_path: str, cache_dir: str | None):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
     path = Path(name_or_path).expanduser()
     is_path = path.exists() or os.sep in name_or_path or name_or_path.startswith((".", "~"))
-    hint = (f"pass a local folder instead: plm.name=/path/to/{path.name} (holding config.json, the model weights "
-            "and the tokenizer files, e.g. from `save_pretrained`)")
+    hint = (f"pass a local folder instead: plm.name_or_path=/path/to/{path.name} (holding config.json, the model "
+            "weights and the tokenizer files, e.g. from `save_pretrained`)")
     if is_path:
         if not path.is_dir():
-            raise XmxError(f"plm.name: local model folder not found: {path}; {hint.split(': ', 1)[1]}")
+            raise XmxError(f"plm.name_or_path: local model folder not found: {path}; {hint.split(': ', 1)[1]}")
         if not (path / "config.json").is_file():
-            raise XmxError(f"plm.name: {path} has no config.json; it must be a folder written by save_pretrained")
+            raise XmxError(f"plm.name_or_path: {path} has no config.json; it must be a folder written by "
+                           "save_pretrained")
         src, local_only = str(path), True
     else:
         src, local_only = name_or_path, _offline()
@@ -134,11 +135,11 @@ def _load_pretrained(name_or_path: str, cache_dir: str | None):
         tok = AutoTokenizer.from_pretrained(src, cache_dir=cache_dir, local_files_only=local_only)
     except (OSError, ValueError) as e:
         if is_path:
-            raise XmxError(f"plm.name: could not load a masked-LM model + tokenizer from {path} "
+            raise XmxError(f"plm.name_or_path: could not load a masked-LM model + tokenizer from {path} "
                            f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
         why = ("is not in the local Hugging Face cache and the machine is offline (HF_HUB_OFFLINE=1)"
                if local_only else f"could not be downloaded ({type(e).__name__})")
-        raise XmxError(f"plm.name: {name_or_path} {why}; {hint}") from None
+        raise XmxError(f"plm.name_or_path: {name_or_path} {why}; {hint}") from None
     return model, tok, src
 
 
@@ -165,7 +166,7 @@ class PLM(nn.Module):
         try:
             self.layers = self.model.base_model.encoder.layer
         except AttributeError:
-            raise XmxError(f"plm.name: {name} has no base_model.encoder.layer list; only BERT-style encoders "
+            raise XmxError(f"plm.name_or_path: {name} has no base_model.encoder.layer list; only BERT-style encoders "
                            f"({', '.join(KINDS)}) are supported") from None
 
     def train(self, mode: bool = True):  # a frozen PLM stays in eval mode (no dropout)
@@ -217,9 +218,10 @@ def build_plm(name_or_path: str, kind: str = "auto", freeze: bool = True, cache_
     model, tok, src = _load_pretrained(str(name_or_path), cache_dir)
     mtype = getattr(model.config, "model_type", "?")
     if mtype not in KINDS:
-        raise XmxError(f"plm.name: {name_or_path} is a {mtype!r} model; supported: {', '.join(KINDS)}")
+        raise XmxError(f"plm.name_or_path: {name_or_path} is a {mtype!r} model; supported: {', '.join(KINDS)}")
     if kind != "auto" and kind != mtype:
         raise XmxError(f"plm.kind: {kind} was asked for but {name_or_path} is a {mtype} model; set plm.kind=auto")
     if tok.mask_token is None:
-        raise XmxError(f"plm.name: the tokenizer of {name_or_path} has no mask token; a masked-LM tokenizer is needed")
+        raise XmxError(f"plm.name_or_path: the tokenizer of {name_or_path} has no mask token; a masked-LM tokenizer "
+                       "is needed")
     return PLM(model, tok, mtype, str(name_or_path), src, False, freeze)

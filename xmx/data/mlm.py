@@ -17,9 +17,10 @@ class MLMMasker:
     def __init__(self, tokenizer, ratio: float = 0.15, mask_prob: float = 0.8, random_prob: float = 0.1,
                  seed: int = 0):
         if not 0.0 < ratio < 1.0:
-            raise XmxError(f"method.mask_ratio: {ratio} must be in (0, 1)")
+            raise XmxError(f"data.mask_ratio={ratio}: must be in (0, 1)")
         if mask_prob < 0 or random_prob < 0 or mask_prob + random_prob > 1:
-            raise XmxError(f"method.mask_replace: mask {mask_prob} + random {random_prob} must lie in [0, 1]")
+            raise XmxError(f"data.mask_prob={mask_prob}, data.random_prob={random_prob}: each and their sum must lie "
+                           "in [0, 1]")
         if tokenizer.mask_token_id is None:
             raise XmxError("MLM masking: the tokenizer has no mask token")
         self.ratio, self.mask_prob, self.random_prob = ratio, mask_prob, random_prob
@@ -55,7 +56,7 @@ def plm_view_texts(tokenizer, input_ids: torch.Tensor, hide: torch.Tensor | None
     position in ``hide`` [B,L] (the MLM targets, including the 10 % kept / random ones) replaced by ``mask_word``
     (default: the tokenizer's mask token) or removed (``mode="remove"``), so the answer cannot leak through CLIP."""
     if mode not in ("mask_word", "remove"):
-        raise XmxError(f"method.query_masked: unknown mode {mode!r}; valid: mask_word, remove")
+        raise XmxError(f"data.query_masked: unknown mode {mode!r}; valid: mask_word, remove")
     ids = input_ids.detach().cpu().clone()
     mask_id = int(tokenizer.mask_token_id)
     if hide is not None:

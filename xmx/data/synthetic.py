@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 
 from xmx.data.datasets import DatasetInfo, DatasetSplits, classnames_from, read_split_file, register
 from xmx.errors import XmxError
+from xmx.utils import apply_umask
 
 VERSION = 1
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40),
@@ -77,6 +78,7 @@ def ensure(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".synthetic-", dir=root))
     try:
+        apply_umask(tmp, directory=True)  # mkdtemp's 0700 would hide the data from the group
         generate(tmp)
         try:
             os.rename(tmp, final)  # atomic; fails if another process finished first

@@ -36,7 +36,7 @@ def read_coco_captions(root: str | os.PathLike, split: str = "train2017", check_
     root = Path(root).expanduser()
     ann = root / "annotations" / f"captions_{split}.json"
     if not ann.is_file():
-        raise XmxError(f"coco: caption file not found: {ann}; point data.coco_root at the folder holding "
+        raise XmxError(f"coco: caption file not found: {ann}; point data.root at the folder holding "
                        f"annotations/ and {split}/")
     try:
         with open(ann, encoding="utf-8") as f:
@@ -77,7 +77,7 @@ def read_wikitext(root: str | os.PathLike, split: str = "train", drop_headings: 
         raise XmxError(f"wikitext: unknown split {split!r}; valid: {', '.join(WIKITEXT_SPLITS)}")
     path = Path(root).expanduser() / f"wiki.{split}.raw"
     if not path.is_file():
-        raise XmxError(f"wikitext: file not found: {path}; point data.wikitext_root at the unpacked "
+        raise XmxError(f"wikitext: file not found: {path}; point data.root at the unpacked "
                        f"wikitext-103-raw/ folder")
     out = []
     with open(path, encoding="utf-8") as f:
@@ -151,7 +151,7 @@ def read_glue(root: str | os.PathLike, task: str, split: str = "train") -> list[
         raise XmxError(f"glue: {t.folder} has no split {split!r}; valid: {', '.join(valid)}")
     path = Path(root).expanduser() / t.folder / f"{split}.tsv"
     if not path.is_file():
-        raise XmxError(f"glue: file not found: {path}; point data.glue_root at the folder holding {t.folder}/ "
+        raise XmxError(f"glue: file not found: {path}; point data.root at the folder holding {t.folder}/ "
                        f"(as written by the GLUE download script)")
     out: list[GlueExample] = []
     with open(path, encoding="utf-8") as f:

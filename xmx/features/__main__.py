@@ -4,6 +4,7 @@
     python -m xmx.features list [--root DIR]
     python -m xmx.features verify [--root DIR] [--remove]
     python -m xmx.features prune --before 2026-10-01 [--root DIR]
+    python -m xmx.features --help
 
 Building composes the same config as ``xmx.run`` and sets up its datamodule, which reads every split through the
 store (a progress bar and a throughput line per extraction; "hit" when the entry was already there).
@@ -30,9 +31,23 @@ def _default_root() -> Path:
     return Path(str(cfg.features.root)).expanduser()
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one ``error:`` line (exit 2) instead of usage + message
+        raise XmxError(f"{message} (python -m xmx.features --help)")
+
+
+def _backbone(key: dict) -> str:
+    """``tiny random-init`` / ``clip_rn50 3f2a9c1e``: which encoder an entry's features come from."""
+    b = key.get("backbone")
+    if not isinstance(b, dict):
+        return str(b or "-")
+    name = b.get("name") or b.get("arch") or "?"
+    return f"{name} random-init" if b.get("random_init") else f"{name} {str(b.get('sha256') or '')[:8]}".rstrip()
+
+
 def housekeeping(argv: list[str]) -> int:
     from xmx.features.store import FeatureStore
-    p = argparse.ArgumentParser(prog="python -m xmx.features", description="Feature store housekeeping")
+    p = _Parser(prog="python -m xmx.features", description="Feature store housekeeping")
     p.add_argument("command", choices=HOUSEKEEPING)
     p.add_argument("--root", help="store root (default: the config's features.root)")
     p.add_argument("--remove", action="store_true", help="verify: delete entries that fail")
@@ -46,7 +61,7 @@ def housekeeping(argv: list[str]) -> int:
             k = e.key
             what = "/".join(str(k.get(f)) for f in ("dataset", "split") if k.get(f)) or k.get("kind", "")
             print(f"{e.kind:16s} {e.size / 2**20:9.1f} MiB  created {e.created:%Y-%m-%d %H:%M}  "
-                  f"used {e.last_used:%Y-%m-%d %H:%M}  {what}  {e.path.name[:16]}")
+                  f"used {e.last_used:%Y-%m-%d %H:%M}  {_backbone(k):24s}  {what}  {e.path.name[:16]}")
         print(f"{len(entries)} entries, {sum(e.size for e in entries) / 2**20:.1f} MiB under {root}")
         return 0
     if a.command == "verify":
@@ -65,13 +80,30 @@ def build(overrides: list[str]) -> int:
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from xmx.config import build as instantiate, config_dir
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
+    from xmx.config import (build as instantiate, check_config, check_devices, check_paths, check_targets,
+                            config_dir, hydra_error_line, plan_run_threads)
+    bad = [a for a in overrides if "=" not in a]
+    if bad:
+        raise XmxError(f"{bad[0]!r} is neither a command ({', '.join(HOUSEKEEPING)}) nor a KEY=VALUE override "
+                       "(python -m xmx.features --help)")
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose("config", overrides=overrides)
+    except Exception as e:  # noqa: BLE001
+        line = hydra_error_line(e)
+        if line is None:
+            raise
+        raise XmxError(line) from None
     if cfg.method.get("inputs") != "features":
         raise XmxError(f"method {cfg.method.get('name')} reads images, not cached features: nothing to build")
     with open_dict(cfg):
         cfg.paths.output_dir = None
+    check_config(cfg)
+    check_paths(cfg)
+    from xmx.utils import apply_threads
+    apply_threads(plan_run_threads(cfg))
+    check_targets(cfg)
+    check_devices(cfg)
     backbone = instantiate(cfg.backbone)
     dm = instantiate(cfg.data, backbone=backbone, _convert_="all")
     dm.setup("fit")
@@ -83,6 +115,9 @@ def build(overrides: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["--help"], ["-h"], ["help"]):
+        print(__doc__.strip())
+        return 0
     try:
         return housekeeping(argv) if argv and argv[0] in HOUSEKEEPING else build(argv)
     except XmxError as e:

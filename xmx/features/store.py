@@ -40,6 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from xmx.errors import XmxError
+from xmx.utils import apply_umask
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +244,7 @@ class FeatureStore:
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata=meta)
+            apply_umask(tmp)  # the user's umask, not mkstemp's 0600: a shared store is readable by the group
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)

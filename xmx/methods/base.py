@@ -14,6 +14,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -32,6 +33,68 @@ def resolve_checkpoint(path: str | Path) -> Path:
             return cand
     raise XmxError(f"init_from={path}: no checkpoint there; pass a .ckpt file or a run folder containing "
                    "checkpoints/best.ckpt or checkpoints/last.ckpt")
+
+
+def read_checkpoint(path: str | Path) -> tuple[Path, dict]:
+    """-> (file, contents) of an xmx run's checkpoint; anything else (a corrupt file, a plain ``state_dict``, a
+    pickle of something else) is one :class:`XmxError` line instead of an unpickling traceback."""
+    ckpt = resolve_checkpoint(path)
+    try:
+        raw = torch.load(ckpt, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - whatever torch/pickle raises for a file that is not a checkpoint
+        why = (str(e).splitlines() or [""])[0][:120]
+        why = "" if "weights_only" in why or not why else f": {why}"
+        raise XmxError(f"init_from={path}: {ckpt} is not a readable PyTorch checkpoint ({type(e).__name__}{why}); "
+                       "pass the checkpoints/best.ckpt (or the folder) of an xmx run") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("state_dict"), dict):
+        raise XmxError(f"init_from={path}: {ckpt} holds no 'state_dict': it is not a checkpoint written by an xmx "
+                       "run; pass the checkpoints/best.ckpt (or the folder) of an xmx run")
+    return ckpt, raw
+
+
+def check_checkpoint(path: str | Path, target: str | None = None) -> Path:
+    """``init_from`` is checked before any data is read: the file exists, is an xmx checkpoint, and (when it says)
+    comes from the family of the method ``target`` (the method config's ``_target_``)."""
+    ckpt, raw = read_checkpoint(path)
+    theirs = raw.get("xmx_method") or {}
+    if target and theirs.get("family"):
+        parts = str(target).split(".")
+        mine = parts[2] if parts[:2] == ["xmx", "methods"] and len(parts) > 3 else ".".join(parts[:-1])
+        if theirs["family"] != mine:
+            raise XmxError(f"init_from={path}: the checkpoint is of method {theirs.get('name')} ({theirs['family']} "
+                           f"family), this run's method is of the {mine} family; initialise from a run of the same "
+                           "method family")
+    return ckpt
+
+
+def method_family(cls: type) -> str:
+    """``tip_adapter`` for ``xmx.methods.tip_adapter.TipAdapterFMethod``: methods of one family (one file or
+    sub-package) can initialise each other (Tip-Adapter -> Tip-Adapter-F, X-adapter MLM -> GLUE)."""
+    parts = cls.__module__.split(".")
+    return parts[2] if parts[:2] == ["xmx", "methods"] and len(parts) > 2 else cls.__module__
+
+
+class RNGState(L.Callback):
+    """Saves the global RNG states (torch, CUDA, numpy, Python) in every checkpoint and restores them on resume, so
+    that a resumed run draws the same random numbers (dropout, loader seeds) as an uninterrupted one.
+    (Its checkpoint entry is keyed by the class name, so checkpoints from when it lived in ``xmx.run`` resume.)"""
+
+    def state_dict(self) -> dict:
+        states = _collect_rng_states(include_cuda=torch.cuda.is_available())
+        if "numpy" in states:  # tensors and plain numbers only: checkpoints stay loadable with weights_only=True
+            name, keys, pos, has_gauss, gauss = states["numpy"]
+            states["numpy"] = [name, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(gauss)]
+        return {"rng": states}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        states = dict(state_dict.get("rng") or {})
+        if not states:
+            return
+        if "numpy" in states:
+            import numpy as np
+            name, keys, pos, has_gauss, gauss = states["numpy"]
+            states["numpy"] = (name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss)
+        _set_rng_states(states)
 
 
 # ---- small helpers shared by the methods that fit on cached features in ``build`` (GDA, LP++, ProLIP, TaskRes) --
@@ -90,6 +153,7 @@ class XmxModule(L.LightningModule):
         self.view_sampling = view_sampling
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.init_from: str | None = None
+        self.init_record: dict | None = None  # what init_from loaded (results.json "init_from")
         self.strict_loading = False  # checkpoints omit the frozen encoders
         self.predictions: dict[str, dict[str, torch.Tensor]] = {}
         self._built = False
@@ -118,14 +182,39 @@ class XmxModule(L.LightningModule):
                                        for s in dm.eval_sets)
 
     def load_weights(self, path) -> None:
-        ckpt = resolve_checkpoint(path)
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-        own = self.state_dict()
-        usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        """``init_from``: load the checkpoint's tensors into this method. A checkpoint of another method family, one
+        whose tensors have other shapes, or one of which nothing fits is an error (a silent random init would
+        report numbers identical to training from scratch); what was loaded is logged and kept for results.json
+        (:attr:`init_record`)."""
+        ckpt, raw = read_checkpoint(path)
+        state, own = raw["state_dict"], self.state_dict()
+        theirs = raw.get("xmx_method") or {}
+        mine = {"name": self.method_name, "family": method_family(type(self))}
+        if theirs.get("family") and theirs["family"] != mine["family"]:
+            raise XmxError(f"init_from={path}: the checkpoint is of method {theirs.get('name')} ({theirs['family']} "
+                           f"family), this run is {mine['name']} ({mine['family']}); initialise from a run of the "
+                           "same method family")
+        wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+        if wrong:
+            k = wrong[0]
+            raise XmxError(f"init_from={path}: {len(wrong)} tensors have other shapes than in this run (e.g. {k}: "
+                           f"{tuple(state[k].shape)} in the checkpoint, {tuple(own[k].shape)} here); use the "
+                           "backbone, classes and method settings the checkpoint was trained with")
+        usable = {k: v for k, v in state.items() if k in own}
+        if not usable:
+            eg = ", ".join(sorted(state)[:3]) or "none"
+            raise XmxError(f"init_from={path}: none of the checkpoint's {len(state)} tensors (e.g. {eg}) is a "
+                           f"parameter of {mine['name']}: nothing would be loaded; pass a run of the same method")
         skipped = sorted(set(state) - set(usable))
+        kept = sorted(k for k in own if k not in usable and not k.startswith(self.frozen_prefixes))
         self.load_state_dict(usable, strict=False)
-        log.info("init_from %s: loaded %d tensors, skipped %d (%s)", ckpt, len(usable), len(skipped),
-                 ", ".join(skipped[:5]))
+        self.init_record = {"checkpoint": str(ckpt), "method": theirs.get("name"), "loaded": len(usable),
+                            "skipped": skipped, "not_in_checkpoint": kept}
+        log.warning("init_from %s: loaded %d tensors (%s)%s%s", ckpt, len(usable), ", ".join(sorted(usable)[:6])
+                    + (", ..." if len(usable) > 6 else ""),
+                    f"; skipped {len(skipped)} of the checkpoint's ({', '.join(skipped[:3])})" if skipped else "",
+                    f"; {len(kept)} of this method's kept their initial values ({', '.join(kept[:3])})"
+                    if kept else "")
 
     # ---- the method's part ------------------------------------------------------------------------------------
     def image_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -228,6 +317,8 @@ class XmxModule(L.LightningModule):
         for k in [k for k in sd if k.startswith(self.frozen_prefixes) and k not in trainable]:
             del sd[k]
         checkpoint["xmx_epoch_curve"] = list(self.epoch_curve)  # a resumed run keeps the whole curve
+        checkpoint["xmx_method"] = {"name": self.method_name, "family": method_family(type(self)),
+                                    "class": f"{type(self).__module__}.{type(self).__qualname__}"}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.selected_epoch = checkpoint.get("epoch")  # the restored (best, for test) checkpoint's epoch

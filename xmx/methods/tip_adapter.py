@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from xmx.errors import XmxError
 from xmx.methods.base import XmxModule, resolve_checkpoint
+from xmx.utils import Heartbeat
 
 __all__ = [
     "TIP_DATASETS", "TIP_DEFAULT", "tip_dataset_config", "norm", "affinity", "build_cache", "check_cache",
@@ -277,12 +278,14 @@ def search_alpha_beta(f_val: Tensor, y_val: Tensor, W: Tensor, keys: Tensor, val
     per_row = NK + N + n_alpha * N                        # affinity + cache + all-alpha logits, for one beta
     rows = _chunk_rows(M, per_row, max_elements)
     nb = _chunk_rows(n_beta, rows * per_row, max_elements)                       # betas per chunk
+    beat = Heartbeat(f"alpha/beta search ({n_beta}x{n_alpha} on {M} images)", total=M)  # a line every 10 s
     for r0 in range(0, M, rows):
         S_r, zs_r, y_r = S[r0:r0 + rows], zs[r0:r0 + rows], y[r0:r0 + rows]
         for b0 in range(0, n_beta, nb):
             A = affinity(S_r[None], betas[b0:b0 + nb, None, None])               # [nb, m, NK]
             caches = A @ L                                                       # [nb, m, N]
             correct[b0:b0 + nb] += correct_counts(zs_r, caches, alphas, y_r)     # [nb, n_alpha]
+        beat(min(r0 + rows, M))
     flat = int(torch.argmax(correct.flatten()))          # first maximum = first pair in beta-major order
     i, j = divmod(flat, n_alpha)
     grid = correct.double().cpu() * (100.0 / M)

@@ -88,7 +88,7 @@ def resolve_placement(placement: str | int | Sequence[int], num_layers: int) -> 
     """The 0-based indices of the PLM layers after which an adapter block runs."""
     if placement == "last_two":
         if num_layers < 2:
-            raise XmxError("method.placement: last_two needs a PLM with at least 2 layers")
+            raise XmxError("method.adapter.placement: last_two needs a PLM with at least 2 layers")
         return [num_layers - 2]
     if placement == "every":
         return list(range(num_layers))
@@ -100,8 +100,8 @@ def resolve_placement(placement: str | int | Sequence[int], num_layers: int) -> 
         except (TypeError, ValueError):
             k = None
         if k is None or not 1 <= k <= num_layers:
-            raise XmxError(f"method.placement: {placement!r} is not valid; use last_two, every, or a layer number "
-                           f"k (1..{num_layers}) to insert after layer k")
+            raise XmxError(f"method.adapter.placement: {placement!r} is not valid; use last_two, every, or a layer "
+                           f"number k (1..{num_layers}) to insert after layer k")
         out.append(k - 1)
     return sorted(set(out))
 

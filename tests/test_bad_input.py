@@ -1,0 +1,198 @@
+"""Every bad input the first hour meets is one ``error:`` line on stderr (printed once), exit code 2, no traceback,
+nothing left that a later run takes as valid - and, where the config alone shows it, before anything is built.
+
+The cases run through the real command line in-process (``xmx.run.main()`` / ``xmx.features.__main__.main()``), and
+this test writes the table of ``docs/errors.md`` from what they print: the test fails when the file differs from
+what the code prints now; ``XMX_WRITE_DOCS=1 pytest tests/test_bad_input.py`` rewrites it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.core.global_hydra import GlobalHydra
+
+import xmx.run as xrun
+from tiny_trainable import OVERRIDES as TINY
+from xmx.features import __main__ as features_cli
+
+REPO = Path(__file__).resolve().parents[1]
+DOC = REPO / "docs" / "errors.md"
+QUIET = ["logger=none", "callbacks.rich_progress_bar=null"]
+
+# (case, command-line arguments with {placeholders}, a phrase the line must contain, answered before any build)
+RUN_CASES = [
+    ("unknown experiment", ["experiment=no_such"], "unknown experiment 'no_such'", True),
+    ("unknown option of a group", ["method=tip_adaptor"], "unknown method 'tip_adaptor'", True),
+    ("misspelt key", ["method.batch_sise=8"], "method.batch_sise: no such key in method", True),
+    ("new key added with +", ["+method.typo=1"], "method.typo: not a setting of", True),
+    ("misspelt optimiser key", ["method=clip_adapter", "+method.optimizer.lrr=0.1"],
+     "method.optimizer.lrr: not a setting of torch.optim.Adam;", True),
+    ("shots = 0", ["shots=0"], "shots=0: must be at least 1", True),
+    ("shots < 0", ["shots=-4"], "shots=-4: must be at least 1", True),
+    ("seed not an integer", ["seed=abc"], "seed='abc': must be a whole number", True),
+    ("seed with a fraction", ["seed=1.5"], "seed=1.5: must be a whole number", True),
+    ("negative learning rate", ["method=clip_adapter", "method.optimizer.lr=-0.01"],
+     "method.optimizer.lr=-0.01: a learning rate must be positive", True),
+    ("epochs = 0", ["method=clip_adapter", "method.epochs=0"], "method.epochs=0: must be at least 1", True),
+    ("batch_size = 0", ["method=clip_adapter", "method.batch_size=0"], "method.batch_size=0: must be at least 1",
+     True),
+    ("negative DataLoader workers", ["data.num_workers=-1"], "data.num_workers=-1: must be at least 0", True),
+    ("threads not a number", ["threads=many"], "threads='many': must be auto or a whole number", True),
+    ("trainer=gpu without a GPU", ["trainer=gpu"], "trainer.accelerator=gpu but this machine has no CUDA GPU",
+     True),
+    ("features on the GPU without one", ["features.device=cuda"], "features.device=cuda but this machine has no",
+     True),
+    ("cache folder is a file", ["paths.cache_dir={file}"], "is a file, not a folder; point paths.cache_dir", True),
+    ("cache folder not writable", ["paths.cache_dir={readonly}/cache"], "cannot write there", True),
+    ("feature store not writable", ["features.root={readonly}/features"],
+     "features.root={readonly}/features: cannot write there", True),
+    ("log folder is a file", ["paths.log_dir={file}"], "cannot create the run folder", True),
+    ("W&B without API key, online", ["logger=wandb"], "log offline with WANDB_MODE=offline", True),
+    ("init_from: not a checkpoint", ["method=linear_probe", "train=false", "init_from={garbage}"],
+     "is not a readable PyTorch checkpoint", True),
+    ("init_from: a plain state_dict", ["method=linear_probe", "train=false", "init_from={plain}"],
+     "holds no 'state_dict'", True),
+    ("init_from: another method family", ["TINY", "train=false", "init_from={other_family}"],
+     "the checkpoint is of method mma (mma family)", True),
+    ("init_from: tensors of other shapes", ["TINY", "train=false", "init_from={other_shapes}"],
+     "2 tensors have other shapes than in this run (e.g. head.weight: (3, 32) in the checkpoint, (10, 32) here)",
+     False),
+    ("init_from: nothing would load", ["TINY", "train=false", "init_from={nothing}"],
+     "none of the checkpoint's 1 tensors (e.g. prompt.ctx) is a parameter of tiny_trainable", False),
+    ("corrupt backbone weights", ["backbone.weights={garbage}"], "is not a readable xmx-tiny checkpoint", False),
+    ("unknown dataset", ["data.name=no_such_set"], "unknown dataset 'no_such_set'; valid choices:", True),
+    ("$DATA folder missing", ["data=dtd", "paths.data_dir={tmp}/no_data"], "data root {tmp}/no_data does not exist",
+     True),
+    ("resume: bad choice", ["resume=sometimes"], "resume='sometimes'; valid choices: auto, never", True),
+]
+FEATURE_CASES = [
+    ("xmx.features: unknown command", ["lst"], "'lst' is neither a command (list, verify, prune)"),
+    ("xmx.features: unknown option", ["list", "--bogus"], "unrecognized arguments: --bogus"),
+    ("xmx.features: unknown experiment", ["experiment=no_such"], "unknown experiment 'no_such'"),
+    ("xmx.features: shots = 0", ["shots=0"], "shots=0: must be at least 1"),
+]
+
+
+@pytest.fixture
+def places(tmp_path, monkeypatch):
+    """The files and folders the cases point at; W&B with no key and no offline mode."""
+    torch.save({"a": torch.zeros(2)}, tmp_path / "plain.ckpt")
+    (tmp_path / "garbage.pt").write_bytes(b"this is not a checkpoint\n" * 40)
+    (tmp_path / "a_file").write_text("x")
+    torch.save({"state_dict": {"head.weight": torch.zeros(3, 32)}, "xmx_method": {"name": "mma", "family": "mma"}},
+               tmp_path / "other_family.ckpt")
+    torch.save({"state_dict": {"head.weight": torch.zeros(3, 32), "head.bias": torch.zeros(3)}},
+               tmp_path / "other_shapes.ckpt")
+    torch.save({"state_dict": {"prompt.ctx": torch.zeros(4, 8)}}, tmp_path / "nothing.ckpt")
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    if os.geteuid() == 0:  # root writes through permission bits: use a folder the kernel refuses to everyone
+        readonly = Path("/sys/xmx-test")
+    else:
+        os.chmod(tmp_path / "readonly", 0o500)
+    for k in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(k, raising=False)
+    (tmp_path / "netrc").write_text("")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    yield {"tmp": tmp_path, "file": tmp_path / "a_file", "readonly": readonly, "garbage": tmp_path / "garbage.pt",
+           "plain": tmp_path / "plain.ckpt", "other_family": tmp_path / "other_family.ckpt",
+           "other_shapes": tmp_path / "other_shapes.ckpt", "nothing": tmp_path / "nothing.ckpt"}
+    os.chmod(tmp_path / "readonly", 0o700)
+
+
+def _cli(main, argv: list[str], capsys) -> tuple[int, str]:
+    GlobalHydra.instance().clear()
+    old = sys.argv
+    sys.argv = ["xmx", *argv]
+    try:
+        code = main()
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = old
+        GlobalHydra.instance().clear()
+    return int(code or 0), capsys.readouterr().err
+
+
+def _shown(text: str, places: dict, tmp_path: Path) -> str:
+    """The line as the table shows it: this run's paths as placeholders, lists of choices as ``<list>``."""
+    for name, p in sorted(places.items(), key=lambda kv: -len(str(kv[1]))):
+        text = text.replace(str(p), "{" + name + "}")
+    text = text.replace(str(tmp_path), "{tmp}")
+    text = re.sub(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", "<time>", text)
+    # lists of options change whenever a preset or dataset is added: the table shows that a list is given
+    text = re.sub(r"(valid choices|its settings|its keys): ([^;()]*?)( \(|;|$)", r"\1: <list>\3", text)
+    return text.replace("|", "\\|")
+
+
+def _table(rows) -> str:
+    head = ("# Bad input and what xmx says\n\n"
+            "Every row is a case of `tests/test_bad_input.py`, which runs it through the command line and writes this "
+            "table (`XMX_WRITE_DOCS=1 pytest tests/test_bad_input.py`; the test fails when the file is out of date). "
+            "Each prints one `error:` line on stderr and exits with code 2, without a traceback and without leaving a "
+            "result a later run would take as valid. \"before any build\": answered from the config alone (no model, "
+            "data or features touched). `{file}`, `{readonly}`, `{garbage}` ... stand for the paths the test uses.\n\n"
+            "| case | command | error line | before any build |\n|---|---|---|---|\n")
+    return head + "".join(f"| {c} | `{cmd}` | `` {line} `` | {early} |\n" for c, cmd, line, early in rows)
+
+
+def test_every_bad_input_is_one_line_exit_2_and_the_table_is_current(places, make_cfg, xmx_cache, tmp_path,
+                                                                     capsys, monkeypatch):
+    rows, failures = [], []
+    gpu = torch.cuda.is_available()
+    real_build = xrun.build
+    for case, args, needle, early in RUN_CASES:
+        if gpu and "GPU" in case:
+            continue
+        log_dir = tmp_path / "logs" / re.sub(r"\W+", "_", case)
+        argv = [b for a in args for b in (TINY if a == "TINY" else [a.format(**places)])]
+        keys = {a.split("=")[0] for a in argv}
+        argv = [f"{k}={v}" for k, v in (("paths.cache_dir", xmx_cache), ("paths.log_dir", log_dir))
+                if k not in keys] + argv + [q for q in QUIET if q.split("=")[0] not in keys]
+
+        def no_build(*a, **k):
+            raise AssertionError("an object was built before the error")
+        monkeypatch.setattr(xrun, "build", no_build if early else real_build)
+        code, err = _cli(xrun.main, argv, capsys)
+        lines = [l for l in err.splitlines() if l.strip()]
+        errors = [l for l in lines if l.startswith("error:")]
+        ok = (code == 2 and len(errors) == 1 and needle.format(**places) in errors[0] and "Traceback" not in err
+              and len(lines) == 1)
+        left = list(log_dir.rglob("results.json")) + [p for p in log_dir.rglob(".index/*.json")
+                                                      if '"complete"' in p.read_text()]
+        if not ok or left:
+            failures.append(f"{case}: exit {code}, stderr {err[-600:]!r}, left {left}")
+            continue
+        shown = " ".join("method=<a trainable method>" if a == "TINY" else a for a in args)
+        rows.append((case, f"python -m xmx.run {shown}", _shown(errors[0], places, tmp_path),
+                     "yes" if early else "no: when the model is set up"))
+    monkeypatch.setattr(xrun, "build", real_build)
+    for case, args, needle in FEATURE_CASES:
+        extra = [f"paths.cache_dir={xmx_cache}"] if "=" in args[-1] else []
+        code = features_cli.main(args + extra)
+        err = capsys.readouterr().err
+        errors = [l for l in err.splitlines() if l.startswith("error:")]
+        if not (code == 2 and len(errors) == 1 and needle in errors[0] and len(err.splitlines()) == 1):
+            failures.append(f"{case}: exit {code}, stderr {err[-600:]!r}")
+            continue
+        rows.append((case, f"python -m xmx.features {' '.join(args)}", _shown(errors[0], places, tmp_path), "yes"))
+    assert not failures, "\n".join(failures)
+    if gpu:
+        pytest.skip("a GPU is present: the GPU rows cannot be produced here, so docs/errors.md is not compared")
+    text = _table(rows)
+    if os.environ.get("XMX_WRITE_DOCS") == "1":
+        DOC.write_text(text)
+    assert DOC.is_file() and DOC.read_text() == text, (
+        "docs/errors.md is out of date: rerun with XMX_WRITE_DOCS=1 pytest tests/test_bad_input.py")
+
+
+def test_features_help_answers_without_torch(capsys):
+    assert features_cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "python -m xmx.features list" in out and "python -m xmx.features verify" in out
