@@ -2,7 +2,11 @@
 
     A(v)  = ReLU(Linear_{C/4→C}(ReLU(Linear_{C→C/4}(v))))      # no biases [code]
     v'    = norm(ratio·A(v) + (1−ratio)·v)                     # ratio = 0.2; v are the raw image features
-    logit = exp(logit_scale)·v'·W                              # W [C, N]: the frozen zero-shot classifier
+    logit = exp(logit_scale)·v'·W (+ logit_bias)               # W [C, N]: the frozen zero-shot classifier
+
+`logit_scale` and `logit_bias` are the backbone's own (the bias only for sigmoid-loss models such as SigLIP; it shifts
+every class alike, so cross-entropy and accuracy are unchanged, but the logits are the model's). Training keeps the
+authors' softmax cross-entropy on every backbone.
 
 Below the math: `AdapterMethod`, the LightningModule shared by the feature adapters trained with cross-entropy on
 cached features (CLIP-Adapter here, MMA in `mma.py`), and `ClipAdapterMethod`.
@@ -53,8 +57,8 @@ class ClipAdapter(nn.Module):
         v = image_feats  # [B, C]
         return F.normalize(self.ratio * self.fc(v) + (1 - self.ratio) * v, dim=-1)  # [B, C]
 
-    def logits(self, image_feats: torch.Tensor, W: torch.Tensor, logit_scale) -> torch.Tensor:
-        """`exp(logit_scale)·v'·W` → [B, N]; `W [C, N]` is the normalised zero-shot classifier (spec §0)."""
+    def logits(self, image_feats: torch.Tensor, W: torch.Tensor, logit_scale, logit_bias=None) -> torch.Tensor:
+        """`exp(logit_scale)·v'·W (+ logit_bias)` → [B, N]; `W [C, N]` is the normalised zero-shot classifier."""
         if W.ndim != 2 or W.shape[0] != self.dim:
             raise XmxError(f"CLIP-Adapter: classifier W has shape {tuple(W.shape)} but must be [{self.dim}, N] "
                            f"(embed_dim × classes); pass the text classifier, not its transpose")
@@ -64,7 +68,8 @@ class ClipAdapter(nn.Module):
             raise XmxError("CLIP-Adapter: classifier W contains NaN or inf; recompute the text classifier")
         v_ad = self(image_feats)  # [B, C]
         scale = torch.as_tensor(logit_scale, dtype=v_ad.dtype, device=v_ad.device).exp()
-        return scale * v_ad @ W  # [B, N]
+        out = scale * v_ad @ W  # [B, N]
+        return out if logit_bias is None else out + logit_bias
 
 
 # ==================================================================================================== LightningModules
@@ -74,8 +79,8 @@ class AdapterMethod(XmxModule):
     ``build(dm)`` computes the zero-shot text classifier `W [C, N]` of every label set once — the training classes,
     the validation set and each eval set with its *own* classes and templates (base-to-new: ``test_new`` has the new
     classes only) — and keeps them as non-persistent buffers (they follow the module to its device and are never
-    written into checkpoints: only the adapter's weights are). CLIP's ``logit_scale`` is read from ``dm`` and stays
-    frozen. Subclasses implement ``make_adapter(dim)`` and ``adapter_logits(feats [B, C], W [C, N]) -> [B, N]``.
+    written into checkpoints: only the adapter's weights are). The backbone's ``logit_scale`` (and ``logit_bias``,
+    SigLIP) are read from ``dm`` and stay frozen. Subclasses implement ``make_adapter(dim)`` and ``adapter_logits(feats [B, C], W [C, N]) -> [B, N]``.
 
     The recipe (optimizer partial, batch size, epochs) comes from the method config; early stopping and the
     best-checkpoint restore come from the ``callbacks`` group (``callbacks=early_stopping``)."""
@@ -86,6 +91,7 @@ class AdapterMethod(XmxModule):
         super().__init__(**kwargs)
         self._text_buffers: dict[str, str] = {}
         self.logit_scale: float | None = None
+        self.logit_bias: float | None = None
 
     # ---- construction -----------------------------------------------------------------------------------------
     def make_adapter(self, dim: int) -> nn.Module:
@@ -107,7 +113,9 @@ class AdapterMethod(XmxModule):
             for s in [dm.val_set, *dm.eval_sets]:
                 self._check_features(dm.features_of(s), dim, repr(s.name))
         self.adapter = self.make_adapter(dim)
-        self.logit_scale = float(dm.logit_scale)  # CLIP's own, frozen (log of the multiplier)
+        self.logit_scale = float(dm.logit_scale)  # the backbone's own, frozen (log of the multiplier)
+        bias = getattr(dm, "logit_bias", None)
+        self.logit_bias = None if bias is None else float(bias)  # SigLIP's learned bias, frozen
         for name, classnames, templates in label_sets:
             W = dm.text_classifier(list(classnames), list(templates or dm.templates)).detach().float()  # [C, N]
             if W.shape[0] != dim:
@@ -156,6 +164,7 @@ class AdapterMethod(XmxModule):
         return {
             "params": None if adapter is None else sum(p.numel() for p in adapter.parameters() if p.requires_grad),
             "logit_scale": self.logit_scale,
+            "logit_bias": self.logit_bias,
             **self.training_record(),
         }
 
@@ -177,7 +186,7 @@ class ClipAdapterMethod(AdapterMethod):
         return ClipAdapter(dim, reduction=self.reduction, ratio=self.ratio)
 
     def adapter_logits(self, feats, W):
-        return self.adapter.logits(feats, W, self.logit_scale)  # [B, N]
+        return self.adapter.logits(feats, W, self.logit_scale, self.logit_bias)  # [B, N]
 
     def extra_results(self) -> dict:
         return {**super().extra_results(), "reduction": self.reduction, "ratio": self.ratio}
