@@ -35,7 +35,9 @@ import torch.nn.functional as F
 
 from xmx.backbones.clip import CLIPBackbone
 from xmx.backbones.plm import PLM, build_plm
-from xmx.methods.xadapter import ImageIndex, MLMMasker, XAdapter, mlm_head
+from xmx.data.mlm import MLMMasker
+from xmx.features.retrieval import ImageIndex
+from xmx.methods.xadapter import XAdapter, mlm_head
 
 TARGET_RATIO = 0.70  # mlm sequences/s >= 70 % of the frozen BERT + CLIP text forward
 

@@ -103,7 +103,7 @@ def test_siglip_family_runs_zeroshot_tip_adapter_and_mma_with_its_bias(make_cfg,
 
 @pytest.mark.parametrize("model", ["xmx-tiny-eva02", "xmx-tiny-pe", "xmx-tiny-mobileclip"])
 def test_each_family_runs_mma_then_zeroshot_and_tip_adapter_on_its_features(make_cfg, tmp_path, model, monkeypatch):
-    from xmx.data.datamodule import CLIPDataModule
+    from xmx.datamodules.clip import CLIPDataModule
     from xmx.methods.tip_adapter import build_cache, search_alpha_beta, tip_logits
     from xmx.methods.zeroshot import zeroshot_logits
     seen = []

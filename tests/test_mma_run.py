@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from xmx.data.datamodule import CLIPDataModule
+from xmx.datamodules.clip import CLIPDataModule
 from xmx.errors import XmxError
 from xmx.features import FeatureStore
 from xmx.methods.mma import MultiModalAdapter

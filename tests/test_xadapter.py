@@ -11,9 +11,11 @@ from xmx.backbones.clip import CLIPBackbone
 from xmx.backbones.plm import COLOR_WORDS, build_plm
 from xmx.data.text import ColorDataset, ColorItem, read_color_terms, read_memory_color
 from xmx.errors import XmxError
-from xmx.methods.xadapter import (VALM_TEMPLATES, ClassificationHead, ColorProbe, ExpertBlock, GlueMetrics,
-                                  ImageIndex, MLMMasker, XAdapter, color_token_ids, fill_template, glue_loss,
-                                  mlm_loss, plm_view_texts, resolve_placement, t_expert_inputs, v_expert_inputs)
+from xmx.data.color_probe import VALM_TEMPLATES, ColorProbe, color_token_ids, fill_template
+from xmx.data.mlm import MLMMasker, plm_view_texts
+from xmx.features.retrieval import ImageIndex
+from xmx.methods.xadapter import (ClassificationHead, ExpertBlock, GlueMetrics, XAdapter, glue_loss, mlm_loss,
+                                  resolve_placement, t_expert_inputs, v_expert_inputs)
 
 SENTENCES = ["a man riding a horse on the beach", "two dogs playing in the snow", "a red bus on the street"]
 

@@ -194,7 +194,7 @@ def test_glue_checkpoints_and_baselines(make_cfg, data_dir, tmp_path, variant, p
 def test_masking_is_seeded_by_seed_and_epoch(data_dir):
     from xmx.backbones.clip import CLIPBackbone
     from xmx.backbones.plm import build_plm
-    from xmx.data.text_datamodule import WikiTextDataModule
+    from xmx.datamodules.text import WikiTextDataModule
     clip, plm = CLIPBackbone("xmx-tiny", None), build_plm("tiny")
 
     def batches(seed, epoch):

@@ -30,14 +30,12 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
-from hydra.utils import instantiate
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from xmx.config import config_dir
+from xmx.config import build, config_dir
 from xmx.errors import XmxError
 from xmx.utils import atomic_write_bytes, atomic_write_text, code_version, package_versions
 
@@ -52,20 +50,6 @@ def _output_dir(cfg: DictConfig) -> Path:
     path = Path(str(out))
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def build(node, **kwargs):
-    """``hydra.utils.instantiate`` that lets an XmxError through as itself (Hydra wraps it otherwise), so the user
-    sees its one line."""
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as e:
-        cause = e.__cause__
-        while cause is not None and not isinstance(cause, XmxError):
-            cause = cause.__cause__
-        if cause is not None:
-            raise cause from None
-        raise
 
 
 def _instantiate_all(node) -> list:

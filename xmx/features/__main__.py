@@ -65,8 +65,7 @@ def build(overrides: list[str]) -> int:
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from xmx.config import config_dir
-    from xmx.run import build as instantiate
+    from xmx.config import build as instantiate, config_dir
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     if cfg.method.get("inputs") != "features":

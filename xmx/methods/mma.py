@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xmx.errors import XmxError
-from xmx.methods.clip_adapter import AdapterMethod  # the shared feature-adapter training loop
+from xmx.methods._training import AdapterMethod  # the shared feature-adapter training loop
 
 MASKS = ("block", "bias", "none")
 SAMPLERS = ("linear", "mlp", "bottleneck32")

@@ -7,7 +7,7 @@ PLM tokenizer in the loader (workers do the text work, the module only runs enco
 - ``input_ids`` / ``attention_mask`` (+ ``token_type_ids`` for BERT) ``[B,L]``, padded to the longest in the batch;
 - ``labels``: MLM ``[B,L]`` (-100 = not predicted), GLUE ``[B]`` (class index, or the STS-B score), colour ``[B]``;
 - ``clip_tokens`` ``[B,77]``: the sentence **as the PLM sees it** (every MLM target replaced by the mask word, see
-  :func:`xmx.methods.xadapter.plm_view_texts`) in CLIP's tokenizer — the V-expert's retrieval query and the
+  :func:`xmx.data.mlm.plm_view_texts`) in CLIP's tokenizer — the V-expert's retrieval query and the
   T-expert's input; the answer cannot leak through CLIP;
 - ``image_rows`` ``[B]`` (COCO): the row of the caption's own image in the retrieval index, -1 when not indexed;
 - ``mask_index`` ``[B]`` and ``rows`` ``[B]`` (colour probe): the mask position and the prompt's position.
@@ -31,7 +31,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from xmx.data.datamodule import epoch_generator
+from xmx.datamodules.clip import epoch_generator
 from xmx.data.text import (ColorDataset, glue_task, read_coco_captions, read_color_dataset, read_glue,
                            read_wikitext)
 from xmx.errors import XmxError
@@ -179,7 +179,7 @@ class TextDataModule(L.LightningDataModule):
     # ---- retrieval index --------------------------------------------------------------------------------------
     @property
     def index(self):
-        """The V-expert :class:`~xmx.methods.xadapter.ImageIndex` (CLIP image embeddings of ``index.folder``),
+        """The V-expert :class:`~xmx.features.retrieval.ImageIndex` (CLIP image embeddings of ``index.folder``),
         built on first use."""
         if self._index is None:
             self._index = self._build_index()
@@ -187,7 +187,7 @@ class TextDataModule(L.LightningDataModule):
 
     def _build_index(self):
         from xmx.features.extract import embed_image_folder, extract_image_features, list_image_folder
-        from xmx.methods.xadapter import ImageIndex
+        from xmx.features.retrieval import ImageIndex
         cfg = self.index_cfg
         if not cfg.get("folder"):
             raise XmxError(f"data={self.name}: the V-expert needs data.index.folder (a folder of images to "
@@ -275,7 +275,7 @@ class MLMDataModule(TextDataModule):
     def __init__(self, *args, mask_ratio: float = 0.15, mask_prob: float = 0.8, random_prob: float = 0.1,
                  val_size: int | None = 2000, test_size: int | None = 5000, **kw):
         super().__init__(*args, **kw)
-        from xmx.methods.xadapter import MLMMasker
+        from xmx.data.mlm import MLMMasker
         self.masker = MLMMasker(self.tokenizer, mask_ratio, mask_prob, random_prob, seed=self.seed)
         self.mask_ratio = float(mask_ratio)
         self.val_size, self.test_size = val_size, test_size
@@ -287,7 +287,7 @@ class MLMDataModule(TextDataModule):
         return {}
 
     def make_batch(self, s: TextSet, key) -> dict:
-        from xmx.methods.xadapter import plm_view_texts
+        from xmx.data.mlm import plm_view_texts
         epoch, batch_no, idx = key
         rows = [s.examples[int(i)] for i in idx]
         enc = self.tokenizer([self.text_of(r) for r in rows], padding=True, truncation=True,
@@ -362,7 +362,7 @@ class WikiTextDataModule(MLMDataModule):
 # ---- object colour probe --------------------------------------------------------------------------------------
 class ColorDataModule(TextDataModule):
     """The zero-shot colour probe (evaluation only): one eval set per colour dataset, named ``test_<dataset>``
-    (``test_memory_color``, ``test_color_terms``); prompts from :class:`~xmx.methods.xadapter.ColorProbe`."""
+    (``test_memory_color``, ``test_color_terms``); prompts from :class:`~xmx.data.color_probe.ColorProbe`."""
 
     protocol_name = "zeroshot_probe"
 
@@ -375,7 +375,7 @@ class ColorDataModule(TextDataModule):
         self.probes: dict = {}
 
     def load(self) -> None:
-        from xmx.methods.xadapter import ColorProbe
+        from xmx.data.color_probe import ColorProbe
         for n in self.set_names:
             ds: ColorDataset = read_color_dataset(n, self.paths.get(n))
             probe = ColorProbe(ds, self.tokenizer, max_length=self.max_length)
@@ -384,7 +384,7 @@ class ColorDataModule(TextDataModule):
                                           list(ds.colors)))
 
     def make_batch(self, s: TextSet, key) -> dict:
-        from xmx.methods.xadapter import plm_view_texts
+        from xmx.data.mlm import plm_view_texts
         _, _, idx = key
         p = self.probes[s.name]
         idx = idx.long()

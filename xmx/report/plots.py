@@ -1,0 +1,123 @@
+"""Plots: few-shot curves (with references) and sweep curves, as PNG bytes."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import numpy as np
+import pandas as pd
+
+from xmx.report.gather import AVG, GROUP, _col_order, _dataset_order, _fmt_value, hm
+from xmx.report.references import _bb
+from xmx.report.tables import _slug
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot_fewshot(cells: pd.DataFrame, refs: pd.DataFrame | None) -> dict[str, bytes]:
+    """Accuracy vs shots, one figure per dataset (and the average), one line per method row."""
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fs = cells[cells.table == "fewshot"]
+    out = {}
+    if not len(fs):
+        return out
+    # a row measured at 0 shots only (zero-shot) is drawn as a horizontal line, so 0 gets no tick of its own
+    only0 = fs.groupby("label").column.agg(lambda c: set(c) == {"0"})
+    shots = sorted(fs.column.unique(), key=_col_order)
+    if "0" in shots and len(shots) > 1 and not (~only0[fs[fs.column == "0"].label.unique()]).any():
+        shots.remove("0")
+    pos = {s: i for i, s in enumerate(shots)}
+    for d in sorted(fs.dataset.unique(), key=_dataset_order):
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        for label, g in fs[fs.dataset == d].groupby("label"):
+            g = g.sort_values("column", key=lambda c: c.map(_col_order))
+            if only0[label] and "0" not in pos:
+                ax.axhline(g["mean"].iloc[0], ls=":", color="gray", label=label)
+                continue
+            ax.errorbar([pos[c] for c in g.column], g["mean"], yerr=g["std"].fillna(0), marker="o", capsize=3,
+                        label=label)
+        if d == AVG and refs is not None and len(refs):
+            bbs = {_bb(b) for b in fs.backbone if b}
+            for (m, src), r in refs[(refs.table == "fewshot") & (refs.dataset == AVG)].groupby(["method", "source"]):
+                r = r[[not rb or not bbs or bool(rb & bbs) for rb in r.backbones]]
+                if r.empty:
+                    continue
+                if (r.column == "*").any():
+                    ax.axhline(r.value.iloc[0], ls="--", lw=0.8, color="black", alpha=0.5, label=f"{m} (ref)")
+                    continue
+                r = r[r.column.isin(pos)].sort_values("column", key=lambda c: c.map(_col_order))
+                if len(r):
+                    ax.plot([pos[c] for c in r.column], r.value, ls="--", marker="x", alpha=0.6, label=f"{m} (ref)")
+        ax.set_xticks(range(len(shots)), shots)
+        ax.set_xlabel("shots per class")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title("Average over datasets" if d == AVG else d)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        out[f"fewshot_{_slug(d)}.png"] = _png(fig)
+    return out
+
+
+def plot_sweeps(runs: pd.DataFrame, obs: pd.DataFrame, swept: dict, params: list[str]) -> dict[str, bytes]:
+    """Metric vs each swept config key (or the --param keys): one figure per method group and key."""
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    out = {}
+    for gkey, keys in swept.items():
+        keys = [k for k in keys if not params or k in params]
+        if not keys:
+            continue
+        sel = runs
+        for c, v in zip(GROUP, gkey):
+            sel = sel[sel[c] == v]
+        o = obs[obs.run.isin(sel.index)]
+        for key in keys:
+            xs = {i: sel.cfg[i].get(key) for i in sel.index}
+            xs = {i: v for i, v in xs.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
+            if len({json.dumps(v, sort_keys=True, default=str) for v in xs.values()}) < 2:
+                continue
+            o = obs[obs.run.isin(list(xs))]
+            others = {i: ", ".join(f"{k}={_fmt_value(sel.cfg[i].get(k))}" for k in swept[gkey] if k != key)
+                      for i in xs}
+            d = o.assign(x=o.run.map(xs), other=o.run.map(others), xkey=o.run.map(lambda i: str(xs[i])))
+            numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in xs.values())
+            agg = (d.groupby(["dataset", "column", "other", "xkey"])
+                   .agg(x=("x", "first"), mean=("value", "mean"), std=("value", "std")).reset_index())
+            if gkey[0] == "base2new":  # HM from mean base and new at each point
+                w = agg.pivot_table(index=["dataset", "other", "xkey", "x"], columns="column", values="mean").reset_index()
+                if {"base", "new"} <= set(w.columns):
+                    agg = pd.concat([agg, w.assign(column="hm", mean=[hm(b, n) for b, n in zip(w.base, w.new)],
+                                                   std=np.nan)[agg.columns]], ignore_index=True)
+            # only the lines that were actually swept (two or more values of the key)
+            agg = agg[agg.groupby(["dataset", "column", "other"]).xkey.transform("nunique") > 1]
+            if agg.empty:
+                continue
+            cats = sorted(agg.xkey.unique(), key=lambda s: (float(s) if numeric else 0, s))
+            fig, ax = plt.subplots(figsize=(5.5, 4))
+            for (ds, col, other), g in agg.groupby(["dataset", "column", "other"]):
+                g = g.assign(p=g.x.astype(float) if numeric else g.xkey.map(cats.index)).sort_values("p")
+                name = " ".join(p for p in [ds, "" if col == ds else (f"{col}-shot" if col.isdigit() else col),
+                                            f"{{{other}}}" if other else ""] if p)
+                ax.errorbar(g.p, g["mean"], yerr=g["std"].fillna(0), marker="o", capsize=3, label=name)
+            if not numeric:
+                ax.set_xticks(range(len(cats)), cats)
+            ax.set_xlabel(key)
+            ax.set_ylabel("metric (%)")
+            ax.set_title(" ".join(p for p in [gkey[1], f"({gkey[2]})" if gkey[2] else "", gkey[0]] if p))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+            out[f"sweep_{_slug(gkey[0])}_{_slug(gkey[1])}_{_slug(gkey[2])}_{_slug(key)}.png"] = _png(fig)
+    return out
