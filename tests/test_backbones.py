@@ -224,3 +224,37 @@ def test_bad_backbones_are_refused_in_one_line_quickly(tmp_path):
     one_line_error(lambda: CLIPBackbone("xmx-tiny", None, resize_mode="stretch"), "backbone.resize_mode", "squash")
     one_line_error(lambda: HFCLIPBackbone(str(tmp_path)), "backbone.name_or_path", "config.json")
     assert time.perf_counter() - t0 < 10.0
+
+
+def _open_clip_folder(folder: Path, bb: CLIPBackbone) -> Path:
+    """An open_clip hub-style folder: open_clip_config.json (architecture + preprocessing) + safetensors weights."""
+    from safetensors.torch import save_file
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((Path(__file__).parents[1] / "xmx/backbones/model_configs/xmx-tiny-sigmoid.json").read_text())
+    (folder / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": cfg, "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3, "resize_mode": "squash",
+                                              "interpolation": "bilinear"}}))
+    save_file({k: v.contiguous() for k, v in bb.model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return folder
+
+
+def test_hub_ids_and_open_clip_folders_load_architecture_weights_and_preprocessing(tmp_path):
+    src = _bb("xmx-tiny-sigmoid")
+    with torch.no_grad():
+        src.model.logit_bias.fill_(-12.5)
+    tokens = src.tokenize(TEXTS)
+    # a local open_clip folder, and the same files as a cached hf-hub repository (offline: read from the cache only)
+    folder = _open_clip_folder(tmp_path / "folder", src)
+    snap = _open_clip_folder(tmp_path / "hub" / "models--xmx--tiny" / "snapshots" / "abc123", src)
+    (tmp_path / "hub" / "models--xmx--tiny" / "refs").mkdir(parents=True)
+    (tmp_path / "hub" / "models--xmx--tiny" / "refs" / "main").write_text("abc123")
+    assert snap.is_dir()
+    for weights in (str(folder), "hf-hub:xmx/tiny"):
+        bb = CLIPBackbone("ignored-for-hub-weights", weights, cache_dir=str(tmp_path / "hub"))
+        d = bb.describe()
+        assert (d["preprocess"]["resize_mode"], d["preprocess"]["interpolation"]) == ("squash", "bilinear")
+        assert d["logit_bias"] == pytest.approx(-12.5) and d["random_init"] is False and len(d["sha256"]) == 64
+        with torch.no_grad():
+            torch.testing.assert_close(bb.encode_text(tokens), src.encode_text(tokens))
+    one_line_error(lambda: CLIPBackbone("x", "hf-hub:xmx/not-cached", cache_dir=str(tmp_path / "hub")),
+                   "hf-hub:xmx/not-cached", "local folder")

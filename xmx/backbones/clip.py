@@ -374,14 +374,16 @@ class CLIPBackbone(ClipLikeBackbone):
         if precision not in ("fp32", "fp16", "bf16"):
             raise XmxError(f"backbone.precision={precision!r}; valid choices: fp32, fp16, bf16")
         model = str(model)
-        arch = resolve_model_name(model)
+        carries_arch = weights is not None and (str(weights).startswith("hf-hub:")
+                                                or Path(str(weights)).expanduser().is_dir())
+        arch = model if carries_arch else resolve_model_name(model)  # hub / folder weights bring their architecture
         self.weights_info = resolve_clip_weights(arch, weights, cache_dir)
         build_name = self.weights_info.get("schema_model", arch)
         self.name = name or model
         self.arch = build_name
         self.precision = precision
         qg = self.weights_info["quick_gelu"] if quick_gelu in ("auto", None) else bool(quick_gelu)
-        self.model_cfg = self._model_cfg(build_name)
+        self.model_cfg = self._model_cfg(build_name, self.weights_info.get("config_file"))
         self.weights_info["quick_gelu"] = qg or bool(self.model_cfg.get("quick_gelu", False))  # what actually runs
         pp, pp_source = resolve_preprocess(build_name, self.weights_info, preprocess_tag,
                                            {"mean": image_mean, "std": image_std, "interpolation": interpolation,
@@ -436,12 +438,12 @@ class CLIPBackbone(ClipLikeBackbone):
             self.pad_id = int(hf_tok.pad_token_id)
 
     @staticmethod
-    def _model_cfg(name: str) -> dict:
-        cfg = open_clip.get_model_config(name)
-        if cfg is None and name.startswith("hf-hub:"):
-            from open_clip.factory import _get_hf_config
-            cfg = _get_hf_config(name[len("hf-hub:"):]).get("model_cfg")
-        return dict(cfg or {})
+    def _model_cfg(name: str, config_file: str | None = None) -> dict:
+        """The architecture config: open_clip's registry, or the hub / folder's ``open_clip_config.json``."""
+        if config_file:
+            with open(config_file, encoding="utf-8") as f:
+                return dict(json.load(f).get("model_cfg") or {})
+        return dict(open_clip.get_model_config(name) or {})
 
     # ---- sizes ------------------------------------------------------------------------------------------------
     @property
