@@ -258,3 +258,18 @@ def test_hub_ids_and_open_clip_folders_load_architecture_weights_and_preprocessi
             torch.testing.assert_close(bb.encode_text(tokens), src.encode_text(tokens))
     one_line_error(lambda: CLIPBackbone("x", "hf-hub:xmx/not-cached", cache_dir=str(tmp_path / "hub")),
                    "hf-hub:xmx/not-cached", "local folder")
+
+
+@pytest.mark.parametrize("model", ["xmx-tiny", "xmx-tiny-sigmoid"])
+def test_half_precision_runs_both_tower_kinds(model):
+    """open_clip keeps some embeddings fp32 under fp16: inputs follow the image tower's conv / linear weights."""
+    torch.manual_seed(0)
+    ref, half = CLIPBackbone(model, None), None
+    torch.manual_seed(0)
+    half = CLIPBackbone(model, None, precision="bf16")
+    images = torch.randn(2, 3, ref.image_size, ref.image_size)
+    with torch.no_grad():
+        a, b = ref.encode_image(images), half.encode_image(images)
+        t = half.encode_text(half.tokenize(TEXTS))
+    assert b.dtype == t.dtype == torch.bfloat16
+    assert F.cosine_similarity(a, b.float()).min() > 0.95

@@ -484,8 +484,10 @@ class CLIPBackbone(ClipLikeBackbone):
 
     @property
     def dtype(self) -> torch.dtype:
-        for p in self.model.visual.parameters():
-            return p.dtype
+        """The image tower's compute dtype: its first conv / linear weight (open_clip's fp16 keeps embeddings fp32)."""
+        for m in self.model.visual.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                return m.weight.dtype
         return torch.float32
 
     def describe(self) -> dict:
