@@ -126,6 +126,31 @@ def test_mma_learns_beyond_zero_shot(make_cfg, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ noise
+def test_mma_noise_is_fresh_every_epoch(make_cfg, tmp_path, capture_dm):
+    """The release re-encodes every image each epoch through a transform that draws new noise: the preset caches one
+    noisy view per epoch (augment.views = method.epochs) and epoch e trains on view e, so two epochs never see the
+    same draw of an image (the preset used to cache one draw and reuse it every epoch)."""
+    cfg = make_cfg(["experiment=mma_noise", *FDR, "protocol=fewshot", "method.epochs=3"], output_dir=tmp_path / "n")
+    assert cfg.augment.views == 3 and cfg.data.view_sampling == "cycle"
+    assert make_cfg(["experiment=mma_noise"]).augment.views == 100  # the recipe's epoch cap
+    run(cfg)
+    dm = capture_dm[-1]
+    V, n, _ = dm.train_features.shape
+    assert V == 3
+    for a in range(V):
+        for b in range(a + 1, V):  # every image's draws differ from each other
+            assert not torch.allclose(dm.train_features[a], dm.train_features[b], atol=1e-4)
+    loader = dm.train_dataloader()
+    seen = []
+    for epoch in range(3):
+        loader.sampler.set_epoch(epoch)
+        pairs = torch.cat(list(loader.sampler))
+        assert set(pairs[:, 1].tolist()) == {epoch}  # epoch e: view e for every image
+        x, _ = loader.dataset[pairs[pairs[:, 0].argsort()]]
+        seen.append(x)
+    assert not torch.allclose(seen[0], seen[1], atol=1e-4) and not torch.allclose(seen[1], seen[2], atol=1e-4)
+
+
 def test_noise_is_part_of_the_feature_key(make_cfg, tmp_path):
     store_dir = tmp_path / "store"
     common = [*FDR, f"paths.feature_dir={store_dir}", "protocol=fewshot"]  # the same images: only the noise differs
@@ -136,14 +161,15 @@ def test_noise_is_part_of_the_feature_key(make_cfg, tmp_path):
         return [e for e in FeatureStore(store_dir).entries() if e.kind == "image_features" and e.key["split"] == split]
 
     run(make_cfg(["experiment=mma_16shot", *common], output_dir=tmp_path / "clean"))
-    run(make_cfg(["experiment=mma_noise", *common], output_dir=tmp_path / "noisy"))
+    run(make_cfg(["experiment=mma_noise", *common, "augment.views=1"], output_dir=tmp_path / "noisy"))
     train = entries("train")
     assert sorted(e.key["noise_std"] for e in train) == [0.0, 0.1]
     diff = {k for k in train[0].key if train[0].key[k] != train[1].key[k]}
     assert diff and diff <= {"noise_std", "seed"}  # nothing but the noise (and the seed that draws it) differs
     assert [e.key["noise_std"] for e in entries("test")] == [0.0]  # training only, by default
     # noise_on_eval=true (the release): validation and test features are noisy too, and differ from the clean ones
-    run(make_cfg(["experiment=mma_noise", *common, "augment.noise_on_eval=true"], output_dir=tmp_path / "release"))
+    run(make_cfg(["experiment=mma_noise", *common, "augment.views=1", "augment.noise_on_eval=true"],
+                 output_dir=tmp_path / "release"))
     test = sorted(entries("test"), key=lambda e: e.key["noise_std"])
     assert [e.key["noise_std"] for e in test] == [0.0, 0.1] and len(entries("train")) == 2
     assert sorted(e.key["noise_std"] for e in entries("val")) == [0.0, 0.1]

@@ -40,10 +40,20 @@ def test_base_to_new_on_oxford_pets(pets):
 def test_base_split_keys():
     assert n_base_classes(37, "ceil") == 19 and n_base_classes(37, "floor") == 18
     assert n_base_classes(100, "ceil", 0.8) == 80
-    with pytest.raises(XmxError, match="valid choices: ceil, floor"):
+    with pytest.raises(XmxError, match="valid choices: ceil, floor, release"):
         n_base_classes(10, "round")
     with pytest.raises(XmxError, match="strictly between 0 and 1"):
         n_base_classes(10, "ceil", 1.0)
+
+
+def test_base_split_release_is_the_mma_codes_rule(pets):
+    """MMA's released code: floor(n/2) base classes for 50/50 (not CoCoOp's ceil) and n - n//5 for 80/20."""
+    assert n_base_classes(37, "release", 0.5) == 18 and n_base_classes(101, "release", 0.5) == 50
+    assert n_base_classes(37, "release", 0.8) == 37 - 7 == 30 and n_base_classes(102, "release", 0.8) == 82
+    with pytest.raises(XmxError, match="base_split=release is defined for protocol.base_ratio 0.5 or 0.8"):
+        n_base_classes(37, "release", 0.7)
+    p = build_protocol({"name": "base2new", "base_split": "release"}, pets, shots=1, seed=1, templates=pets.templates)
+    assert len(p.classnames) == 18 and len(p.eval_sets[1].classnames) == 19
 
 
 @pytest.fixture(scope="module")

@@ -64,6 +64,7 @@ def test_tip_adapter_searches_on_validation_and_writes_the_curve(make_cfg, tmp_p
     assert ex["dataset_entry"]["beta_max"] == TIP_DEFAULT["beta_max"] == 10.0
     s = ex["search"]
     assert ex["searched_on"] == "val" and (ex["alpha"], ex["beta"]) == (s["alpha"], s["beta"])
+    assert res["metrics"]["val/acc"] == pytest.approx(s["val_acc"])  # the validation accuracy of what was selected
     assert s["betas"] == search_grid(10.0, 200) and s["alphas"] == search_grid(10.0, 20)
     assert len(s["best_val_acc_per_beta"]) == 200 and max(s["best_val_acc_per_beta"]) == pytest.approx(s["val_acc"])
     assert "val_acc_grid" not in s  # 200 x 20 cells: the per-beta summary only (results_grid=auto)
@@ -89,7 +90,7 @@ def test_tip_adapter_searches_on_validation_and_writes_the_curve(make_cfg, tmp_p
 # ---- Tip-Adapter-F -----------------------------------------------------------------------------------------------
 def _val_curve_from_csv(out: Path) -> list[tuple[int, float]]:
     rows = list(csv.DictReader((out / "csv" / "metrics.csv").open()))
-    return [(int(r["epoch"]), float(r["val/acc"])) for r in rows if r.get("val/acc")]
+    return [(int(r["epoch"]), float(r["val/acc"])) for r in rows if r.get("val/acc") and not r.get("test/acc")]
 
 
 def test_tip_adapter_f_selects_its_epoch_on_validation_then_searches(make_cfg, runs_dir):
@@ -100,7 +101,9 @@ def test_tip_adapter_f_selects_its_epoch_on_validation_then_searches(make_cfg, r
     assert [(c["epoch"], c["val_acc"]) for c in ex["epoch_curve"]] == [(e, pytest.approx(a)) for e, a in curve]
     best = max(range(len(curve)), key=lambda i: (curve[i][1], -i))  # ties: the first epoch reaching the best
     assert ex["selected_epoch"] == curve[best][0]
-    assert res["metrics"]["val/acc"] == pytest.approx(curve[best][1])  # val/acc at the initial alpha/beta
+    # the epoch was chosen at the initial alpha/beta, but val/acc reports what was selected: the searched alpha/beta
+    # on the selected keys (it used to print the initial-alpha/beta score next to the searched test/acc)
+    assert res["metrics"]["val/acc"] == pytest.approx(ex["search"]["val_acc"])
     assert (ex["init_alpha"], ex["init_beta"]) == (50.0, TIP_DEFAULT["init_beta"])
     # the restored checkpoint holds trained keys (rows no longer unit vectors), then alpha/beta came from validation
     ckpt = torch.load(out / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)

@@ -41,6 +41,7 @@ from xmx.utils import atomic_write_bytes, atomic_write_text, code_version, packa
 
 log = logging.getLogger("xmx")
 SCHEMA = "xmx.results/1"
+SELECTION_MODES = ("val", "paper")  # results.json "selection"; a report never averages the two
 
 
 def _output_dir(cfg: DictConfig) -> Path:
@@ -213,9 +214,30 @@ def _plan(cfg: DictConfig, out: Path, jid: str) -> tuple[str, Path, dict | None,
     return "done", out, None, None
 
 
+def _check_selection(cfg: DictConfig, selection: str) -> None:
+    """A method declares the selection modes it implements (``selection_modes``); refuse the others before any
+    work (``paper`` only where a method reproduces its release's selection on the test set)."""
+    target = cfg.method.get("_target_") if cfg.get("method") is not None else None
+    if selection == "val" or not target:
+        return
+    from hydra.utils import get_class
+    try:
+        modes = getattr(get_class(target), "selection_modes", ("val",))
+    except Exception:  # noqa: BLE001 - a bad target is reported where the method is built
+        return
+    if selection not in modes:
+        raise XmxError(f"selection={selection}: method {cfg.method.get('name')} implements no test-set selection of "
+                       "its authors' code (it selects on validation); use selection=val")
+
+
 def _run(cfg: DictConfig) -> tuple[dict, str]:
     """-> (results, outcome) with outcome one of done | resumed | skipped."""
     t0 = time.time()
+    selection = cfg.get("selection", "val")
+    if selection not in SELECTION_MODES:
+        raise XmxError(f"selection={selection!r}; valid choices: {', '.join(SELECTION_MODES)} (val: nothing chosen "
+                       "on test; paper: the authors' code where it selects on test)")
+    _check_selection(cfg, selection)
     out = _output_dir(cfg)
     jid = job_id(cfg)
     outcome, folder, done, ckpt = _plan(cfg, out, jid)
@@ -272,6 +294,7 @@ def _run(cfg: DictConfig) -> tuple[dict, str]:
         "schema": SCHEMA, "status": "complete", "job_id": jid, "resumed": outcome == "resumed",
         "experiment": cfg.get("task_name"), "method": cfg.method.get("name"), "dataset": datamodule.name,
         "protocol": datamodule.protocol.name, "shots": datamodule.shots, "seed": int(cfg.seed),
+        "selection": selection,
         "metrics": metrics, "extra": method.extra_results(),
         "data": {**datamodule.data_record(), "subset_file": "subset.json"},
         "weights": encoders["backbone"].describe(),
@@ -351,6 +374,9 @@ def _print_summary(results: dict, out: Path) -> None:
     if results["weights"].get("random_init") or results["dataset"] == "synthetic":
         console.print("[yellow]note: random-init weights and/or synthetic data — these numbers test the pipeline; "
                       "they are not CLIP accuracies[/yellow]")
+    if results.get("selection") == "paper":
+        console.print("[yellow]selection: paper — chosen on the test set as the authors' code does (marked † in "
+                      "reports; never averaged with selection=val)[/yellow]")
     console.print(f"results: {out / 'results.json'}")
 
 

@@ -24,6 +24,7 @@ token-level entry points refuse it in one line.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
@@ -341,9 +342,10 @@ class ClipLikeBackbone(nn.Module):
 
     @torch.no_grad()
     def text_classifier(self, classnames: Sequence[str], templates: Sequence[str],
-                        batch_size: int = 256) -> torch.Tensor:
+                        batch_size: int = 256, normalize: bool = True) -> torch.Tensor:
         """Zero-shot classifier W [C,N] (spec §0): per class, fill every template with the class name
-        (underscores -> spaces), encode, normalise, average over templates, normalise again."""
+        (underscores -> spaces), encode, normalise, average over templates, normalise again.
+        ``normalize=False``: the plain mean of the *raw* prompt embeddings (TaskRes's base classifier)."""
         if not classnames:
             raise XmxError("text classifier: the class list is empty; check the dataset's class names")
         if not templates:
@@ -351,13 +353,16 @@ class ClipLikeBackbone(nn.Module):
         prompts = [t.format(c.replace("_", " ")) for c in classnames for t in templates]
         feats = []
         for i in range(0, len(prompts), batch_size):
-            feats.append(F.normalize(self.encode_text(self.tokenize(prompts[i:i + batch_size])).float(), dim=-1))
+            f = self.encode_text(self.tokenize(prompts[i:i + batch_size])).float()
+            feats.append(F.normalize(f, dim=-1) if normalize else f)
         per_prompt = torch.cat(feats).view(len(classnames), len(templates), -1)
+        if not normalize:
+            return per_prompt.mean(dim=1).T.contiguous()  # [C,N]
         return F.normalize(F.normalize(per_prompt.mean(dim=1), dim=-1), dim=-1).T.contiguous()  # [C,N]
 
     def refuse(self, what: str, why: str) -> None:
-        raise XmxError(f"{what} is not supported on backbone {self.name} ({why}); pick a backbone with an open_clip "
-                       "text transformer (README: tested backbone families)")
+        raise XmxError(f"{what} is not supported on backbone {self.name} ({why}); pick another backbone "
+                       "(README: tested backbone families and what each method needs)")
 
 
 class CLIPBackbone(ClipLikeBackbone):
@@ -499,9 +504,62 @@ class CLIPBackbone(ClipLikeBackbone):
                 **{k: v for k, v in self.weights_info.items() if k != "config_file"}}
 
     # ---- images -----------------------------------------------------------------------------------------------
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B,3,H,W] (normalised with the backbone's mean/std) -> pooled embeddings [B,C]."""
-        return self.model.encode_image(images.to(self.device, self.dtype))
+    def encode_image(self, images: torch.Tensor, project: bool = True) -> torch.Tensor:
+        """images [B,3,H,W] (normalised with the backbone's mean/std) -> pooled embeddings [B,C]; with
+        ``project=False`` the features
+        *before* the image encoder's final linear projection [B,D] (``raw = pre @ P + b``, see
+        :meth:`image_projection`)."""
+        images = images.to(self.device, self.dtype)
+        if project:
+            return self.model.encode_image(images)
+        with self._image_projection_removed():
+            return self.model.encode_image(images)
+
+    @contextlib.contextmanager
+    def _image_projection_removed(self):
+        """Within the block the image encoder stops before its final projection: a ViT's ``proj`` matrix is
+        unset; a ModifiedResNet's attention-pool output projection ``c_proj`` becomes the identity (as ProLIP's
+        release does it)."""
+        v = self.model.visual
+        if isinstance(getattr(v, "proj", None), torch.Tensor):
+            saved = v.proj
+            v.proj = None
+            try:
+                yield
+            finally:
+                v.proj = saved
+        elif hasattr(v, "attnpool") and isinstance(getattr(v.attnpool, "c_proj", None), nn.Linear):
+            saved = v.attnpool.c_proj
+            d = saved.in_features
+            ident = nn.Linear(d, d).to(saved.weight.device, saved.weight.dtype).requires_grad_(False)
+            with torch.no_grad():
+                ident.weight.copy_(torch.eye(d))
+                ident.bias.zero_()
+            v.attnpool.c_proj = ident
+            try:
+                yield
+            finally:
+                v.attnpool.c_proj = saved
+        else:
+            self.refuse("pre-projection image features", f"its image tower {self.image_tower} has no final linear "
+                        "projection xmx knows (open_clip ViT proj or ResNet attnpool.c_proj)")
+
+    def image_projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The image encoder's final projection as ``(P [D,C], b [C] or None)`` (fp32 copies, detached):
+        ``encode_image(x) = encode_image(x, project=False) @ P + b``."""
+        v = self.model.visual
+        if isinstance(getattr(v, "proj", None), torch.Tensor):
+            return v.proj.detach().float().clone(), None
+        if hasattr(v, "attnpool") and isinstance(getattr(v.attnpool, "c_proj", None), nn.Linear):
+            c = v.attnpool.c_proj
+            return c.weight.detach().float().T.contiguous(), c.bias.detach().float().clone()
+        self.refuse("the image projection", f"its image tower {self.image_tower} has no final linear projection xmx "
+                    "knows (open_clip ViT proj or ResNet attnpool.c_proj)")
+
+    @property
+    def pre_projection_dim(self) -> int:
+        """Width D of the features before the image projection."""
+        return int(self.image_projection()[0].shape[0])
 
     # ---- text -------------------------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:

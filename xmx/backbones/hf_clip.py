@@ -176,9 +176,27 @@ class HFCLIPBackbone(ClipLikeBackbone):
                 **self.weights_info}
 
     # ---- images -----------------------------------------------------------------------------------------------
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B,3,H,W] (normalised with the processor's mean/std) -> pooled, projected embeddings [B,C]."""
-        return _features(self.model.get_image_features(pixel_values=images.to(self.device, self.dtype)))
+    def encode_image(self, images: torch.Tensor, project: bool = True) -> torch.Tensor:
+        """images [B,3,H,W] (normalised with the processor's mean/std) -> pooled, projected embeddings [B,C]; with
+        ``project=False`` (CLIP only) the pooled features before ``visual_projection`` [B,D]."""
+        images = images.to(self.device, self.dtype)
+        if project:
+            return _features(self.model.get_image_features(pixel_values=images))
+        self.image_projection()  # refuses models without a separate final projection
+        return self.model.vision_model(pixel_values=images).pooler_output
+
+    def image_projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """CLIP's ``visual_projection`` as ``(P [D,C], None)``: ``encode_image(x) = encode_image(x, False) @ P``."""
+        proj = getattr(self.model, "visual_projection", None)
+        if not isinstance(proj, nn.Linear):
+            self.refuse("pre-projection image features", f"{self.arch} pools through its attention head, with no "
+                        "separate final image projection")
+        return proj.weight.detach().float().T.contiguous(), (None if proj.bias is None else
+                                                              proj.bias.detach().float().clone())
+
+    @property
+    def pre_projection_dim(self) -> int:
+        return int(self.image_projection()[0].shape[0])
 
     # ---- text -------------------------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:

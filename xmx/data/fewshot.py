@@ -85,6 +85,37 @@ def _default_val_shots(shots: int) -> int:
     return min(shots, 4) if shots and shots > 0 else 0
 
 
+def resolve_val_shots(val_shots, shots: int, has_val: bool) -> int | str:
+    """``data.val_shots`` -> images per class of the validation subset, or ``"all"`` for the dataset's whole
+    validation split. ``null``: ``min(shots, 4)`` (CoOp's few-shot validation). ``all``: the whole split (what
+    Tip-Adapter's release selects on); a dataset without one (ImageNet) keeps the ``min(shots, 4)``-per-class subset
+    drawn from training images outside the training subset."""
+    if val_shots is None:
+        return _default_val_shots(shots)
+    if isinstance(val_shots, str) and val_shots.strip().lower() == "all":
+        return "all" if has_val else _default_val_shots(shots)
+    try:
+        k = int(val_shots)
+        if isinstance(val_shots, bool) or k != float(val_shots) or k < 0:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise XmxError(f"data.val_shots={val_shots!r}; valid choices: null (min(shots, 4) per class), all (the "
+                       "dataset's whole validation split) or a number of images per class >= 0") from None
+    return k
+
+
+def describe_val(val_shots, shots: int, has_val: bool) -> str:
+    """One phrase saying which validation images a run selects on (results.json ``data.val.selection``)."""
+    k = resolve_val_shots(val_shots, shots, has_val)
+    if k == "all":
+        return "the whole validation split"
+    if has_val:
+        return f"{k} images per class from the validation split"
+    return (f"{k} images per class from training images outside the training subset (the dataset has no "
+            "validation split" + ("; val_shots=all falls back to min(shots, 4) per class)" if k != val_shots and
+                                  val_shots is not None else ")"))
+
+
 def _match(items: list[Datum], pool: dict[str, Datum], what: str, source: str, fix: str) -> list[Datum]:
     """Map subset items onto the tree's own :class:`Datum` objects, failing on anything not in ``pool``."""
     out, bad = [], []
@@ -109,16 +140,19 @@ def select_fewshot(dataset: str, splits, shots: int, seed: int, subset_seed: int
     subset xmx ships for (dataset, shots, seed), when ``subset_seed`` is the default (None or ``seed``); else seeded
     sampling with ``subset_seed`` (default ``seed``), independent of global random state. Validation has
     ``val_shots`` (default ``min(shots, 4)``) images per class, drawn from the val split, or, when the dataset has
-    none (ImageNet), from the training images outside the training subset. Every item is checked against the split
+    none (ImageNet), from the training images outside the training subset; ``val_shots="all"`` keeps the whole val
+    split (:func:`resolve_val_shots`). Every item is checked against the split
     lists of ``splits`` (a :class:`~xmx.data.datasets.DatasetSplits`) and returned as the tree's own Datum.
     """
-    vshots = _default_val_shots(shots) if val_shots is None else val_shots
     sseed = seed if subset_seed is None else subset_seed
     train_pool = {d.path: d for d in splits.train}
     has_val = bool(splits.val)
+    vshots = resolve_val_shots(val_shots, shots, has_val)
     val_pool = {d.path: d for d in splits.val}
 
     def val_from(pool_items: list[Datum], train_subset: list[Datum]) -> list[Datum]:
+        if vshots == "all":
+            return list(pool_items)
         if has_val:
             pool = pool_items
         else:
@@ -148,7 +182,8 @@ def select_fewshot(dataset: str, splits, shots: int, seed: int, subset_seed: int
                                f"e.g. {', '.join(sorted(overlap)[:3])}; validation images must be held out")
         else:
             val = val_from(splits.val, train)
-            source += f" (val sampled: subset_seed={sseed}, val_shots={vshots})"
+            source += (" (val: the whole validation split)" if vshots == "all" else
+                       f" (val sampled: subset_seed={sseed}, val_shots={vshots})")
         return train, val, f"file:{source}"
 
     shipped = shipped_subset_path(dataset, shots, seed) if sseed == seed else None
@@ -163,6 +198,8 @@ def select_fewshot(dataset: str, splits, shots: int, seed: int, subset_seed: int
             val = _match([Datum(str(p), int(y), str(c)) for p, y, c in raw["val"]],
                          val_pool if has_val else train_pool, "val" if has_val else "train", name, fix)
             return train, val, name
+        if vshots == "all":
+            return train, val_from(splits.val, train), f"{name} (train); val: the whole validation split"
         return train, val_from(splits.val, train), f"{name} (train); val sampled (subset_seed={sseed}, val_shots={vshots})"
 
     train = _sample(splits.train, shots, sseed, "train")

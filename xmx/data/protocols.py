@@ -1,9 +1,9 @@
 """Evaluation protocols (spec §6): which images train, which select, and which label sets are tested.
 
 - ``fewshot``: K shots per class of every class; test on the dataset's test split.
-- ``base2new``: sorted label ids, base = first ceil(N·ratio) (or floor), new = the rest, each relabelled from 0; the
-  training subset is the all-class few-shot subset filtered to base classes (not resampled); test base and new
-  separately, each with only its own classes; HM = 2BN/(B+N).
+- ``base2new``: sorted label ids, base = first ceil(N·ratio) (or floor, or the MMA release's rule), new = the rest,
+  each relabelled from 0; the training subset is the all-class few-shot subset filtered to base classes (not
+  resampled); test base and new separately, each with only its own classes; HM = 2BN/(B+N).
 - ``cross_dataset`` / ``domain_shift``: train few-shot on the source dataset; test on the source and on every
   target's test split with the target's own classes (ImageNet-A/-R: their 200-class subsets).
 """
@@ -65,11 +65,24 @@ def _index_in(keys: list[str], train_keys: list[str]) -> list[int | None]:
     return [pos.get(c) for c in keys]
 
 
+BASE_SPLITS = ("ceil", "floor", "release")
+RELEASE_RATIOS = (0.5, 0.8)
+
+
 def n_base_classes(n: int, base_split: str = "ceil", base_ratio: float = 0.5) -> int:
-    if base_split not in ("ceil", "floor"):
-        raise XmxError(f"protocol.base_split={base_split!r}; valid choices: ceil, floor")
+    """How many of ``n`` sorted classes are base classes. ``ceil``/``floor``: of ``n * base_ratio`` (CoCoOp: ceil);
+    ``release``: MMA's released code, ``n // 2`` for 50/50 and ``n - n // 5`` for 80/20 (only those two ratios)."""
+    if base_split not in BASE_SPLITS:
+        raise XmxError(f"protocol.base_split={base_split!r}; valid choices: {', '.join(BASE_SPLITS)}")
     if not 0 < base_ratio < 1:
         raise XmxError(f"protocol.base_ratio={base_ratio} must lie strictly between 0 and 1")
+    if base_split == "release":
+        if math.isclose(base_ratio, 0.5):
+            return n // 2
+        if math.isclose(base_ratio, 0.8):
+            return n - n // 5
+        raise XmxError(f"protocol.base_split=release is defined for protocol.base_ratio 0.5 or 0.8 (the release's "
+                       f"50/50 and 80/20), got {base_ratio}; use base_split=ceil|floor for other ratios")
     return (math.ceil if base_split == "ceil" else math.floor)(n * base_ratio)
 
 

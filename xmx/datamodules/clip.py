@@ -3,6 +3,8 @@
 Feature-based methods (linear probe, CLIP-Adapter, Tip-Adapter, MMA, XMAdapter) set ``inputs: features``: every image
 goes through the frozen encoder once per augmented view, through the feature store, and batches are
 ``(raw_features[B,C], labels[B])``. Methods that run encoders inside the training step set ``inputs: images``.
+``feature_output: pre_projection`` (a method's ``feature_output`` key; ProLIP) serves the features *before* the image
+encoder's final projection instead (``[B,D]``, their own feature-store entries), everywhere the raw ones would be.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from xmx.data.datasets import Datum, load_dataset
-from xmx.data.fewshot import subset_digest, subset_to_json
+from xmx.data.fewshot import describe_val, subset_digest, subset_to_json
 from xmx.data.images import ImageListDataset, collate_skip
 from xmx.data.protocols import EvalSet, build_protocol
 from xmx.data.templates import resolve_templates
@@ -107,7 +109,8 @@ class CLIPDataModule(L.LightningDataModule):
                  subset_seed: int | None = None, subset_file: str | None = None, val_shots: int | None = None,
                  templates=None, augment: dict | None = None, inputs: str = "features",
                  features: dict | None = None, batch_size: int | None = 256, eval_batch_size: int = 1024,
-                 num_workers: int = 2, unreadable: str = "error", view_sampling: str = "random", plm=None):
+                 num_workers: int = 2, unreadable: str = "error", view_sampling: str = "random", plm=None,
+                 feature_output: str = "raw"):
         super().__init__()
         if inputs not in ("features", "images"):
             raise XmxError(f"method.inputs={inputs!r}; valid choices: features, images")
@@ -117,6 +120,9 @@ class CLIPDataModule(L.LightningDataModule):
         self.val_shots, self.templates_choice = val_shots, templates
         self.augment = {"preset": "none", "views": 1, "noise_std": 0.0, "noise_on_eval": False, **(augment or {})}
         self.inputs = inputs
+        if feature_output not in ("raw", "pre_projection"):
+            raise XmxError(f"data.feature_output={feature_output!r}; valid choices: raw, pre_projection")
+        self.feature_output = feature_output
         self.features_cfg = {"enabled": True, "root": None, "precision": "fp32", "batch_size": 256,
                              "num_workers": num_workers, "device": "auto", **(features or {})}
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
@@ -133,6 +139,7 @@ class CLIPDataModule(L.LightningDataModule):
         if self._ready:
             return
         splits = load_dataset(self.name, self.root)
+        self.has_val_split = bool(splits.val)
         self.templates = resolve_templates(self.templates_choice, splits.templates)
         explicit = self.templates_choice is not None
         self.protocol = build_protocol(
@@ -140,6 +147,8 @@ class CLIPDataModule(L.LightningDataModule):
             subset_file=self.subset_file, val_shots=self.val_shots, root=self.root,
             target_templates=None if explicit else (lambda t: list(t.templates)))
         self.classnames = self.protocol.classnames
+        log.info("%s: selecting on %d validation images (%s)", self.name, len(self.protocol.val.items),
+                 describe_val(self.val_shots, self.shots, self.has_val_split))
         self.val_set: EvalSet = self.protocol.val
         self.eval_sets: list[EvalSet] = self.protocol.eval_sets
         self.logit_scale = self.backbone.logit_scale  # the backbone's own (log of the multiplier)
@@ -176,26 +185,31 @@ class CLIPDataModule(L.LightningDataModule):
         f = self.features_cfg
         opts = dict(preset=preset, views=int(views), seed=self.seed, noise_std=float(noise_std),
                     precision=f["precision"], decode=f.get("decode", "auto"), device=self._device(),
-                    amp=f.get("amp", "fp16"), batch_size=int(f["batch_size"]), num_workers=int(f["num_workers"]))
+                    amp=f.get("amp", "fp16"), batch_size=int(f["batch_size"]), num_workers=int(f["num_workers"]),
+                    output=self.feature_output)
         if self.store is None:
             return extract_image_features(self.backbone, items, self.root, **opts)
         feats = cached_image_features(self.store, self.backbone, items, self.root, dataset=self.name, split=split,
                                       **opts)
-        log.info("feature store %s: %s/%s (%d images x %d views)", self.store.last_outcome, self.name, split,
-                 len(items), views)
+        log.info("feature store %s: %s/%s (%d images x %d views%s)", self.store.last_outcome, self.name, split,
+                 len(items), views, ", pre-projection" if self.feature_output != "raw" else "")
         return feats
 
-    def text_classifier(self, classnames: list[str], templates: list[str] | None = None) -> torch.Tensor:
-        """The zero-shot classifier W [C,N] for ``classnames`` (spec §0), computed once and cached."""
+    def text_classifier(self, classnames: list[str], templates: list[str] | None = None,
+                        normalize: bool = True) -> torch.Tensor:
+        """The zero-shot classifier W [C,N] for ``classnames`` (spec §0), computed once and cached.
+        ``normalize=False``: the mean of the raw prompt embeddings instead (TaskRes's base; its own store key)."""
         templates = list(templates or self.templates)
-        memo = (tuple(classnames), tuple(templates))
+        memo = (tuple(classnames), tuple(templates), bool(normalize))
         if memo not in self._text_cache:
             from xmx.features.extract import backbone_identity
-            key = {"kind": "text/classifier", "backbone": backbone_identity(self.backbone),
-                   "classnames": list(classnames), "templates": templates}
+            key = {"kind": "text/classifier" if normalize else "text/mean_raw",
+                   "backbone": backbone_identity(self.backbone), "classnames": list(classnames),
+                   "templates": templates}
             self.backbone.to(self._device())
             self._text_cache[memo] = self._cached(
-                "text", key, lambda: {"W": self.backbone.text_classifier(classnames, templates).float().cpu()})["W"]
+                "text", key, lambda: {"W": self.backbone.text_classifier(classnames, templates,
+                                                                         normalize=normalize).float().cpu()})["W"]
         return self._text_cache[memo]
 
     def features_of(self, eval_set: EvalSet) -> torch.Tensor:
@@ -258,5 +272,7 @@ class CLIPDataModule(L.LightningDataModule):
         sets.update({s.name: (s.items, s.classnames) for s in self.eval_sets})
         return {"dataset": self.name, "root": str(self.root), "protocol": self.protocol.name,
                 "subset_source": self.protocol.subset_source, "templates": self.templates,
+                "val": {"val_shots": self.val_shots,
+                        "selection": describe_val(self.val_shots, self.shots, self.has_val_split)},
                 "splits": {k: {"n": len(items), "classes": len(names), "sha256": subset_digest(items)}
                            for k, (items, names) in sets.items()}}

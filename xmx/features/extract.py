@@ -19,7 +19,9 @@ mean/std normalisation always; optional Gaussian noise ``noise_std`` added to th
 Every random draw of view ``v`` of item ``i`` comes from a generator seeded by ``(seed, v, i)``, so the result does
 not depend on worker count or batch size, and both decode paths use the very same crops, flips and noise.
 
-Outputs are raw encoder features (spec §0) ``[V, N, C]`` in the store precision (fp16 or fp32).
+Outputs are raw encoder features (spec §0) ``[V, N, C]`` in the store precision (fp16 or fp32); with
+``output="pre_projection"`` the features before the image encoder's final linear projection ``[V, N, D]`` (ProLIP
+trains that projection), stored as their own entry kind (:data:`OUTPUT_KINDS`) under the same key fields.
 """
 
 from __future__ import annotations
@@ -57,6 +59,15 @@ PRECISIONS = {"fp16": torch.float16, "fp32": torch.float32}
 AMP = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 _JPEG_MAGIC = b"\xff\xd8\xff"
+# what the encoder returns -> (store entry kind, the key's "output" field)
+OUTPUT_KINDS = {"raw": ("image_features", "image_features_raw"),
+                "pre_projection": ("image_features_preproj", "image_features_pre_projection")}
+
+
+def check_output(output: str) -> str:
+    if output not in OUTPUT_KINDS:
+        raise XmxError(f"image feature output {output!r}; valid choices: {', '.join(OUTPUT_KINDS)}")
+    return output
 
 
 def _seed(*parts) -> int:
@@ -312,14 +323,16 @@ def extract_image_features(backbone, images: Sequence, root: str | os.PathLike |
                            preset: str = "none", views: int = 1, seed: int = 0, noise_std: float = 0.0,
                            precision: str = "fp16", decode: str = "auto", device=None, amp: str = "fp16",
                            batch_size: int = 256, num_workers: int | None = None, progress: bool = True,
-                           stats: dict | None = None) -> torch.Tensor:
+                           stats: dict | None = None, output: str = "raw") -> torch.Tensor:
     """Raw image features ``[V, N, C]`` (CPU, ``precision``) of ``images`` (absolute paths, or paths / Datums
     relative to ``root``) under ``views`` draws of ``preset`` (+ ``noise_std``).
 
     ``device``: where the encoder runs (default cuda when available; the backbone is moved there for the call and
     moved back). ``amp``: autocast dtype on CUDA (fp16/bf16/fp32; CPU always runs fp32). ``batch_size``: images x
     views per encoder call. ``stats`` (optional dict) receives images, seconds, images_per_s, decode and counts.
+    ``output``: ``raw`` (the embeddings) or ``pre_projection`` (before the final image projection, width D).
     """
+    project = check_output(output) == "raw"
     if precision not in PRECISIONS:
         raise XmxError(f"features precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if amp not in AMP:
@@ -343,7 +356,8 @@ def extract_image_features(backbone, images: Sequence, root: str | os.PathLike |
     amp_dtype = AMP[amp] if device.type == "cuda" else None
     home = backbone.device
     backbone.to(device)
-    out = torch.empty(v_run, len(paths), backbone.embed_dim, dtype=PRECISIONS[precision])  # [V,N,C]
+    width = backbone.embed_dim if project else backbone.pre_projection_dim
+    out = torch.empty(v_run, len(paths), width, dtype=PRECISIONS[precision])  # [V,N,C] (or [V,N,D])
     counts = {"gpu_decoded": 0, "cpu_decoded": 0}
     bar = _Progress(progress, len(paths) * v_run, f"image features ({decode}, {backbone.name})")
     t0 = time.perf_counter()
@@ -369,7 +383,7 @@ def extract_image_features(backbone, images: Sequence, root: str | os.PathLike |
                 x = batch["x"].flatten(0, 1)  # [B,V,3,S,S] -> [B*V,3,S,S]
                 counts["cpu_decoded"] += len(idx)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                f = backbone.encode_image(x.to(device, non_blocking=True))  # [B*V,C]
+                f = backbone.encode_image(x.to(device, non_blocking=True), project=project)  # [B*V,C]
             if device.type == "cuda":  # no host sync here: the CPU goes on to prepare the next batch
                 host = torch.empty(f.shape, dtype=f.dtype, pin_memory=True)
                 host.copy_(f, non_blocking=True)
@@ -496,11 +510,13 @@ def paths_digest(paths: Sequence[str]) -> str:
 
 def image_feature_key(backbone, *, dataset: str, split: str, subset_digest: str, n: int, preset: str = "none",
                       views: int = 1, seed: int = 0, noise_std: float = 0.0, precision: str = "fp16",
-                      decode: str = "pil", amp: str = "fp16", device_type: str = "cpu") -> dict:
+                      decode: str = "pil", amp: str = "fp16", device_type: str = "cpu", output: str = "raw") -> dict:
     """The store key for image features: everything that changes the numbers. ``decode`` must be resolved
-    (``pil``/``gpu``); the seed is dropped when the views are deterministic (eval features shared across seeds)."""
+    (``pil``/``gpu``); the seed is dropped when the views are deterministic (eval features shared across seeds).
+    ``output`` (raw / pre_projection) names what the encoder returned; the entry kind follows it too."""
     pp = Preprocess.from_backbone(backbone, preset, noise_std, seed)
-    return {"extract_version": EXTRACT_VERSION, "output": "image_features_raw", "backbone": backbone_identity(backbone),
+    return {"extract_version": EXTRACT_VERSION, "output": OUTPUT_KINDS[check_output(output)][1],
+            "backbone": backbone_identity(backbone),
             "image_size": pp.size, "mean": list(pp.mean), "std": list(pp.std), "interpolation": pp.interpolation,
             "resize_mode": pp.resize_mode,
             "preset": preset, "noise_std": float(noise_std), "views": int(views),
@@ -513,9 +529,10 @@ def cached_image_features(store: FeatureStore, backbone, items: Sequence, root: 
                           dataset: str, split: str, preset: str = "none", views: int = 1, seed: int = 0,
                           noise_std: float = 0.0, precision: str = "fp16", decode: str = "auto", device=None,
                           amp: str = "fp16", batch_size: int = 256, num_workers: int | None = None,
-                          progress: bool = True) -> torch.Tensor:
+                          progress: bool = True, output: str = "raw") -> torch.Tensor:
     """``extract_image_features`` through the store: raw features ``[V, N, C]`` of ``items`` (Datums relative to
     the $DATA ``root``, or paths). The subset digest is over (path, label) for Datums, over the paths otherwise.
+    ``output="pre_projection"``: the features before the image projection, in their own entry kind.
     ``store.last_outcome`` says hit / miss / rebuilt."""
     from xmx.data.fewshot import subset_digest
     items = list(items)
@@ -524,15 +541,15 @@ def cached_image_features(store: FeatureStore, backbone, items: Sequence, root: 
     decode = resolve_decode(decode, device)
     key = image_feature_key(backbone, dataset=dataset, split=split, subset_digest=digest, n=len(items),
                             preset=preset, views=views, seed=seed, noise_std=noise_std, precision=precision,
-                            decode=decode, amp=amp, device_type=device.type)
+                            decode=decode, amp=amp, device_type=device.type, output=output)
 
     def compute():
         return {"features": extract_image_features(
             backbone, items, root, preset=preset, views=views, seed=seed, noise_std=noise_std, precision=precision,
             decode=decode, device=device, amp=amp, batch_size=batch_size, num_workers=num_workers,
-            progress=progress)}
+            progress=progress, output=output)}
 
-    return store.get_or_compute("image_features", key, compute)["features"]
+    return store.get_or_compute(OUTPUT_KINDS[output][0], key, compute)["features"]
 
 
 def list_image_folder(folder: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[str]:

@@ -62,8 +62,44 @@ def classification_metrics(num_classes: int) -> nn.ModuleDict:
                           "mean_per_class_recall": MeanPerClassRecall(n)})
 
 
+# ---- small helpers shared by the methods that fit on cached features in ``build`` (GDA, LP++, ProLIP, TaskRes) --
+def eval_labels(eval_set) -> torch.Tensor:
+    """The labels [N] of an eval set's items."""
+    return torch.tensor([d.label for d in eval_set.items], dtype=torch.long)
+
+
+def fast_dev_run(module) -> bool:
+    """True under ``trainer.fast_dev_run`` (``debug=fdr``): loops a method runs itself (in ``build``) then take one
+    step, as Lightning's own loops take one batch."""
+    return bool(getattr(getattr(module, "_trainer", None), "fast_dev_run", False))
+
+
+def fit_device(choice: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; anything else as given."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def class_columns(eval_set, num_train: int) -> tuple[str, torch.Tensor | None]:
+    """How an eval set's classes map onto the training classes (``eval_set.train_index``): ``("same", None)``,
+    ``("seen", training column of each class)`` or ``("new", None)`` (none was trained on); a mix is refused."""
+    idx = list(eval_set.train_index or [])
+    if idx == list(range(num_train)):
+        return "same", None
+    if idx and all(i is not None for i in idx):
+        return "seen", torch.tensor(idx, dtype=torch.long)
+    if idx and all(i is None for i in idx):
+        return "new", None
+    raise XmxError(f"eval set '{eval_set.name}' mixes training classes and unseen ones; score them as two eval sets "
+                   "(protocol=base2new keeps base and new apart)")
+
+
 class XmxModule(L.LightningModule):
     needs_fit: bool = True  # training-free methods (zero-shot, Tip-Adapter) set False
+    # top-level `selection` values the method implements: "paper" = its release's selection on the test set, only
+    # where a method reproduces one (the Tip family); a run refuses the others before any work
+    selection_modes: tuple[str, ...] = ("val",)
     frozen_prefixes: tuple[str, ...] = ("backbone.", "plm.")  # never written into checkpoints
 
     def __init__(self, name: str | None = None, inputs: str = "features", batch_size: int | None = 256,
@@ -151,6 +187,9 @@ class XmxModule(L.LightningModule):
     def training_record(self, selected_by: str = "val/acc (best checkpoint restored)") -> dict:
         """How training went, for results.json: the validation curve and which epoch was kept."""
         sel = self.selected_epoch
+        cb = getattr(self._trainer, "checkpoint_callback", None) if self._trainer is not None else None
+        if sel is not None and cb is not None and getattr(cb, "monitor", "") is None:
+            selected_by = "last epoch (the restored checkpoint monitors nothing: no validation selection)"
         return {"epochs": self.epochs, "epochs_run": len(self.epoch_curve), "epoch_curve": self.epoch_curve,
                 "selected_epoch": sel,
                 "selected_by": selected_by if sel is not None else

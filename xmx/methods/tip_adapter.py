@@ -304,6 +304,12 @@ def accuracy(logits: Tensor, y: Tensor) -> float:
 
 ENTRY_KEYS = ("beta_max", "alpha_max", "init_alpha", "init_beta", "n_beta", "n_alpha", "epochs")
 FULL_GRID_CELLS = 1000  # results_grid=auto writes the whole validation grid up to this many cells
+SELECTION_MODES = ("val", "paper")
+# selection: paper - the release's protocol (main.py / main_imagenet.py): Tip-Adapter-F's epoch is the one with the
+# best test accuracy at the initial alpha/beta (logged under this name and monitored instead of val/acc), and on
+# ImageNet alpha/beta are searched on the test set.
+PAPER_EPOCH_MONITOR = "select/test_acc"
+PAPER_TEST_SEARCH = ("imagenet",)  # datasets whose release searches alpha/beta on test (main_imagenet.py)
 
 
 def _labels(eval_set) -> Tensor:
@@ -350,12 +356,19 @@ class TipAdapterMethod(XmxModule):
     ``eval_set.train_index``; unseen classes are refused (a cache holds values for training classes only)."""
 
     needs_fit = False
+    selection_modes = SELECTION_MODES
 
     def __init__(self, datasets: dict | None = None, beta_max: float | None = None, alpha_max: float | None = None,
                  init_alpha: float | None = None, init_beta: float | None = None, n_beta: int | None = None,
                  n_alpha: int | None = None, search: bool = True, search_device: str = "auto",
-                 results_grid: str | bool = "auto", **kwargs):
+                 results_grid: str | bool = "auto", selection: str = "val", val_shots=None,
+                 dataset_templates: dict | None = None, **kwargs):
+        """``val_shots`` / ``dataset_templates`` are the recipe's data choices (read by ``data.val_shots`` /
+        ``data.templates``); ``selection``: ``val`` or ``paper`` (see :data:`PAPER_EPOCH_MONITOR`)."""
         super().__init__(**kwargs)
+        if selection not in SELECTION_MODES:
+            raise XmxError(f"selection={selection!r}; valid choices: {', '.join(SELECTION_MODES)}")
+        self.selection = selection
         self.datasets = {str(k).lower(): dict(v or {}) for k, v in (datasets or {}).items()}
         for name, entry in self.datasets.items():
             bad = sorted(set(entry) - set(ENTRY_KEYS))
@@ -450,11 +463,40 @@ class TipAdapterMethod(XmxModule):
             return torch.device("cuda") if torch.cuda.is_available() else self.model.W.device
         return torch.device(self.search_device)
 
+    def selection_set(self, dm):
+        """The eval set alpha/beta are searched on: validation, or with ``selection: paper`` on ImageNet the test set
+        (as the release's main_imagenet.py)."""
+        if self.selection == "paper" and (dm.name or "").lower() in PAPER_TEST_SEARCH:
+            test = dm.eval_sets[0]
+            if self.columns(test, dm.classnames) is not None:
+                raise XmxError(f"selection=paper searches alpha/beta on '{test.name}', which does not have the "
+                               "training classes in their order; use selection=val")
+            return test
+        return dm.val_set
+
+    @torch.no_grad()
+    def accuracy_on(self, eval_set, chunk: int = 4096) -> float:
+        """Top-1 accuracy (%) of the current model on ``eval_set``'s cached features."""
+        f, y = self.dm.features_of(eval_set), _labels(eval_set)
+        dev = self.model.W.device
+        correct = sum(int((self.logits(f[i:i + chunk].float().to(dev), eval_set).argmax(-1).cpu()
+                           == y[i:i + chunk]).sum()) for i in range(0, len(y), chunk))
+        return 100.0 * correct / max(len(y), 1)
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        if getattr(self, "model", None) is not None and getattr(self, "dm", None) is not None:
+            # val/acc of what is reported: the searched (or, without a search, the initial) alpha/beta and the
+            # selected keys - not the initial-alpha/beta validation score of the checkpoint callback
+            self.log("val/acc", self.accuracy_on(self.dm.val_set))
+
     @torch.no_grad()
     def search_on_validation(self, dm) -> None:
-        """The (beta, alpha) grid on the validation features with the current keys; applies the best pair."""
+        """The (beta, alpha) grid on the selection set's features (:meth:`selection_set`: validation unless
+        ``selection: paper`` says test) with the current keys; applies the best pair."""
         dev = self._device_for_search()
-        f_val, y_val = dm.features_of(dm.val_set).float(), _labels(dm.val_set)
+        sel = self.selection_set(dm)
+        f_val, y_val = dm.features_of(sel).float(), _labels(sel)
         m = self.model
         res = search_alpha_beta(f_val.to(dev), y_val.to(dev), m.W.to(dev), m.cache_keys().detach().float().to(dev),
                                 m.values.to(dev), self.hp["beta_max"], self.hp["alpha_max"], self.hp["n_beta"],
@@ -463,8 +505,8 @@ class TipAdapterMethod(XmxModule):
         full = self.results_grid is True or (self.results_grid == "auto" and res.grid.numel() <= FULL_GRID_CELLS)
         self.search_result = {"alpha": res.alpha, "beta": res.beta, "val_acc": res.acc, "alphas": res.alphas,
                               **grid_summary(res.grid, res.betas, full, res.alphas)}
-        log.info("%s: alpha %.4g, beta %.4g searched on validation (%.2f%%)", self.method_name, res.alpha, res.beta,
-                 res.acc)
+        log.info("%s: alpha %.4g, beta %.4g searched on %s (%.2f%%)", self.method_name, res.alpha, res.beta,
+                 sel.name, res.acc)
 
     # ---- checkpoints: a cache belongs to one backbone and one label set -------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -502,7 +544,10 @@ class TipAdapterMethod(XmxModule):
         if m is not None:  # the searched grid values exactly (the model holds them as float32 buffers)
             sr = self.search_result or {}
             out.update(alpha=sr.get("alpha", float(m.alpha)), beta=sr.get("beta", float(m.beta)))
-        out["searched_on"] = "val" if self.search_result is not None else None
+        dm = getattr(self, "dm", None)
+        out["selection"] = self.selection
+        out["searched_on"] = (self.selection_set(dm).name if dm is not None else "val") \
+            if self.search_result is not None else None
         out["search"] = self.search_result
         return out
 
@@ -527,6 +572,12 @@ class TipAdapterFMethod(TipAdapterMethod):
 
     def build(self, dm) -> None:
         super().build(dm)
+        trainer = self._trainer
+        if self.selection == "paper" and trainer is not None:
+            # the release keeps the epoch with the best test accuracy: the best checkpoint follows that score
+            for cb in trainer.checkpoint_callbacks:
+                if cb.monitor == "val/acc":
+                    cb.monitor = PAPER_EPOCH_MONITOR
         if getattr(dm, "view_sampling", "cycle") != "cycle":
             log.warning("%s: data.view_sampling=%s; the Tip-Adapter-F recipe trains on one cached view per epoch "
                         "(data.view_sampling=cycle, as the presets set)", self.method_name, dm.view_sampling)
@@ -538,12 +589,49 @@ class TipAdapterFMethod(TipAdapterMethod):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(y))
         return loss
 
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        if self.selection == "paper" and not self.trainer.sanity_checking and self.trainer.state.fn == "fit":
+            acc = self.accuracy_on(self.dm.eval_sets[0])  # at the initial alpha/beta, as the release
+            self.log(PAPER_EPOCH_MONITOR, acc)
+            if self.epoch_curve:
+                self.epoch_curve[-1]["test_acc"] = float(acc)
+
     def on_test_start(self) -> None:
         if self.search_enabled:
             self.search_on_validation(self.dm)
+            if self.selection == "paper":
+                self.paper_final_choice()
+
+    @torch.no_grad()
+    def paper_final_choice(self) -> None:
+        """The release's main.py reports ``max(best_acc, acc)``: the better test accuracy of the selected epoch at the
+        initial alpha/beta and of the searched alpha/beta. With ``selection: paper`` the run keeps whichever of the
+        two is better on test (ties: the searched pair). Not on ImageNet (main_imagenet.py reports its test search)
+        and only for Tip-Adapter-F's own model."""
+        if (self.dm.name or "").lower() in PAPER_TEST_SEARCH or not isinstance(self.model, TipAdapterF):
+            return
+        m, test = self.model, self.dm.eval_sets[0]
+        searched = (float(m.alpha), float(m.beta))
+        acc_searched = self.accuracy_on(test)
+        m.set_alpha_beta(self.hp["init_alpha"], self.hp["init_beta"])
+        acc_init = self.accuracy_on(test)
+        kept = "initial" if acc_init > acc_searched else "searched"
+        if kept == "searched":
+            m.set_alpha_beta(*searched)
+        self.paper_choice = {"kept": kept, "test_acc_searched": acc_searched, "test_acc_initial": acc_init,
+                             "why": "main.py reports max(best_acc, acc) on test"}
 
     def extra_results(self) -> dict:
         out = super().extra_results()
+        if getattr(self, "paper_choice", None):
+            out["paper_final_choice"] = self.paper_choice
+            if self.paper_choice["kept"] == "initial":
+                out.update(alpha=self.hp["init_alpha"], beta=self.hp["init_beta"])
+        by = (f"{PAPER_EPOCH_MONITOR}: test accuracy at the initial alpha/beta (selection=paper, as the release)"
+              if self.selection == "paper" else "val/acc at the initial alpha/beta (best checkpoint)")
         out.update(init_alpha=self.hp.get("init_alpha"), init_beta=self.hp.get("init_beta"),
-                   **self.training_record("val/acc at the initial alpha/beta (best checkpoint)"))
+                   **self.training_record(by))
+        out["epoch_selected_on"] = ("test" if self.selection == "paper" else "val") \
+            if out.get("selected_epoch") is not None else None
         return out

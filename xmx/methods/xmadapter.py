@@ -41,7 +41,8 @@ from xmx.methods.tip_adapter import (FULL_GRID_CELLS, ZS_SCALE, TipAdapterFMetho
 
 __all__ = ["IMG2TXT", "GAMMA_MODES", "TXT_KEYS_FROM", "Img2TxtNet", "MetaNet", "TextMixture", "LinearImg2Txt",
            "PseudoTokenImg2Txt", "make_pseudo_token_prompt", "hard_sample_weights", "XMAdapter", "XMSearchResult",
-           "search_xmadapter", "gamma_grid", "Branches", "TXT_KEYS_REFRESH", "XMAdapterMethod"]
+           "search_xmadapter", "search_beta_txt_separately", "BETA_TXT_SEARCH", "gamma_grid", "Branches",
+           "TXT_KEYS_REFRESH", "XMAdapterMethod"]
 
 IMG2TXT = ("text_mixture", "linear", "pseudo_token")
 GAMMA_MODES = ("fixed", "searched", "learned")
@@ -355,12 +356,14 @@ class XMSearchResult:
 @torch.no_grad()
 def search_xmadapter(model: XMAdapter, f_val: Tensor, y_val: Tensor, beta_max: float, alpha_max: float,
                      n_beta: int = 200, n_alpha: int = 20, gammas: Sequence[float] | None = None,
-                     betas_txt: Sequence[float] | None = None, max_elements: int = 1 << 28) -> XMSearchResult:
+                     betas_txt: Sequence[float] | None = None, max_elements: int = 1 << 28,
+                     betas: Sequence[float] | None = None) -> XMSearchResult:
     """Vectorised search on validation features f_val [M, C] raw, y_val [M].
 
     beta and alpha use Tip-Adapter's grids (:func:`search_grid`); ``gammas`` defaults to :func:`gamma_grid` for
     ``gamma_mode=searched`` and to the model's own gamma otherwise; ``betas_txt`` None ties beta_txt to beta, or a
-    list of values searched jointly. Uses linearity: ``A L = gamma C_img + (1 - gamma) C_txt`` with
+    list of values searched jointly; ``betas`` (optional) replaces the beta grid. Uses linearity:
+    ``A L = gamma C_img + (1 - gamma) C_txt`` with
     ``C_* = exp(-beta_* (1 - S_*)) L``, so per beta all (beta_txt, alpha, gamma) are scored in one tensor op."""
     W, L = model.W, model.values
     _check_feats(f_val, W)
@@ -372,7 +375,9 @@ def search_xmadapter(model: XMAdapter, f_val: Tensor, y_val: Tensor, beta_max: f
     elif model.gamma_mode == "learned" and list(gammas) != [float(model.gamma)]:
         raise XmxError("gamma_mode=learned: gamma is trained, not searched; leave gammas unset")
     gammas = [float(g) for g in gammas]
-    betas_l, alphas_l = search_grid(beta_max, n_beta), search_grid(alpha_max, n_alpha)
+    betas_l = search_grid(beta_max, n_beta) if betas is None else [float(b) for b in betas]
+    n_beta = len(betas_l)
+    alphas_l = search_grid(alpha_max, n_alpha)
     tied = betas_txt is None
     bt_l = betas_l if tied else [float(b) for b in betas_txt]
     dev, dt = W.device, W.dtype
@@ -381,7 +386,7 @@ def search_xmadapter(model: XMAdapter, f_val: Tensor, y_val: Tensor, beta_max: f
     zs = ZS_SCALE * f @ W                                                             # [M, N]
     S_img = f @ model.cache_keys().T                                                  # [M, NK]
     S_txt = model.img2txt(f) @ model.text_keys().T                                    # [M, NK]
-    betas = torch.tensor(betas_l, device=dev, dtype=dt)
+    beta_t = torch.tensor(betas_l, device=dev, dtype=dt)
     bts = torch.tensor(bt_l, device=dev, dtype=dt)
     alphas = torch.tensor(alphas_l, device=dev, dtype=dt)
     g = torch.tensor(gammas, device=dev, dtype=dt)[:, None, None, None]                # [G, 1, 1, 1]
@@ -398,7 +403,7 @@ def search_xmadapter(model: XMAdapter, f_val: Tensor, y_val: Tensor, beta_max: f
     nb = _chunk_rows(n_beta, rows * G * nbt * (1 + n_alpha) * N, max_elements)         # betas per chunk
     for r0 in range(0, M, rows):
         zs_r, y_r = zs[r0:r0 + rows], y[r0:r0 + rows]
-        C_img = caches(S_img[r0:r0 + rows], betas)                                    # [n_beta, m, N]
+        C_img = caches(S_img[r0:r0 + rows], beta_t)                                   # [n_beta, m, N]
         C_txt = caches(S_txt[r0:r0 + rows], bts)                                      # [n_bt, m, N]
         for b0 in range(0, n_beta, nb):
             C_i = C_img[b0:b0 + nb, None]                                             # [nb, 1, m, N]
@@ -416,6 +421,27 @@ def search_xmadapter(model: XMAdapter, f_val: Tensor, y_val: Tensor, beta_max: f
                           betas_txt=None if tied else bt_l, alphas=alphas_l, gammas=gammas)
 
 
+BETA_TXT_SEARCH = ("separate", "tied")
+
+
+@torch.no_grad()
+def search_beta_txt_separately(model: XMAdapter, f_val: Tensor, y_val: Tensor, beta_max: float, alpha_max: float,
+                               n_beta: int = 200, n_alpha: int = 20, gammas: Sequence[float] | None = None,
+                               max_elements: int = 1 << 28) -> XMSearchResult:
+    """beta_txt searched on its own grid (spec §4.3), in two stages: (beta, alpha, gamma) with beta_txt tied to beta;
+    then, at that beta, (beta_txt, alpha, gamma) over Tip-Adapter's beta grid. The second stage contains the tied
+    point, so it never scores lower; it replaces the first only when strictly better. A joint 4-D search
+    (``search_betas_txt: [values]``) costs n_beta times more."""
+    tied = search_xmadapter(model, f_val, y_val, beta_max, alpha_max, n_beta, n_alpha, gammas=gammas,
+                            max_elements=max_elements)
+    sep = search_xmadapter(model, f_val, y_val, beta_max, alpha_max, n_beta, n_alpha, gammas=gammas,
+                           betas_txt=search_grid(beta_max, n_beta), betas=[tied.beta], max_elements=max_elements)
+    best = sep if sep.acc > tied.acc else tied
+    best.extra.update(beta_txt_search="separate", tied_val_acc=tied.acc, separate_val_acc=sep.acc,
+                      val_acc_per_beta_txt=[round(float(a), 4) for a in sep.grid[0].flatten(1).max(dim=1).values])
+    return best
+
+
 # =================================================================================================================
 # The Lightning module (method layer): XMAdapter trained like Tip-Adapter-F (cached `tip` views, one per epoch, epoch
 # selected on validation), then (beta, [beta_txt,] alpha[, gamma]) searched on validation before testing.
@@ -426,13 +452,16 @@ class XMAdapterMethod(TipAdapterFMethod):
 
     ``gamma_mode``: ``fixed`` (``gamma`` throughout), ``searched`` (trained at ``gamma``, then searched on the
     validation grid ``gamma_grid(gamma_steps)`` with beta/alpha) or ``learned`` (``sigmoid`` of a trained scalar
-    starting at ``gamma``). ``search_betas_txt``: null ties beta_txt to beta in the search, or a list searched jointly.
+    starting at ``gamma``). ``search_betas_txt``: ``separate`` (default: beta_txt on its own grid after the tied
+    search, :func:`search_beta_txt_separately`), ``tied``/null (beta_txt = beta), or a list searched jointly. The
+    text branch trains by default (``img2txt_proj`` and ``learn_img2txt_temp`` on; spec §4.2).
     The search runs on ``search_device`` like Tip-Adapter's (the model visits it for the search)."""
 
-    def __init__(self, img2txt: str = "text_mixture", img2txt_temp: float = 100.0, learn_img2txt_temp: bool = False,
-                 img2txt_proj: bool = False, img2txt_bias: bool = False, txt_keys_from: str = "mean_view",
+    def __init__(self, img2txt: str = "text_mixture", img2txt_temp: float = 100.0, learn_img2txt_temp: bool = True,
+                 img2txt_proj: bool = True, img2txt_bias: bool = False, txt_keys_from: str = "mean_view",
                  txt_keys_refresh: str = "step", beta_txt: float | None = None, gamma: float = 0.5,
-                 gamma_mode: str = "searched", gamma_steps: int = 10, search_betas_txt: Sequence[float] | None = None,
+                 gamma_mode: str = "searched", gamma_steps: int = 10,
+                 search_betas_txt: str | Sequence[float] | None = "separate",
                  kappa: float = 1.0, tau: float = 50.0, shots: float | None = None,
                  pseudo_template: str = "a photo of a {}.", meta_hidden: int | None = None, **kwargs):
         super().__init__(**kwargs)
@@ -450,7 +479,11 @@ class XMAdapterMethod(TipAdapterFMethod):
                             meta_hidden=meta_hidden)
         self.beta_txt = None if beta_txt is None else float(beta_txt)
         self.gamma_steps = int(gamma_steps)
-        self.search_betas_txt = None if search_betas_txt is None else [float(b) for b in search_betas_txt]
+        if isinstance(search_betas_txt, str) and search_betas_txt not in BETA_TXT_SEARCH:
+            raise XmxError(f"method.search_betas_txt={search_betas_txt!r}; valid choices: separate (its own grid, "
+                           "after the tied search), tied (or null), or a list of values searched jointly")
+        self.search_betas_txt = (None if search_betas_txt in (None, "tied") else search_betas_txt
+                                 if isinstance(search_betas_txt, str) else [float(b) for b in search_betas_txt])
         self.pseudo_template = pseudo_template
 
     def make_model(self, keys, values, W, dm) -> nn.Module:
@@ -489,13 +522,19 @@ class XMAdapterMethod(TipAdapterFMethod):
     def search_on_validation(self, dm) -> None:
         m = self.model
         home, dev = m.W.device, self._device_for_search()
-        f_val, y_val = dm.features_of(dm.val_set).float(), torch.tensor([d.label for d in dm.val_set.items])
+        sel = self.selection_set(dm)  # validation (selection=paper on ImageNet: test, as Tip-Adapter's release)
+        f_val, y_val = dm.features_of(sel).float(), torch.tensor([d.label for d in sel.items])
         gammas = gamma_grid(self.gamma_steps) if m.gamma_mode == "searched" else None
         m.to(dev)  # the search runs where the model's tensors are
         try:
-            res = search_xmadapter(m, f_val.to(dev), y_val.to(dev), self.hp["beta_max"], self.hp["alpha_max"],
-                                   self.hp["n_beta"], self.hp["n_alpha"], gammas=gammas,
-                                   betas_txt=self.search_betas_txt)
+            if self.search_betas_txt == "separate":
+                res = search_beta_txt_separately(m, f_val.to(dev), y_val.to(dev), self.hp["beta_max"],
+                                                 self.hp["alpha_max"], self.hp["n_beta"], self.hp["n_alpha"],
+                                                 gammas=gammas)
+            else:
+                res = search_xmadapter(m, f_val.to(dev), y_val.to(dev), self.hp["beta_max"], self.hp["alpha_max"],
+                                       self.hp["n_beta"], self.hp["n_alpha"], gammas=gammas,
+                                       betas_txt=self.search_betas_txt)
         finally:
             m.to(home)
         m.set_hparams(alpha=res.alpha, beta=res.beta, beta_txt=res.beta_txt,
@@ -505,10 +544,13 @@ class XMAdapterMethod(TipAdapterFMethod):
         self.search_result = {"alpha": res.alpha, "beta": res.beta, "beta_txt": res.beta_txt, "gamma": res.gamma,
                               "val_acc": res.acc, "alphas": res.alphas, "gammas": res.gammas,
                               "betas_txt": res.betas_txt,
+                              "beta_txt_search": ("separate" if self.search_betas_txt == "separate" else
+                                                  "tied" if self.search_betas_txt is None else "joint"),
+                              **{k: v for k, v in res.extra.items() if k != "beta_txt_search"},
                               "best_val_acc_per_gamma": [round(float(a), 4) for a in per_gamma],
                               **grid_summary(res.grid, res.betas, full)}
-        log.info("xmadapter: alpha %.4g, beta %.4g, beta_txt %.4g, gamma %.3g searched on validation (%.2f%%)",
-                 res.alpha, res.beta, res.beta_txt, res.gamma, res.acc)
+        log.info("xmadapter: alpha %.4g, beta %.4g, beta_txt %.4g, gamma %.3g searched on %s (%.2f%%)",
+                 res.alpha, res.beta, res.beta_txt, res.gamma, sel.name, res.acc)
 
     def extra_results(self) -> dict:
         out = super().extra_results()

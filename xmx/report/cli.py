@@ -18,7 +18,9 @@ from xmx.utils import atomic_write_bytes
 NOTES = ("Cells are mean ± sample std (ddof 1) over seeds. A cell marked '(n/m seeds)' has fewer seeds than expected "
          "(expected: {expected}); '(k/n datasets)' marks an average that lacks datasets the table has elsewhere. "
          "Averages over datasets are means of the per-dataset means; base-to-new HM = 2BN/(B+N) is computed from the "
-         "mean base and new accuracies.")
+         "mean base and new accuracies. " "† selection: paper — the authors' protocol, which selects on the test set "
+         "(Tip-Adapter-F's epoch; ImageNet α/β): such rows are kept apart from validation-selected ones and never "
+         "averaged with them.")
 
 
 def _parse_seeds(s: str | None) -> list[int] | None:

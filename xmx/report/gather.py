@@ -19,6 +19,10 @@ TITLES = {"fewshot": "Few-shot classification", "base2new": "Base-to-new general
           "domain_shift": "Domain shift", "cross_dataset": "Cross-dataset transfer", "glue": "GLUE (dev)",
           "colour": "Colour probing"}
 AVG = "average"  # the dataset name of the averages
+# results.json "selection": val (nothing chosen on test) | paper (the authors' code where it selects on test). It is
+# part of every row's identity, so a mean never mixes the two; paper rows carry PAPER_MARK.
+SELECTION_MODES = ("val", "paper")
+PAPER_MARK = "†"
 
 
 def _norm(s) -> str:
@@ -227,13 +231,17 @@ def load_runs(paths) -> tuple[pd.DataFrame, pd.DataFrame]:
                 raise _Skip(f"seed/shots are not integers ({rec.get('seed')!r}, {rec.get('shots')!r})") from None
             dataset = dataset_name(rec["dataset"])
             protocol = str(rec.get("protocol") or "")
+            selection = rec.get("selection") or (rec.get("config") or {}).get("selection") or "val"
+            if selection not in SELECTION_MODES:
+                raise _Skip(f"selection {selection!r} is not one of {', '.join(SELECTION_MODES)}")
             table = _classify(protocol, dataset, metrics)
             obs = _observations(table, dataset, metrics)
             if table == "fewshot":
                 obs = [(d, str(shots), v) for d, _, v in obs]
             runs.append({"path": str(path), "mtime": Path(path).stat().st_mtime, "table": table,
                          "method": str(rec["method"]), "experiment": str(rec.get("experiment") or ""),
-                         "backbone": _backbone(rec), "protocol": protocol, "dataset": dataset,
+                         "backbone": _backbone(rec), "protocol": protocol, "selection": selection,
+                         "dataset": dataset,
                          "shots": shots, "seed": seed, "obs": obs,
                          "cfg": _flatten(rec["config"]) if isinstance(rec.get("config"), dict) else {}})
         except _Skip as e:
@@ -246,7 +254,7 @@ def load_runs(paths) -> tuple[pd.DataFrame, pd.DataFrame]:
 # ---------------------------------------------------------------------------------------------------------------
 _IGNORE = re.compile(r"(^|\.)(hydra|paths|logger|loggers|callbacks|wandb)(\.|$)"
                      r"|(dir|path|file|root|timestamp|time|_id|run_name|seed)$")
-GROUP = ["table", "method", "experiment", "backbone", "protocol"]
+GROUP = ["table", "method", "experiment", "backbone", "protocol", "selection"]
 CELL = ["dataset", "shots", "seed"]
 
 
@@ -287,7 +295,7 @@ def _assign_variants(runs: pd.DataFrame, swept: dict) -> tuple[pd.DataFrame, pd.
 # ---------------------------------------------------------------------------------------------------------------
 # aggregation
 # ---------------------------------------------------------------------------------------------------------------
-ROW = ["table", "method", "experiment", "backbone", "protocol", "variant", "rshots"]
+ROW = ["table", "method", "experiment", "backbone", "protocol", "selection", "variant", "rshots"]
 
 
 def hm(b, n) -> float:
@@ -310,6 +318,8 @@ def _label_rows(rows: pd.DataFrame) -> pd.Series:
             parts.append(f"{r.rshots}-shot")
         if r.variant:
             parts.append(f"{{{r.variant}}}")
+        if r.selection == "paper":
+            parts.append(f"{PAPER_MARK} (selection: paper)")
         labels.append(" ".join(parts))
     return pd.Series(labels, index=rows.index)
 
@@ -320,6 +330,7 @@ def observations(runs: pd.DataFrame) -> pd.DataFrame:
         rshots = "" if r.table == "fewshot" else str(r.shots)
         for dataset, column, value in r.obs:
             rows.append({"table": r.table, "method": r.method, "experiment": r.experiment, "backbone": r.backbone,
-                         "protocol": r.protocol, "variant": r.variant, "rshots": rshots, "dataset": dataset,
+                         "protocol": r.protocol, "selection": r.selection, "variant": r.variant,
+                         "rshots": rshots, "dataset": dataset,
                          "column": column, "seed": r.seed, "value": value, "run": r.Index})
     return pd.DataFrame(rows)

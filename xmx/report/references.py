@@ -29,7 +29,7 @@ def load_references(path=None) -> pd.DataFrame:
         if where.endswith(".csv"):
             entries = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False).to_dict("records")
             for e in entries:
-                for k in ("aliases", "backbone"):
+                for k in ("aliases", "backbone", "experiment"):
                     e[k] = [x for x in str(e.get(k, "")).split("|") if x]
         else:
             data = yaml.safe_load(text)
@@ -51,10 +51,12 @@ def load_references(path=None) -> pd.DataFrame:
             value = float(e["value"])
         except (TypeError, ValueError):
             raise XmxError(f"reference file {where}, entry {i + 1}: value {e['value']!r} is not a number") from None
-        aliases, bb = e.get("aliases") or [], e.get("backbone") or []
+        aliases, bb, ex = e.get("aliases") or [], e.get("backbone") or [], e.get("experiment") or []
         rows.append({"table": e["table"], "method": str(e["method"]),
                      "methods": {_norm(m) for m in [e["method"], *([aliases] if isinstance(aliases, str) else aliases)]},
                      "backbones": {_bb(b) for b in ([bb] if isinstance(bb, str) else bb)},
+                     # the presets whose runs the number may be compared with (empty: any run of the method)
+                     "experiments": {str(x) for x in ([ex] if isinstance(ex, str) else ex)},
                      "dataset": dataset_name(e["dataset"]), "column": str(e["column"]), "value": value,
                      "source": str(e["source"]),
                      "n_datasets": int(e["n_datasets"]) if str(e.get("n_datasets") or "").strip() else None})
@@ -72,7 +74,8 @@ def compare(cells: pd.DataFrame, refs: pd.DataFrame) -> pd.DataFrame:
         for r in refs.itertuples():
             if (r.table == c.table and _norm(c.method) in r.methods and r.dataset == c.dataset
                     and r.column in ("*", c.column)
-                    and (not r.backbones or not c.backbone or _bb(c.backbone) in r.backbones)):
+                    and (not r.backbones or not c.backbone or _bb(c.backbone) in r.backbones)
+                    and (not r.experiments or c.experiment in r.experiments)):
                 note = ""
                 if c.dataset == AVG and r.n_datasets and not pd.isna(r.n_datasets) and c.n_datasets != r.n_datasets:
                     note = f"ours averages {int(c.n_datasets)} datasets, the reference {int(r.n_datasets)}"

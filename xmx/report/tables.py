@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pandas as pd
 
-from xmx.report.gather import AVG, ROW, TABLES, TITLES, _col_order, _dataset_order, _label_rows, hm
+from xmx.report.gather import AVG, PAPER_MARK, ROW, TABLES, TITLES, _col_order, _dataset_order, _label_rows, hm
 
 
 def _seeds_str(seeds) -> str:
@@ -112,14 +112,15 @@ def aggregate(obs: pd.DataFrame, expected_seeds: list[int] | None = None) -> pd.
     out["sort_d"] = out.dataset.map(_dataset_order)
     out["sort_c"] = out.column.map(_col_order)
     out = out.sort_values(["table", "label", "sort_d", "sort_c"]).drop(columns=["sort_d", "sort_c"])
-    cols = ["table", "label", "method", "experiment", "backbone", "protocol", "variant", "rshots", "dataset", "column",
+    cols = ["table", "label", "method", "experiment", "backbone", "protocol", "selection", "variant", "rshots",
+            "dataset", "column",
             "mean", "std", "n_seeds", "expected_seeds", "seeds", "expected", "complete", "n_datasets",
             "expected_datasets", "text"]
     return out[cols].rename(columns={"rshots": "shots"}).reset_index(drop=True)
 
 
 def _cell_text(r) -> str:
-    s = f"{r.mean:.2f}"
+    s = f"{r.mean:.2f}" + (PAPER_MARK if r.selection == "paper" else "")
     if isinstance(r.std, float) and math.isfinite(r.std):
         s += f" ± {r.std:.2f}"
     notes = []
