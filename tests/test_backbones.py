@@ -273,3 +273,18 @@ def test_half_precision_runs_both_tower_kinds(model):
         t = half.encode_text(half.tokenize(TEXTS))
     assert b.dtype == t.dtype == torch.bfloat16
     assert F.cosine_similarity(a, b.float()).min() > 0.95
+
+
+def test_pre_projection_features_exist_where_the_tower_has_a_final_projection(tmp_path):
+    """ProLIP's input: open_clip ViT and transformers CLIP give raw = pre @ P (+ b); timm / SigLIP towers refuse."""
+    images = torch.randn(2, 3, 32, 32)
+    for bb in (_bb("xmx-tiny"), HFCLIPBackbone(str(save_tiny(tmp_path / "clip", "clip")))):
+        P, b = bb.image_projection()
+        with torch.no_grad():
+            pre, raw = bb.encode_image(images, project=False), bb.encode_image(images)
+        assert pre.shape == (2, bb.pre_projection_dim)
+        torch.testing.assert_close(pre @ P + (0 if b is None else b), raw, atol=1e-5, rtol=1e-4)
+    one_line_error(lambda: _bb("xmx-tiny-sigmoid").encode_image(images, project=False), "pre-projection",
+                   "timm:VisionTransformer")
+    siglip = HFCLIPBackbone(str(save_tiny(tmp_path / "siglip", "siglip")))
+    one_line_error(lambda: siglip.pre_projection_dim, "pre-projection", "SiglipModel")
