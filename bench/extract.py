@@ -13,6 +13,12 @@ Without CUDA the ``gpu`` row is the same code on the CPU (``decode="tensor"``) a
 
 from __future__ import annotations
 
+# bench/gpu_all.py runs this (see its header for the convention); budget = expected seconds on one H200
+GPU_COMMAND = ["--out", "{out}", "--markdown"]
+GPU_BUDGET_S = 180
+GPU_RESULT = "{out}/results.json"
+SMOKE_COMMAND = ["--smoke", "--out", "{out}"]
+
 import argparse
 import json
 import os

@@ -32,6 +32,10 @@ Timings include the adapter's input check (one finiteness test per call) on both
 
 from __future__ import annotations
 
+# bench/gpu_all.py runs this (see its header for the convention); budget = expected seconds on one H200
+GPU_COMMAND = ["--out", "{out}/bench.json"]
+GPU_BUDGET_S = 360
+
 import argparse
 import json
 import math

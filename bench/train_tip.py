@@ -21,6 +21,10 @@ accuracies only show that the pipeline learns; timings are the point.
 
 from __future__ import annotations
 
+# bench/gpu_all.py runs this (see its header for the convention); budget = expected seconds on one H200
+GPU_COMMAND = ["--device", "cuda", "--out", "{out}/bench.json"]
+GPU_BUDGET_S = 120
+
 import argparse
 import json
 import math

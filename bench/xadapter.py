@@ -22,6 +22,10 @@ tokenization and the CLIP view, runs in DataLoader workers in real runs and is n
 
 from __future__ import annotations
 
+# bench/gpu_all.py runs this (see its header for the convention); budget = expected seconds on one H200
+GPU_COMMAND = ["--out", "{out}/bench.json"]
+GPU_BUDGET_S = 150
+
 import argparse
 import json
 import platform

@@ -54,6 +54,7 @@ def test_each_family_computes_what_open_clip_computes(model):
     d = bb.describe()
     assert d["image_tower"] == tower and d["text_pool"] == pool and (d["score"] == "sigmoid") == sigmoid
     assert (bb.logit_bias is not None) == sigmoid
+    assert bb.causal_text == (model not in ("xmx-tiny-sigmoid", "xmx-tiny-mobileclip"))  # bidirectional text towers
     tokens = bb.tokenize(TEXTS)
     images = torch.randn(2, 3, bb.image_size, bb.image_size)
     with torch.no_grad():

@@ -14,6 +14,7 @@ from PIL import Image
 
 import xmx.data.coop as coop
 from xmx.data.datasets import DATASETS, load_dataset, read_json
+from xmx.data.fake import write_fake_dataset
 from xmx.errors import XmxError
 
 _BUF = io.BytesIO()
@@ -35,15 +36,11 @@ def write_files(root: Path, rel_paths) -> None:
 
 
 def fake_coop_tree(tmp_path_factory, name: str) -> Path:
-    """A ``$DATA`` root holding dataset ``name`` with every image its shipped split file lists (cached per session)."""
+    """A ``$DATA`` root holding dataset ``name`` with every image its shipped split file lists, written by
+    ``python -m xmx.data fake`` (cached per session)."""
     if name not in _TREES:
-        info = DATASETS[name]
         root = tmp_path_factory.mktemp(f"data-{name}")
-        folder = root / info.dir
-        folder.mkdir()
-        raw = read_json(coop.SPLITS_DIR / f"{info.extra['split_file']}.gz")
-        prefix = f"{info.dir}/{info.extra['image_dir']}".rstrip("/")
-        write_files(root, (f"{prefix}/{p}" for s in ("train", "val", "test") for p, _, _ in raw[s]))
+        write_fake_dataset(root, name)
         _TREES[name] = root
     return _TREES[name]
 

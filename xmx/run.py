@@ -4,7 +4,8 @@ With no arguments it runs ``experiment=demo`` (a synthetic CPU demo). ``results.
 its presence means the run finished. Schema: README "results.json".
 
 Jobs (docs/sweeps.md): a run's identity ``job_id`` is a hash of its resolved config without what cannot change the
-numbers (paths, loggers, progress bars, devices, worker counts, ``hydra``, ``notice``). An index
+numbers (paths, loggers, progress bars, devices, worker counts, ``hydra``, ``notice``), plus the fingerprint of the
+bytes of the images it reads (``xmx.data.fingerprint``; then ``data.root`` itself is left out). An index
 ``${paths.log_dir}/.index/<job_id>.json`` points at the folder of the job's latest attempt; with ``skip_done`` a job
 whose attempt has a complete ``results.json`` is not recomputed, and with ``resume: auto`` an attempt that left
 ``checkpoints/last.ckpt`` but no results is continued in its own folder. In a multirun a failing job is recorded
@@ -103,10 +104,31 @@ def job_identity(cfg: DictConfig) -> dict:
     return _strip(resolved)
 
 
-def job_id(cfg: DictConfig) -> str:
-    """16 hex digits of sha256 over the canonical JSON of :func:`job_identity`."""
-    blob = json.dumps(job_identity(cfg), sort_keys=True, separators=(",", ":"), default=str)
+def job_id(cfg: DictConfig, data: dict | None = None) -> str:
+    """16 hex digits of sha256 over the canonical JSON of :func:`job_identity` and, when given, the fingerprint of
+    the image files the job reads (``data["digest"]``, :mod:`xmx.data.fingerprint`): a run on other bytes (another
+    ``$DATA`` copy with one image changed) is another job, never "already complete"."""
+    ident = job_identity(cfg)
+    if data is not None:  # the bytes decide, not where they are: the same files under another root are the same job
+        ident["data_content"] = data["digest"]
+        if isinstance(ident.get("data"), dict):
+            ident["data"].pop("root", None)
+    blob = json.dumps(ident, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _early_datamodule(cfg: DictConfig):
+    """(datamodule without encoders, fingerprint of its images) when the data module can fingerprint its files
+    before any encoder is built (``data_fingerprint``), else (None, None)."""
+    target = OmegaConf.select(cfg, "data._target_")
+    try:
+        cls = hydra.utils.get_class(str(target)) if target else None
+    except Exception:  # noqa: BLE001 - an unknown target fails later, with Hydra's own message
+        return None, None
+    if cls is None or not hasattr(cls, "data_fingerprint"):
+        return None, None
+    dm = build(cfg.data, backbone=None, _convert_="all")
+    return dm, dm.data_fingerprint()
 
 
 def _is_rank_zero() -> bool:
@@ -239,7 +261,8 @@ def _run(cfg: DictConfig) -> tuple[dict, str]:
                        "on test; paper: the authors' code where it selects on test)")
     _check_selection(cfg, selection)
     out = _output_dir(cfg)
-    jid = job_id(cfg)
+    datamodule, data_fp = _early_datamodule(cfg)  # lists + one stat per image (content hashes cached)
+    jid = job_id(cfg, data_fp)
     outcome, folder, done, ckpt = _plan(cfg, out, jid)
     if outcome == "skipped":
         log.info("skip: job %s is already complete: %s", jid, folder / "results.json")
@@ -260,7 +283,10 @@ def _run(cfg: DictConfig) -> tuple[dict, str]:
     encoders = {"backbone": build(cfg.backbone)}
     if cfg.get("plm") is not None:
         encoders["plm"] = build(cfg.plm)
-    datamodule = build(cfg.data, **encoders, _convert_="all")
+    if datamodule is None:
+        datamodule = build(cfg.data, **encoders, _convert_="all")
+    else:
+        datamodule.backbone, datamodule.plm = encoders["backbone"], encoders.get("plm")
     method = build(cfg.method, _convert_="partial")  # before any extraction: a bad method config costs nothing
     method.init_from = cfg.get("init_from")
     # Set the data up now (feature extraction on a cold cache draws from the global RNG: loader seeds) and put the
@@ -296,6 +322,7 @@ def _run(cfg: DictConfig) -> tuple[dict, str]:
         "protocol": datamodule.protocol.name, "shots": datamodule.shots, "seed": int(cfg.seed),
         "selection": selection,
         "metrics": metrics, "extra": method.extra_results(),
+        "parameters": method.parameter_counts(*encoders.values()),
         "data": {**datamodule.data_record(), "subset_file": "subset.json"},
         "weights": encoders["backbone"].describe(),
         "code": code_version(), "packages": package_versions(),
@@ -371,7 +398,8 @@ def _print_summary(results: dict, out: Path) -> None:
         table.add_row(k, f"{v:.2f}")
     console = Console(stderr=False)
     console.print(table)
-    if results["weights"].get("random_init") or results["dataset"] == "synthetic":
+    if results["weights"].get("random_init") or results["dataset"] == "synthetic" or \
+            (results.get("data") or {}).get("synthetic"):  # the generated set or a `xmx.data fake` tree
         console.print("[yellow]note: random-init weights and/or synthetic data — these numbers test the pipeline; "
                       "they are not CLIP accuracies[/yellow]")
     if results.get("selection") == "paper":
@@ -429,7 +457,7 @@ def _hydra_main(cfg: DictConfig):
             _write_job_status("failed", cfg, jid, error=f"{type(e).__name__}: {line}")
         return float("nan") if cfg.get("optimized_metric") else None  # a sweeper records the trial as failed
     if _is_rank_zero():
-        _write_job_status(outcome, cfg, jid, results)
+        _write_job_status(outcome, cfg, results.get("job_id", jid), results)
     return value
 
 

@@ -14,7 +14,6 @@ prints the comparison. Job identity and "done" are those of ``xmx.run`` (``job_i
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from dataclasses import dataclass, field

@@ -477,6 +477,12 @@ class CLIPBackbone(ClipLikeBackbone):
     def context_length(self) -> int:
         return int(getattr(self._text, "context_length", None) or self.model_cfg["text_cfg"]["context_length"])
 
+    @property
+    def causal_text(self) -> bool:
+        """True when the text tower's attention is causal (OpenAI, EVA-02, PE): tokens after the pooled end-of-text
+        never change a feature, so prompts may be cut there. SigLIP's and MobileCLIP's attend both ways."""
+        return self.text_kind == "open_clip" and getattr(self._text, "attn_mask", None) is not None
+
     def _logit_scale_param(self):
         return self.model.logit_scale
 
@@ -582,6 +588,8 @@ class CLIPBackbone(ClipLikeBackbone):
         t = self._text
         cast = t.transformer.get_cast_dtype()
         L = x.shape[1]
+        if L > t.positional_embedding.shape[0]:
+            raise XmxError(f"text encoder: {L} tokens exceed the context length {t.positional_embedding.shape[0]}")
         x = x.to(cast)
         mask = t.attn_mask
         if mask is not None:

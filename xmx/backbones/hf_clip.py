@@ -152,6 +152,11 @@ class HFCLIPBackbone(ClipLikeBackbone):
     def context_length(self) -> int:
         return self._context_length
 
+    @property
+    def causal_text(self) -> bool:
+        """CLIP's text attention is causal; SigLIP's is bidirectional over the padded sequence."""
+        return self.model_type == "clip"
+
     def _logit_scale_param(self):
         return self.model.logit_scale
 

@@ -15,6 +15,18 @@ from xmx.errors import XmxError
 log = logging.getLogger(__name__)
 
 
+UNREADABLE = ("error", "skip")
+
+
+def check_unreadable(policy: str, key: str = "data.unreadable") -> str:
+    """The ``data.unreadable`` policy, validated: ``error`` stops at the first unreadable image naming it, ``skip``
+    leaves such images out of every list (feature extraction, image batches) and counts them."""
+    if policy not in UNREADABLE:
+        raise XmxError(f"{key}={policy!r}; valid choices: error, skip (skip leaves unreadable images "
+                       "out and counts them)")
+    return policy
+
+
 def open_rgb(path) -> Image.Image:
     """Decode any image file PIL understands (CMYK, greyscale, palette, PNG named .jpg: the format is sniffed from
     the bytes) to RGB."""
@@ -31,8 +43,7 @@ class ImageListDataset(Dataset):
     :func:`collate_skip` drops and counts."""
 
     def __init__(self, root: str | Path, items: list[Datum], transform, unreadable: str = "error"):
-        if unreadable not in ("error", "skip"):
-            raise XmxError(f"data.unreadable={unreadable!r}; valid choices: error, skip")
+        check_unreadable(unreadable)
         self.root, self.items, self.transform = Path(root), items, transform
         self.unreadable = unreadable
 
@@ -50,6 +61,31 @@ class ImageListDataset(Dataset):
             raise XmxError(f"unreadable image {path} ({type(e).__name__}: {e}); replace the file, or set "
                            "data.unreadable=skip to leave such files out") from None
         return self.transform(img), d.label
+
+
+class _Probe(Dataset):
+    def __init__(self, root: Path, items: list[Datum]):
+        self.root, self.items = Path(root), items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> bool:
+        try:
+            open_rgb(self.root / self.items[i].path)
+            return True
+        except Exception:  # noqa: BLE001 - anything PIL cannot decode is unreadable
+            return False
+
+
+def find_unreadable(root: str | Path, items: list[Datum], num_workers: int = 0) -> list[int]:
+    """Indices of ``items`` that PIL cannot decode (one full decode each, in ``num_workers`` processes)."""
+    if not items:
+        return []
+    loader = torch.utils.data.DataLoader(_Probe(Path(root), items), batch_size=64, num_workers=num_workers,
+                                         collate_fn=list)
+    ok = [flag for batch in loader for flag in batch]
+    return [i for i, good in enumerate(ok) if not good]
 
 
 def collate_skip(batch):

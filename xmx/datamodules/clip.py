@@ -17,8 +17,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from xmx.data.datasets import Datum, load_dataset
+from xmx.data.fake import is_fake_tree
 from xmx.data.fewshot import describe_val, subset_digest, subset_to_json
-from xmx.data.images import ImageListDataset, collate_skip
+from xmx.data.fingerprint import check_mode, combine, fingerprint_files
+from xmx.data.images import ImageListDataset, check_unreadable, collate_skip, find_unreadable
 from xmx.data.protocols import EvalSet, build_protocol
 from xmx.data.templates import resolve_templates
 from xmx.data.transforms import build_transform
@@ -110,10 +112,17 @@ class CLIPDataModule(L.LightningDataModule):
                  templates=None, augment: dict | None = None, inputs: str = "features",
                  features: dict | None = None, batch_size: int | None = 256, eval_batch_size: int = 1024,
                  num_workers: int = 2, unreadable: str = "error", view_sampling: str = "random", plm=None,
-                 feature_output: str = "raw"):
+                 feature_output: str = "raw", fingerprint: str = "content", fingerprint_cache: str | None = None):
         super().__init__()
         if inputs not in ("features", "images"):
             raise XmxError(f"method.inputs={inputs!r}; valid choices: features, images")
+        check_unreadable(unreadable)
+        self.fingerprint_mode, self.fingerprint_cache = check_mode(fingerprint), fingerprint_cache
+        self._fingerprint: dict | None = None
+        self._lists_ready = False
+        self._last_skipped: list[int] = []
+        self.synthetic = name == "synthetic"
+        self.skipped: dict[str, list[str]] = {}  # set name -> unreadable images left out (data.unreadable=skip)
         self.name, self.root, self.backbone, self.plm = name, Path(str(root)).expanduser(), backbone, plm
         self.protocol_cfg = dict(protocol or {"name": "fewshot"})
         self.shots, self.seed, self.subset_seed, self.subset_file = int(shots), int(seed), subset_seed, subset_file
@@ -135,8 +144,9 @@ class CLIPDataModule(L.LightningDataModule):
             self.store = FeatureStore(self.features_cfg["root"])
 
     # ---- setup ------------------------------------------------------------------------------------------------
-    def setup(self, stage: str | None = None) -> None:
-        if self._ready:
+    def prepare_lists(self) -> None:
+        """The image lists of the protocol (no encoder, no image decoded): what :meth:`data_fingerprint` covers."""
+        if self._lists_ready:
             return
         splits = load_dataset(self.name, self.root)
         self.has_val_split = bool(splits.val)
@@ -151,17 +161,76 @@ class CLIPDataModule(L.LightningDataModule):
                  describe_val(self.val_shots, self.shots, self.has_val_split))
         self.val_set: EvalSet = self.protocol.val
         self.eval_sets: list[EvalSet] = self.protocol.eval_sets
+        self.synthetic = self.name == "synthetic" or is_fake_tree(self.root, self.name)
+        self._lists_ready = True
+
+    def _sets(self) -> dict[str, list[Datum]]:
+        return {"train": self.protocol.train, **{s.name: s.items for s in [self.val_set, *self.eval_sets]}}
+
+    def data_fingerprint(self) -> dict:
+        """The fingerprint of the bytes of every image this run reads (:mod:`xmx.data.fingerprint`): ``mode``,
+        ``files``, ``bytes``, ``digest`` (all sets) and ``sets`` (one digest per set). Part of the job identity and
+        of every feature key; the content hashes are computed once and cached under ``data.fingerprint_cache``."""
+        if self._fingerprint is None:
+            self.prepare_lists()
+            parts = {name: fingerprint_files(self.root, [d.path for d in items], mode=self.fingerprint_mode,
+                                             cache_dir=self.fingerprint_cache)
+                     for name, items in self._sets().items()}
+            self._fingerprint = {**combine(parts), "sets": {k: v["digest"] for k, v in parts.items()}}
+        return self._fingerprint
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._ready:
+            return
+        self.data_fingerprint()
         self.logit_scale = self.backbone.logit_scale  # the backbone's own (log of the multiplier)
         self.logit_bias = getattr(self.backbone, "logit_bias", None)  # SigLIP's learned bias, else None
         if self.inputs == "features":
             aug = self.augment
-            self.train_features = self._image_features(self.protocol.train, "train", aug["preset"],
-                                                       int(aug["views"]), aug["noise_std"])  # [V,N,C]
+            train = self._image_features(self.protocol.train, "train", aug["preset"], int(aug["views"]),
+                                         aug["noise_std"])  # [V,N,C]
+            self.train_features = self._keep("train", self.protocol.train, train, dim=1)
             self.train_labels = torch.tensor([d.label for d in self.protocol.train])
             eval_noise = aug["noise_std"] if aug["noise_on_eval"] else 0.0
-            self._eval_features = {s.name: self._image_features(s.items, s.name, "none", 1, eval_noise)[0]
-                                   for s in [self.val_set, *self.eval_sets]}
+            self._eval_features = {}
+            for s in [self.val_set, *self.eval_sets]:
+                feats = self._image_features(s.items, s.name, "none", 1, eval_noise)[0]
+                self._eval_features[s.name] = self._keep(s.name, s, feats, dim=0)
+        elif self.unreadable == "skip":  # images decoded in every step: find the unreadable ones once, up front
+            for name, s in [("train", self.protocol), *((e.name, e) for e in [self.val_set, *self.eval_sets])]:
+                items = s.train if name == "train" else s.items
+                bad = find_unreadable(self.root, items, self.num_workers)
+                if bad:
+                    self.skipped[name] = [items[i].path for i in bad]
+                    drop = set(bad)
+                    kept = [d for i, d in enumerate(items) if i not in drop]
+                    if name == "train":
+                        s.train = kept
+                    else:
+                        s.items = kept
+        if self.skipped:
+            n = sum(map(len, self.skipped.values()))
+            log.warning("data.unreadable=skip: left out %d unreadable image(s) (%s), e.g. %s", n,
+                        ", ".join(f"{k} {len(v)}" for k, v in self.skipped.items()),
+                        next(iter(self.skipped.values()))[0])
         self._ready = True
+
+    def _keep(self, name: str, owner, feats: torch.Tensor, dim: int) -> torch.Tensor:
+        """Drop the images extraction skipped as unreadable from a set's list (``owner.items`` or, for the training
+        set, ``protocol.train``) and from its features (rows along ``dim``)."""
+        bad = self._last_skipped
+        if not bad:
+            return feats
+        items = self.protocol.train if name == "train" else owner.items
+        drop = set(bad)
+        keep = [i for i in range(len(items)) if i not in drop]
+        self.skipped[name] = [items[i].path for i in bad]
+        kept = [items[i] for i in keep]
+        if name == "train":
+            self.protocol.train = kept
+        else:
+            owner.items = kept
+        return feats.index_select(dim, torch.tensor(keep, dtype=torch.long))
 
     # ---- features ----------------------------------------------------------------------------------------------
     def _device(self) -> torch.device:
@@ -187,10 +256,16 @@ class CLIPDataModule(L.LightningDataModule):
                     precision=f["precision"], decode=f.get("decode", "auto"), device=self._device(),
                     amp=f.get("amp", "fp16"), batch_size=int(f["batch_size"]), num_workers=int(f["num_workers"]),
                     output=self.feature_output)
+        bad: list = []
+        opts.update(unreadable=self.unreadable, skipped=bad)
         if self.store is None:
-            return extract_image_features(self.backbone, items, self.root, **opts)
+            feats = extract_image_features(self.backbone, items, self.root, **opts)
+            self._last_skipped = sorted(i for i, _ in bad)
+            return feats
+        content = self.data_fingerprint()["sets"][split]  # the same list the fingerprint covered
         feats = cached_image_features(self.store, self.backbone, items, self.root, dataset=self.name, split=split,
-                                      **opts)
+                                      content=content, **opts)
+        self._last_skipped = sorted(i for i, _ in bad)
         log.info("feature store %s: %s/%s (%d images x %d views%s)", self.store.last_outcome, self.name, split,
                  len(items), views, ", pre-projection" if self.feature_output != "raw" else "")
         return feats
@@ -270,9 +345,15 @@ class CLIPDataModule(L.LightningDataModule):
     def data_record(self) -> dict:
         sets = {"train": (self.protocol.train, self.classnames), "val": (self.val_set.items, self.val_set.classnames)}
         sets.update({s.name: (s.items, s.classnames) for s in self.eval_sets})
+        fp = self.data_fingerprint()
         return {"dataset": self.name, "root": str(self.root), "protocol": self.protocol.name,
                 "subset_source": self.protocol.subset_source, "templates": self.templates,
                 "val": {"val_shots": self.val_shots,
                         "selection": describe_val(self.val_shots, self.shots, self.has_val_split)},
                 "splits": {k: {"n": len(items), "classes": len(names), "sha256": subset_digest(items)}
-                           for k, (items, names) in sets.items()}}
+                           for k, (items, names) in sets.items()},
+                "content": {k: fp[k] for k in ("mode", "files", "bytes", "digest", "sets")},
+                "unreadable": {"policy": self.unreadable, "skipped": sum(map(len, self.skipped.values())),
+                               "by_set": {k: len(v) for k, v in self.skipped.items()},
+                               "files": [p for v in self.skipped.values() for p in v][:50]},
+                "synthetic": self.synthetic}

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from xmx.datamodules.clip import epoch_generator
 from xmx.data.text import (ColorDataset, glue_task, read_coco_captions, read_color_dataset, read_glue,
                            read_wikitext)
+from xmx.data.images import check_unreadable
 from xmx.errors import XmxError
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,8 @@ class TextDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, int(eval_batch_size)
         self.num_workers, self.query_masked = int(num_workers), query_masked
         self.index_cfg = {"folder": None, "batch_size": 256, "num_workers": num_workers, "precision": "fp16",
-                          "device": "auto", **(index or {})}
+                          "device": "auto", "unreadable": "error", **(index or {})}
+        check_unreadable(self.index_cfg["unreadable"], "data.index.unreadable")
         self.features_cfg = dict(features or {})
         self.protocol = TextProtocol(self.protocol_name)
         self.shots = 0
@@ -199,17 +201,32 @@ class TextDataModule(L.LightningDataModule):
         device = cfg.get("device", "auto")
         device = None if device == "auto" else torch.device(device)
         kw = dict(precision=cfg["precision"], device=device, batch_size=int(cfg["batch_size"]),
-                  num_workers=int(cfg["num_workers"]), progress=False)
+                  num_workers=int(cfg["num_workers"]), progress=False, unreadable=cfg.get("unreadable", "error"),
+                  policy_key="data.index.unreadable")
+        self.index_skipped = []
         if self.features_cfg.get("enabled") and self.features_cfg.get("root"):
             from xmx.features.store import FeatureStore
-            feats, ids = embed_image_folder(FeatureStore(self.features_cfg["root"]), self.backbone, folder, **kw)
+            feats, ids = embed_image_folder(FeatureStore(self.features_cfg["root"]), self.backbone, folder,
+                                            skipped=self.index_skipped, **kw)
         else:
             ids = list_image_folder(folder)
             if not ids:
                 raise XmxError(f"data.index.folder: {folder} holds no images")
-            feats = extract_image_features(self.backbone, ids, folder, **kw)[0]
-        if self._listing() and list(ids) != self._listing():
+            bad: list = []
+            feats = extract_image_features(self.backbone, ids, folder, skipped=bad, **kw)[0]
+            if bad:  # data.index.unreadable=skip: out of the index
+                drop = {i for i, _ in bad}
+                self.index_skipped = [ids[i] for i in sorted(drop)]
+                keep = [i for i in range(len(ids)) if i not in drop]
+                feats, ids = feats[keep], [ids[i] for i in keep]
+        if self.index_skipped:
+            log.warning("retrieval index: left out %d unreadable image(s) (data.index.unreadable=skip), e.g. %s",
+                        len(self.index_skipped), self.index_skipped[0])
+        if self._listing() and sorted([*ids, *self.index_skipped]) != self._listing():
             raise XmxError(f"data.index.folder: {folder} changed while the run was starting; start it again")
+        if self.index_skipped:  # index rows follow the kept images
+            self._ids, self._row_of = list(ids), None
+            self.index_rows([])  # rebuilt now, in the main process, before loader workers start
         log.info("retrieval index: %d images from %s", len(ids), folder)
         return ImageIndex(feats, ids)
 
@@ -254,6 +271,9 @@ class TextDataModule(L.LightningDataModule):
     def data_record(self) -> dict:
         return {"dataset": self.name, "root": str(self.root), "protocol": self.protocol.name, "files": self.files(),
                 "index_folder": self.index_cfg.get("folder"),
+                "unreadable": {"policy": self.index_cfg.get("unreadable", "error"),
+                               "skipped": len(getattr(self, "index_skipped", [])),
+                               "files": list(getattr(self, "index_skipped", []))[:50]},
                 "splits": {k: {"n": len(s.examples), "classes": len(s.classnames), "sha256": examples_digest(
                     s.examples)} for k, s in self._sets().items()}}
 

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
-from xmx.data.images import open_rgb
+from xmx.data.images import check_unreadable, open_rgb
 from xmx.data.transforms import PRESETS  # preset -> RandomResizedCrop scale (None: CLIP eval transform)
 from xmx.errors import XmxError
 from xmx.features.store import FeatureStore, tensors_checksum
@@ -173,6 +173,11 @@ def _one_line(path, e: BaseException) -> str:
     return f"{path}: {type(e).__name__}: {text}"
 
 
+def unreadable_message(first: str, more: int = 0, key: str = "data.unreadable") -> str:
+    return (f"cannot read image {first}" + (f" (+{more} more)" if more else "")
+            + f"; replace the file, or set {key}=skip to leave such files out")
+
+
 # ---- datasets run in DataLoader workers ---------------------------------------------------------------------------
 class _PILViews(Dataset):
     """item i -> {"index", "x": normalised [V,3,S,S]} or {"index", "error"}."""
@@ -191,11 +196,16 @@ class _PILViews(Dataset):
         return {"index": i, "x": torch.stack([self.pp.pil_view(img, i, v) for v in range(self.views)])}
 
 
+def _errors(items) -> list[tuple[int, str]]:
+    return [(it["index"], it["error"]) for it in items if "error" in it]
+
+
 def _collate_pil(items):
-    errors = [it["error"] for it in items if "error" in it]
-    if errors:
-        return {"errors": errors}
-    return {"index": torch.tensor([it["index"] for it in items]), "x": torch.stack([it["x"] for it in items])}
+    """Readable items stacked; unreadable ones listed as ``errors`` [(index, one line)] (the caller's policy)."""
+    errors = _errors(items)
+    items = [it for it in items if "error" not in it]
+    return {"index": torch.tensor([it["index"] for it in items], dtype=torch.long),
+            "x": torch.stack([it["x"] for it in items]) if items else None, "errors": errors}
 
 
 class _JPEGBytes(Dataset):
@@ -227,9 +237,10 @@ class _JPEGBytes(Dataset):
 
 def _collate_bytes(items):
     """One shared-memory blob per batch instead of one tensor per file (keeps file descriptors in check)."""
-    errors = [it["error"] for it in items if "error" in it]
-    if errors:
-        return {"errors": errors}
+    errors = _errors(items)
+    items = [it for it in items if "error" not in it]
+    if not items:
+        return {"index": torch.empty(0, dtype=torch.long), "errors": errors}
     blobs = [it["data"] or b"" for it in items]
     offsets = [0]
     for b in blobs:
@@ -237,7 +248,8 @@ def _collate_bytes(items):
     blob = torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8) if offsets[-1] else torch.empty(0, dtype=torch.uint8)
     return {"index": torch.tensor([it["index"] for it in items]), "blob": blob, "offsets": offsets,
             "images": [it["image"] for it in items], "params": [it["params"] for it in items],
-            "noise": None if items[0]["noise"] is None else torch.stack([it["noise"] for it in items])}
+            "noise": None if items[0]["noise"] is None else torch.stack([it["noise"] for it in items]),
+            "errors": errors}
 
 
 # ---- extraction ---------------------------------------------------------------------------------------------------
@@ -275,9 +287,10 @@ def _as_paths(images, root) -> list[str]:
     return out
 
 
-def _gpu_decode(blobs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+def _gpu_decode(blobs: list[torch.Tensor], device: torch.device) -> list:
     """JPEG bytes (CPU uint8 [n]) -> uint8 RGB [3,H,W] on ``device``: one batched nvjpeg call; should nvjpeg reject
-    the batch, image by image, and PIL for the ones it cannot decode at all."""
+    the batch, image by image, and PIL for the ones it cannot decode at all; an exception (the file is unreadable)
+    in place of an image that PIL cannot decode either."""
     from torchvision.io import ImageReadMode, decode_jpeg
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 deprecates io in favour of torchcodec
@@ -289,8 +302,11 @@ def _gpu_decode(blobs: list[torch.Tensor], device: torch.device) -> list[torch.T
                 try:
                     out.append(decode_jpeg(b, mode=ImageReadMode.RGB, device=device))
                 except RuntimeError:
-                    with Image.open(io.BytesIO(b.numpy().tobytes())) as im:
-                        out.append(TF.pil_to_tensor(im.convert("RGB")).to(device))
+                    try:
+                        with Image.open(io.BytesIO(b.numpy().tobytes())) as im:
+                            out.append(TF.pil_to_tensor(im.convert("RGB")).to(device))
+                    except Exception as e:  # noqa: BLE001 - the caller applies the unreadable-file policy
+                        out.append(e)
             return out
 
 
@@ -323,7 +339,8 @@ def extract_image_features(backbone, images: Sequence, root: str | os.PathLike |
                            preset: str = "none", views: int = 1, seed: int = 0, noise_std: float = 0.0,
                            precision: str = "fp16", decode: str = "auto", device=None, amp: str = "fp16",
                            batch_size: int = 256, num_workers: int | None = None, progress: bool = True,
-                           stats: dict | None = None, output: str = "raw") -> torch.Tensor:
+                           stats: dict | None = None, output: str = "raw", unreadable: str = "error",
+                           skipped: list | None = None, policy_key: str = "data.unreadable") -> torch.Tensor:
     """Raw image features ``[V, N, C]`` (CPU, ``precision``) of ``images`` (absolute paths, or paths / Datums
     relative to ``root``) under ``views`` draws of ``preset`` (+ ``noise_std``).
 
@@ -331,8 +348,11 @@ def extract_image_features(backbone, images: Sequence, root: str | os.PathLike |
     moved back). ``amp``: autocast dtype on CUDA (fp16/bf16/fp32; CPU always runs fp32). ``batch_size``: images x
     views per encoder call. ``stats`` (optional dict) receives images, seconds, images_per_s, decode and counts.
     ``output``: ``raw`` (the embeddings) or ``pre_projection`` (before the final image projection, width D).
+    ``unreadable``: ``error`` stops at the first file no decoder reads, naming it; ``skip`` leaves such files out
+    (their rows stay zero) and appends ``(index, one line)`` for each to the list ``skipped``.
     """
     project = check_output(output) == "raw"
+    check_unreadable(unreadable)
     if precision not in PRECISIONS:
         raise XmxError(f"features precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if amp not in AMP:
@@ -357,7 +377,7 @@ def extract_image_features(backbone, images: Sequence, root: str | os.PathLike |
     home = backbone.device
     backbone.to(device)
     width = backbone.embed_dim if project else backbone.pre_projection_dim
-    out = torch.empty(v_run, len(paths), width, dtype=PRECISIONS[precision])  # [V,N,C] (or [V,N,D])
+    out = torch.zeros(v_run, len(paths), width, dtype=PRECISIONS[precision])  # [V,N,C] (or [V,N,D]); skipped rows: 0
     counts = {"gpu_decoded": 0, "cpu_decoded": 0}
     bar = _Progress(progress, len(paths) * v_run, f"image features ({decode}, {backbone.name})")
     t0 = time.perf_counter()
@@ -370,13 +390,18 @@ def extract_image_features(backbone, images: Sequence, root: str | os.PathLike |
             event.synchronize()
         out[:, b_idx] = host.view(len(b_idx), v_run, -1).transpose(0, 1).to(out.dtype)  # [V,B,C]
 
-    batches = _decode_ahead(loader, device, counts) if fast else ((b, None) for b in loader)
+    batches = _decode_ahead(loader, device, counts, paths=paths) if fast else ((b, None) for b in loader)
+    bad: list[tuple[int, str]] = []
     try:
         for batch, imgs in batches:
-            if "errors" in batch:
-                raise XmxError(f"cannot read image {batch['errors'][0]}"
-                               + (f" (+{len(batch['errors']) - 1} more in the batch)" if len(batch["errors"]) > 1 else ""))
+            if batch["errors"]:
+                if unreadable == "error":
+                    raise XmxError(unreadable_message(batch["errors"][0][1], len(batch["errors"]) - 1, policy_key))
+                bad.extend(batch["errors"])
+                bar.update(len(batch["errors"]) * v_run, done / max(time.perf_counter() - t0, 1e-9))
             idx = batch["index"]  # [B]
+            if not len(idx):
+                continue
             if fast:
                 x = _transform_batch(batch, imgs, pp, device)  # [B*V,3,S,S] float on device
             else:
@@ -405,17 +430,20 @@ def extract_image_features(backbone, images: Sequence, root: str | os.PathLike |
         bar.stop()  # also when a file cannot be read: never leave a live display behind
     seconds = time.perf_counter() - t0
     rate = done / max(seconds, 1e-9)
-    line = (f"extracted {len(paths)} images x {v_run} views in {seconds:.1f}s: {rate:,.0f} images/s "
-            f"(decode={decode}, device={device}, {backbone.name})")
+    line = (f"extracted {len(paths) - len(bad)} images x {v_run} views in {seconds:.1f}s: {rate:,.0f} images/s "
+            f"(decode={decode}, device={device}, {backbone.name})"
+            + (f"; skipped {len(bad)} unreadable (data.unreadable=skip), e.g. {bad[0][1]}" if bad else ""))
     bar.finish(line)
     log.info(line)
     if stats is not None:
         stats.update(images=len(paths), views=views, encoded=done, seconds=seconds, images_per_s=rate,
-                     decode=decode, device=str(device), **counts)
+                     decode=decode, device=str(device), skipped=len(bad), **counts)
+    if skipped is not None:
+        skipped.extend(sorted(bad))
     return out.expand(views, -1, -1).clone() if v_run != views else out
 
 
-def _decode_batch(batch: dict, device: torch.device, counts: dict) -> list[torch.Tensor]:
+def _decode_batch(batch: dict, device: torch.device, counts: dict, paths: Sequence[str] = ()) -> list[torch.Tensor]:
     """A collated byte batch -> its images, uint8 [3,H,W] each: JPEGs decoded on ``device`` in one batched call
     (nvjpeg on CUDA), the PIL-decoded fallbacks moved there."""
     offsets, blob = batch["offsets"], batch["blob"]
@@ -424,6 +452,18 @@ def _decode_batch(batch: dict, device: torch.device, counts: dict) -> list[torch
     imgs = list(batch["images"])
     for k, im in zip(jpeg_pos, decoded):
         imgs[k] = im
+    bad = [k for k, im in enumerate(imgs) if isinstance(im, BaseException)]
+    if bad:  # a body that no decoder reads (truncated, garbage after a valid header): out of the batch, as errors
+        for k in bad:
+            i = int(batch["index"][k])
+            batch["errors"].append((i, _one_line(paths[i] if i < len(paths) else f"image #{i}", imgs[k])))
+        keep = [k for k in range(len(imgs)) if k not in set(bad)]
+        batch["index"] = batch["index"][keep]
+        batch["params"] = [batch["params"][k] for k in keep]
+        if batch["noise"] is not None:
+            batch["noise"] = batch["noise"][keep]
+        imgs = [imgs[k] for k in keep]
+        jpeg_pos = [k for k in jpeg_pos if k not in set(bad)]
     counts["gpu_decoded" if device.type == "cuda" else "cpu_decoded"] += len(jpeg_pos)
     counts["cpu_decoded"] += len(imgs) - len(jpeg_pos)
     return [im.to(device, non_blocking=True) for im in imgs]
@@ -444,7 +484,7 @@ def _transform_batch(batch: dict, imgs: list[torch.Tensor], pp: Preprocess, devi
 _END = object()
 
 
-def _decode_ahead(loader, device: torch.device, counts: dict, depth: int = 2):
+def _decode_ahead(loader, device: torch.device, counts: dict, depth: int = 2, paths: Sequence[str] = ()):
     """Yields ``(batch, images)`` with the decode of the next batches running in a thread (the decoder releases
     the GIL), so that decoding overlaps the per-image resize/crop of the current batch in the caller's thread."""
     q: queue.Queue = queue.Queue(maxsize=depth)
@@ -462,7 +502,7 @@ def _decode_ahead(loader, device: torch.device, counts: dict, depth: int = 2):
     def work():
         try:
             for batch in loader:
-                if not put((batch, None if "errors" in batch else _decode_batch(batch, device, counts))):
+                if not put((batch, _decode_batch(batch, device, counts, paths) if len(batch["index"]) else [])):
                     return
             put(_END)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
@@ -510,10 +550,13 @@ def paths_digest(paths: Sequence[str]) -> str:
 
 def image_feature_key(backbone, *, dataset: str, split: str, subset_digest: str, n: int, preset: str = "none",
                       views: int = 1, seed: int = 0, noise_std: float = 0.0, precision: str = "fp16",
-                      decode: str = "pil", amp: str = "fp16", device_type: str = "cpu", output: str = "raw") -> dict:
+                      decode: str = "pil", amp: str = "fp16", device_type: str = "cpu", output: str = "raw",
+                      content: str | None = None) -> dict:
     """The store key for image features: everything that changes the numbers. ``decode`` must be resolved
     (``pil``/``gpu``); the seed is dropped when the views are deterministic (eval features shared across seeds).
-    ``output`` (raw / pre_projection) names what the encoder returned; the entry kind follows it too."""
+    ``output`` (raw / pre_projection) names what the encoder returned; the entry kind follows it too.
+    ``content``: the fingerprint of the image files' bytes (:mod:`xmx.data.fingerprint`), so that another copy of
+    the data with one file changed never reuses an entry."""
     pp = Preprocess.from_backbone(backbone, preset, noise_std, seed)
     return {"extract_version": EXTRACT_VERSION, "output": OUTPUT_KINDS[check_output(output)][1],
             "backbone": backbone_identity(backbone),
@@ -522,34 +565,57 @@ def image_feature_key(backbone, *, dataset: str, split: str, subset_digest: str,
             "preset": preset, "noise_std": float(noise_std), "views": int(views),
             "seed": None if pp.deterministic else int(seed), "dataset": dataset, "split": split,
             "subset": subset_digest, "n": int(n), "precision": precision, "decode": decode,
-            "compute": amp if device_type == "cuda" else "fp32"}
+            "compute": amp if device_type == "cuda" else "fp32", "content": content}
 
 
 def cached_image_features(store: FeatureStore, backbone, items: Sequence, root: str | os.PathLike | None = None, *,
                           dataset: str, split: str, preset: str = "none", views: int = 1, seed: int = 0,
                           noise_std: float = 0.0, precision: str = "fp16", decode: str = "auto", device=None,
                           amp: str = "fp16", batch_size: int = 256, num_workers: int | None = None,
-                          progress: bool = True, output: str = "raw") -> torch.Tensor:
+                          progress: bool = True, output: str = "raw", content: str | None = None,
+                          fingerprint: str = "content", fingerprint_cache: str | os.PathLike | None = None,
+                          unreadable: str = "error", skipped: list | None = None) -> torch.Tensor:
     """``extract_image_features`` through the store: raw features ``[V, N, C]`` of ``items`` (Datums relative to
     the $DATA ``root``, or paths). The subset digest is over (path, label) for Datums, over the paths otherwise.
     ``output="pre_projection"``: the features before the image projection, in their own entry kind.
-    ``store.last_outcome`` says hit / miss / rebuilt."""
+    The key holds the fingerprint of the files' bytes: ``content`` when the caller has it, else computed here
+    (``fingerprint`` mode, cached under ``fingerprint_cache``). ``unreadable``/``skipped`` as in
+    :func:`extract_image_features`; the skipped indices are stored with the entry, so a later ``error`` run on the
+    same bytes stops naming the file. ``store.last_outcome`` says hit / miss / rebuilt."""
     from xmx.data.fewshot import subset_digest
+    from xmx.data.fingerprint import fingerprint_files
+    check_unreadable(unreadable)
     items = list(items)
     digest = subset_digest(items) if items and hasattr(items[0], "label") else paths_digest([str(p) for p in items])
+    if content is None:
+        rel = [str(getattr(it, "path", it)) for it in items]
+        content = fingerprint_files(root if root is not None else "/", rel, mode=fingerprint,
+                                    cache_dir=fingerprint_cache)["digest"]
     device = _default_device(device)
     decode = resolve_decode(decode, device)
     key = image_feature_key(backbone, dataset=dataset, split=split, subset_digest=digest, n=len(items),
                             preset=preset, views=views, seed=seed, noise_std=noise_std, precision=precision,
-                            decode=decode, amp=amp, device_type=device.type, output=output)
+                            decode=decode, amp=amp, device_type=device.type, output=output, content=content)
 
     def compute():
-        return {"features": extract_image_features(
+        bad: list = []
+        out = {"features": extract_image_features(
             backbone, items, root, preset=preset, views=views, seed=seed, noise_std=noise_std, precision=precision,
             decode=decode, device=device, amp=amp, batch_size=batch_size, num_workers=num_workers,
-            progress=progress, output=output)}
+            progress=progress, output=output, unreadable=unreadable, skipped=bad)}
+        if bad:
+            out["skipped"] = torch.tensor([i for i, _ in bad], dtype=torch.long)
+        return out
 
-    return store.get_or_compute(OUTPUT_KINDS[output][0], key, compute)["features"]
+    entry = store.get_or_compute(OUTPUT_KINDS[output][0], key, compute)
+    if "skipped" in entry:
+        idx = entry["skipped"].tolist()
+        paths = _as_paths([items[i] for i in idx], root)
+        if unreadable == "error":
+            raise XmxError(unreadable_message(f"{paths[0]} (no decoder reads it)", len(idx) - 1))
+        if skipped is not None:
+            skipped.extend((i, f"{p}: unreadable") for i, p in zip(idx, paths))
+    return entry["features"]
 
 
 def list_image_folder(folder: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[str]:
@@ -565,10 +631,14 @@ def list_image_folder(folder: str | os.PathLike, extensions: Sequence[str] = IMA
 def embed_image_folder(store: FeatureStore, backbone, folder: str | os.PathLike, *,
                        extensions: Sequence[str] = IMAGE_EXTENSIONS, preset: str = "none", precision: str = "fp16",
                        decode: str = "auto", device=None, amp: str = "fp16", batch_size: int = 256,
-                       num_workers: int | None = None, progress: bool = True) -> tuple[torch.Tensor, list[str]]:
+                       num_workers: int | None = None, progress: bool = True, unreadable: str = "error",
+                       skipped: list | None = None,
+                       policy_key: str = "data.unreadable") -> tuple[torch.Tensor, list[str]]:
     """Embed every image under ``folder`` (e.g. the X-adapter retrieval index) through the store:
     ``(features [N, C] raw, relative paths [N])``. The key covers the listing with each file's size and mtime, so
-    an added, removed or rewritten file makes a new entry."""
+    an added, removed or rewritten file makes a new entry. ``unreadable="skip"`` leaves unreadable files out of
+    both (their names are appended to ``skipped``); ``error`` stops naming the first."""
+    check_unreadable(unreadable)
     folder = Path(folder).expanduser().resolve()
     rel = list_image_folder(folder, extensions)
     if not rel:
@@ -584,8 +654,23 @@ def embed_image_folder(store: FeatureStore, backbone, folder: str | os.PathLike,
                             device_type=device.type)
 
     def compute():
-        return {"features": extract_image_features(
+        bad: list = []
+        out = {"features": extract_image_features(
             backbone, rel, folder, preset=preset, views=1, precision=precision, decode=decode, device=device,
-            amp=amp, batch_size=batch_size, num_workers=num_workers, progress=progress)[0]}
+            amp=amp, batch_size=batch_size, num_workers=num_workers, progress=progress, unreadable=unreadable,
+            skipped=bad, policy_key=policy_key)[0]}
+        if bad:
+            out["skipped"] = torch.tensor([i for i, _ in bad], dtype=torch.long)
+        return out
 
-    return store.get_or_compute("image_features", key, compute)["features"], rel
+    entry = store.get_or_compute("image_features", key, compute)
+    if "skipped" not in entry:
+        return entry["features"], rel
+    idx = entry["skipped"].tolist()
+    if unreadable == "error":
+        raise XmxError(unreadable_message(f"{folder / rel[idx[0]]} (no decoder reads it)", len(idx) - 1, policy_key))
+    drop = set(idx)
+    keep = [i for i in range(len(rel)) if i not in drop]
+    if skipped is not None:
+        skipped.extend(rel[i] for i in idx)
+    return entry["features"][keep], [rel[i] for i in keep]

@@ -169,6 +169,17 @@ class XmxModule(L.LightningModule):
     def extra_results(self) -> dict:
         return {}
 
+    def parameter_counts(self, *modules: nn.Module) -> dict:
+        """``{"trainable", "frozen"}`` parameter counts over this method and ``modules`` (the encoders, which most
+        methods do not hold), each tensor counted once: results.json's ``parameters`` for every method."""
+        seen, counts = set(), {"trainable": 0, "frozen": 0}
+        for m in (self, *modules):
+            for p in m.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    counts["trainable" if p.requires_grad else "frozen"] += p.numel()
+        return counts
+
     # ---- evaluation -------------------------------------------------------------------------------------------
     def validation_step(self, batch, batch_idx):
         if batch is None:
@@ -230,7 +241,8 @@ class XmxModule(L.LightningModule):
         bound = getattr(self.scheduler_factory, "keywords", None) or {}
         if "T_max" not in bound and "T_max" in inspect.signature(self.scheduler_factory).parameters:
             # a cosine schedule left open spans the whole run, in the scheduler's own unit
-            total = (self.trainer.estimated_stepping_batches if self.scheduler_interval == "step"
+            budget = getattr(self, "step_budget", None)  # a method's own iteration budget (CLIP-LoRA: 500 x K)
+            total = ((budget or self.trainer.estimated_stepping_batches) if self.scheduler_interval == "step"
                      else self.trainer.max_epochs)
             if total is None or not math.isfinite(total) or total < 1:
                 raise XmxError(f"cosine schedule needs a finite number of {self.scheduler_interval}s; set "
@@ -241,7 +253,9 @@ class XmxModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         sd = checkpoint.get("state_dict", {})
-        for k in [k for k in sd if k.startswith(self.frozen_prefixes)]:
+        # frozen encoders stay out; parameters a method injected into them (LoRA, in-encoder adapters) train and stay
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        for k in [k for k in sd if k.startswith(self.frozen_prefixes) and k not in trainable]:
             del sd[k]
         checkpoint["xmx_epoch_curve"] = list(self.epoch_curve)  # a resumed run keeps the whole curve
 

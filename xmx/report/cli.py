@@ -9,7 +9,8 @@ from pathlib import Path
 import pandas as pd
 
 from xmx.errors import XmxError
-from xmx.report.gather import TABLES, _assign_variants, find_results, load_runs, observations, swept_keys
+from xmx.report.gather import (CAVEAT_NOTE, TABLES, _assign_variants, find_results, load_runs, observations,
+                               swept_keys)
 from xmx.report.plots import plot_fewshot, plot_sweeps
 from xmx.report.references import compare, load_references
 from xmx.report.tables import _md, aggregate, build_tables, latex_table, markdown_table
@@ -62,11 +63,17 @@ def build_report(folders, out="report", seeds=None, params=(), references=(), do
           f"{len(skipped)} skipped.", "",
           NOTES.format(expected=("--seeds " + ",".join(map(str, seeds))) if seeds
                        else "the union of the seeds seen for that row"), ""]
+    marked = runs[runs.caveat != ""]
+    banner = CAVEAT_NOTE.format(n=len(marked), total=len(runs),
+                                what=" and/or ".join(sorted({p for c in marked.caveat for p in c.split(" + ")})))
+    if len(marked):
+        md[2:2] = [f"> {banner}", ""]
     tex = []
     for stem, title, w in tables:
         md += [f"## {title}", "", markdown_table(w), ""]
         tex.append(latex_table(w, title))
-        files[f"{stem}.md"] = (markdown_table(w) + "\n").encode()
+        flagged = any("⚠" in str(i) for i in w.index)
+        files[f"{stem}.md"] = ((f"> {banner}\n\n" if flagged else "") + markdown_table(w) + "\n").encode()
     for table in TABLES:
         t = cells[cells.table == table]
         if len(t):

@@ -142,11 +142,16 @@ def _finite(metrics: dict, key: str) -> float:
     return v
 
 
+def _colour_targets(metrics: dict) -> list[str]:
+    return [t for t in _targets(metrics) if dataset_name(t) in COLOUR_SETS]
+
+
 def _classify(protocol: str, dataset: str, metrics: dict) -> str:
     p = _norm(protocol)
     if dataset in GLUE_TASKS or "glue" in p:
         return "glue"
-    if dataset in COLOUR_SETS or "color" in p or "colour" in p:
+    if (dataset in COLOUR_SETS or "color" in p or "colour" in p or "color" in _norm(dataset)
+            or _colour_targets(metrics)):  # the colour probe's eval sets are not transfer targets
         return "colour"
     if "test_base/acc" in metrics or "test_new/acc" in metrics or ("base" in p and "new" in p):
         return "base2new"
@@ -182,6 +187,9 @@ def _observations(table: str, dataset: str, metrics: dict) -> list[tuple[str, st
             obs.insert(0, (dataset, dataset, _finite(metrics, "test/acc")))
         return obs
     if table == "colour":
+        targets = _colour_targets(metrics)
+        if targets:  # one run probing several sets (test_memory_color/acc, test_color_terms/acc)
+            return [(dataset_name(t), "acc", _finite(metrics, f"test_{t}/acc")) for t in targets]
         key = "test/acc" if "test/acc" in metrics else "val/acc"
         return [(dataset, "acc", _finite(metrics, key))]
     # glue: every metric of the test eval sets, or of the validation sets when there are none
@@ -198,6 +206,22 @@ def _observations(table: str, dataset: str, metrics: dict) -> list[tuple[str, st
         name = _METRIC_NAMES.get(_norm(metric), metric)
         obs.append((dataset, f"{sub}_{name}" if sub else name, _finite(metrics, k)))
     return obs
+
+
+def caveat(rec: dict) -> str:
+    """Why a run's numbers are not accuracies: random-init weights (CLIP or PLM) and/or synthetic data (the
+    generated dataset, or a tree written by ``python -m xmx.data fake``); "" for a real run."""
+    parts = []
+    if any(isinstance(rec.get(k), dict) and rec[k].get("random_init") for k in ("weights", "weights_plm")):
+        parts.append("random-init weights")
+    data = rec.get("data") if isinstance(rec.get("data"), dict) else {}
+    if data.get("synthetic") or _norm(rec.get("dataset")) == "synthetic":
+        parts.append("synthetic data")
+    return " + ".join(parts)
+
+
+CAVEAT_NOTE = ("**Not accuracies:** {n} of {total} runs use {what}; their rows are marked ⚠. Such numbers test the "
+               "pipeline, they say nothing about the methods.")
 
 
 def load_runs(paths) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -240,8 +264,8 @@ def load_runs(paths) -> tuple[pd.DataFrame, pd.DataFrame]:
                 obs = [(d, str(shots), v) for d, _, v in obs]
             runs.append({"path": str(path), "mtime": Path(path).stat().st_mtime, "table": table,
                          "method": str(rec["method"]), "experiment": str(rec.get("experiment") or ""),
-                         "backbone": _backbone(rec), "protocol": protocol, "selection": selection,
-                         "dataset": dataset,
+                         "backbone": _backbone(rec), "caveat": caveat(rec), "protocol": protocol,
+                         "selection": selection, "dataset": dataset,
                          "shots": shots, "seed": seed, "obs": obs,
                          "cfg": _flatten(rec["config"]) if isinstance(rec.get("config"), dict) else {}})
         except _Skip as e:
@@ -254,7 +278,7 @@ def load_runs(paths) -> tuple[pd.DataFrame, pd.DataFrame]:
 # ---------------------------------------------------------------------------------------------------------------
 _IGNORE = re.compile(r"(^|\.)(hydra|paths|logger|loggers|callbacks|wandb)(\.|$)"
                      r"|(dir|path|file|root|timestamp|time|_id|run_name|seed)$")
-GROUP = ["table", "method", "experiment", "backbone", "protocol", "selection"]
+GROUP = ["table", "method", "experiment", "backbone", "caveat", "protocol", "selection"]
 CELL = ["dataset", "shots", "seed"]
 
 
@@ -295,7 +319,7 @@ def _assign_variants(runs: pd.DataFrame, swept: dict) -> tuple[pd.DataFrame, pd.
 # ---------------------------------------------------------------------------------------------------------------
 # aggregation
 # ---------------------------------------------------------------------------------------------------------------
-ROW = ["table", "method", "experiment", "backbone", "protocol", "selection", "variant", "rshots"]
+ROW = ["table", "method", "experiment", "backbone", "caveat", "protocol", "selection", "variant", "rshots"]
 
 
 def hm(b, n) -> float:
@@ -320,6 +344,8 @@ def _label_rows(rows: pd.DataFrame) -> pd.Series:
             parts.append(f"{{{r.variant}}}")
         if r.selection == "paper":
             parts.append(f"{PAPER_MARK} (selection: paper)")
+        if r.caveat:
+            parts.append(f"⚠ {r.caveat}")
         labels.append(" ".join(parts))
     return pd.Series(labels, index=rows.index)
 
@@ -330,7 +356,7 @@ def observations(runs: pd.DataFrame) -> pd.DataFrame:
         rshots = "" if r.table == "fewshot" else str(r.shots)
         for dataset, column, value in r.obs:
             rows.append({"table": r.table, "method": r.method, "experiment": r.experiment, "backbone": r.backbone,
-                         "protocol": r.protocol, "selection": r.selection, "variant": r.variant,
+                         "caveat": r.caveat, "protocol": r.protocol, "selection": r.selection, "variant": r.variant,
                          "rshots": rshots, "dataset": dataset,
                          "column": column, "seed": r.seed, "value": value, "run": r.Index})
     return pd.DataFrame(rows)

@@ -14,9 +14,21 @@ from xmx.report.references import _bb
 from xmx.report.tables import _slug
 
 
-def _png(fig) -> bytes:
+def _caveat_of(caveats) -> str:
+    """One text for the figure from the caveats of what it draws ("" when every line is a real run)."""
+    parts = sorted({p for c in caveats if isinstance(c, str) and c for p in c.split(" + ")})
+    return " + ".join(parts)
+
+
+def _png(fig, caveat: str = "") -> bytes:
+    """PNG bytes; a figure that draws random-init or synthetic-data numbers says so on the image (and in the PNG's
+    ``xmx:caveat`` text chunk, for tools)."""
+    if caveat:
+        fig.text(0.5, -0.02, f"NOT ACCURACIES: {caveat}", ha="center", va="top", color="#b00020", fontsize=9,
+                 fontweight="bold")
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight",
+                metadata={"xmx:caveat": caveat or "none", "Software": "xmx.report"})
     import matplotlib.pyplot as plt
     plt.close(fig)
     return buf.getvalue()
@@ -65,7 +77,7 @@ def plot_fewshot(cells: pd.DataFrame, refs: pd.DataFrame | None) -> dict[str, by
         ax.set_title("Average over datasets" if d == AVG else d)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-        out[f"fewshot_{_slug(d)}.png"] = _png(fig)
+        out[f"fewshot_{_slug(d)}.png"] = _png(fig, _caveat_of(fs[fs.dataset == d].caveat))
     return out
 
 
@@ -119,5 +131,7 @@ def plot_sweeps(runs: pd.DataFrame, obs: pd.DataFrame, swept: dict, params: list
             ax.set_title(" ".join(p for p in [gkey[1], f"({gkey[2]})" if gkey[2] else "", gkey[0]] if p))
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-            out[f"sweep_{_slug(gkey[0])}_{_slug(gkey[1])}_{_slug(gkey[2])}_{_slug(key)}.png"] = _png(fig)
+            caveat = gkey[GROUP.index("caveat")]
+            out[f"sweep_{_slug(gkey[0])}_{_slug(gkey[1])}_{_slug(gkey[2])}_{_slug(key)}"
+                + (f"_{_slug(caveat)}" if caveat else "") + ".png"] = _png(fig, caveat)
     return out

@@ -112,8 +112,8 @@ def aggregate(obs: pd.DataFrame, expected_seeds: list[int] | None = None) -> pd.
     out["sort_d"] = out.dataset.map(_dataset_order)
     out["sort_c"] = out.column.map(_col_order)
     out = out.sort_values(["table", "label", "sort_d", "sort_c"]).drop(columns=["sort_d", "sort_c"])
-    cols = ["table", "label", "method", "experiment", "backbone", "protocol", "selection", "variant", "rshots",
-            "dataset", "column",
+    cols = ["table", "label", "method", "experiment", "backbone", "caveat", "protocol", "selection", "variant",
+            "rshots", "dataset", "column",
             "mean", "std", "n_seeds", "expected_seeds", "seeds", "expected", "complete", "n_datasets",
             "expected_datasets", "text"]
     return out[cols].rename(columns={"rshots": "shots"}).reset_index(drop=True)
@@ -206,7 +206,8 @@ def markdown_table(df: pd.DataFrame) -> str:
 def _tex(s) -> str:
     s = str(s)
     for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"),
-                 ("{", r"\{"), ("}", r"\}"), ("±", r"$\pm$"), ("→", r"$\to$"), ("–", "--"), ("†", r"$^\dagger$")):
+                 ("{", r"\{"), ("}", r"\}"), ("±", r"$\pm$"), ("→", r"$\to$"), ("–", "--"), ("†", r"$^\dagger$"),
+                 ("⚠", r"\textbf{(!)}")):
         s = s.replace(a, b)
     return s
 

@@ -13,8 +13,7 @@ from torch import nn
 from xmx.data.color_probe import VALM_TEMPLATES
 from xmx.errors import XmxError
 from xmx.methods.base import XmxModule, resolve_checkpoint
-from xmx.methods.xadapter.expert import (ClassificationHead, ImageIndex, XAdapter, glue_loss, mlm_loss,
-                                         t_expert_inputs, v_expert_inputs)
+from xmx.methods.xadapter.expert import (ClassificationHead, ImageIndex, XAdapter, glue_loss)
 from xmx.methods.xadapter.glue import GlueMetrics
 
 # Below: the xmx runs of the language track. Each keeps the CLIP ``backbone`` and the ``plm`` as submodules named

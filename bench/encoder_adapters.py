@@ -1,0 +1,247 @@
+"""Benchmark: training inside the encoders (issue 16) — CLIP-LoRA's training throughput against the floor.
+
+Parts:
+  step   one CLIP-LoRA training step as ``ClipLoRAMethod.training_step`` runs it (images [B,3,224,224] through the
+         adapted image tower, every class prompt through the adapted text tower, cross-entropy, backward, AdamW step),
+         against a plain forward + backward through both towers of a second, un-adapted backbone, no optimiser
+         (gradients flow back through every block to the positional embeddings, as they must to reach LoRA in the
+         first blocks: the cost no method that adapts both encoders can avoid), same process, inputs and autocast.
+         Reports images/s of each and ``ratio`` = LoRA images/s / plain images/s (target ≥ 0.80).
+  run    the wall time of one 16-shot ImageNet CLIP-LoRA run, projected from measured pieces: 500 × 16 training
+         steps at N = 1000 classes, the 50,000 test images once through the adapted image tower (batch 256) and the
+         1000 class prompts once. Decoding and augmentation are not timed (loader workers overlap them with the GPU).
+
+Random-init ViT-B/16 (``--model``, open_clip architecture; the weights do not change the cost), random images already
+on the device, bf16 autocast on CUDA (fp32 on CPU). Timings are medians after warm-up (CUDA events on a GPU); the two
+steps of part ``step`` alternate.
+
+    python bench/encoder_adapters.py                  # both parts on cuda if available
+    python bench/encoder_adapters.py --smoke          # CPU, tiny model (xmx-tiny), tiny sizes
+    python bench/encoder_adapters.py --out bench.json
+
+``main(argv)`` returns the results dict (also printed as a table; ``--json`` prints it as JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+import warnings
+from datetime import datetime, timezone
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from xmx.backbones.clip import CLIPBackbone
+from xmx.methods.clip_lora import ClipLoRAMethod
+from xmx.methods._training import autocast_dtype
+
+TARGET_RATIO = 0.80  # LoRA images/s over plain forward+backward images/s
+IMAGENET = {"classes": 1000, "shots": 16, "iters_per_shot": 500, "test_images": 50_000, "eval_batch": 256}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn, device, warmup: int, repeats: int) -> list[float]:
+    """Seconds per call of ``fn()`` after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    out = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            out.append(a.elapsed_time(b) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def classnames(n: int) -> list[str]:
+    return [f"class number {i}" for i in range(n)]
+
+
+def lora_method(model: str, n_classes: int, device, amp: str = "auto") -> ClipLoRAMethod:
+    """A built ClipLoRAMethod (the release's defaults) on a random-init backbone, as the trainer would have it."""
+    torch.manual_seed(0)
+    bb = CLIPBackbone(model, None)
+    names = classnames(n_classes)
+    es = SimpleNamespace(name="test", classnames=names, templates=["a photo of a {}."])
+    dm = SimpleNamespace(backbone=bb, inputs="images", classnames=names, templates=["a photo of a {}."], val_set=es,
+                         eval_sets=[es], logit_scale=bb.logit_scale, shots=IMAGENET["shots"])
+    method = ClipLoRAMethod(amp=amp)
+    method.build(dm)
+    return method.to(device)
+
+
+def plain_step_fn(bb, images, tokens, labels, dtype):
+    """Forward + backward through both towers of a frozen backbone without LoRA. The gradient flows back through
+    every block to the positional embeddings (made trainable for this), as it must to reach LoRA in the first
+    blocks, but not into the patch embedding or the pixels, which no adapted layer needs."""
+    m = bb.model
+    n = int(tokens.argmax(dim=-1).max()) + 1
+    t = tokens[:, :n]
+    eot = t.argmax(dim=-1)
+    pos = [m.positional_embedding, m.visual.positional_embedding]
+    for p in pos:
+        p.requires_grad_(True)
+
+    def step():
+        with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
+            v = F.normalize(m.encode_image(images).float(), dim=-1)
+            x = m.token_embedding(t) + m.positional_embedding[:n]
+            x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask[:n, :n]))
+            w = F.normalize(bb._project(x[torch.arange(x.shape[0], device=x.device), eot]).float(), dim=-1)
+        loss = F.cross_entropy(100.0 * v @ w.T, labels)
+        loss.backward()
+        for p in pos:
+            p.grad = None
+    return step
+
+
+def lora_step_fn(method, images, labels):
+    opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=2e-4, weight_decay=1e-2,
+                            fused=images.is_cuda)
+
+    def step():
+        loss = method.training_step((images, labels), 0)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def part_step(args, device) -> dict:
+    method = lora_method(args.model, args.classes, device)
+    bb = method.backbone
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(args.batch, 3, bb.image_size, bb.image_size, generator=g).to(device)
+    labels = torch.randint(0, args.classes, (args.batch,), generator=g).to(device)
+    tokens = bb.tokenize([f"a photo of a {c}." for c in classnames(args.classes)]).to(device)
+    dtype = autocast_dtype("auto", device)
+    torch.manual_seed(0)
+    plain = CLIPBackbone(args.model, None).to(device)  # the same towers without LoRA
+    method.train()
+    lora_fn, plain_fn = lora_step_fn(method, images, labels), plain_step_fn(plain, images, tokens, labels, dtype)
+    time_calls(lora_fn, device, args.warmup, 0)
+    time_calls(plain_fn, device, args.warmup, 0)
+    lora_t, plain_t = [], []
+    for _ in range(args.repeats):  # interleaved, so that a busy machine slows both alike
+        lora_t += time_calls(lora_fn, device, 0, 1)
+        plain_t += time_calls(plain_fn, device, 0, 1)
+    lora_ips, plain_ips = args.batch / statistics.median(lora_t), args.batch / statistics.median(plain_t)
+    ratio = lora_ips / plain_ips
+    return {"model": args.model, "batch": args.batch, "classes": args.classes,
+            "autocast": None if dtype is None else str(dtype).replace("torch.", ""),
+            "trainable_params": sum(p.numel() for p in method.parameters() if p.requires_grad),
+            "lora_step_s": statistics.median(lora_t), "lora_step_s_all": lora_t, "lora_images_per_s": lora_ips,
+            "plain_step_s": statistics.median(plain_t), "plain_step_s_all": plain_t, "plain_images_per_s": plain_ips,
+            "ratio": ratio, "target_ratio": TARGET_RATIO,
+            "meets_target": ratio >= TARGET_RATIO if device.type == "cuda" else None}
+
+
+def part_run(args, device) -> dict:
+    cfg = dict(IMAGENET) if not args.smoke else {"classes": 10, "shots": 2, "iters_per_shot": 3, "test_images": 40,
+                                                 "eval_batch": 8}
+    method = lora_method(args.model, cfg["classes"], device)
+    bb = method.backbone
+    g = torch.Generator().manual_seed(2)
+    images = torch.randn(args.batch, 3, bb.image_size, bb.image_size, generator=g).to(device)
+    labels = torch.randint(0, cfg["classes"], (args.batch,), generator=g).to(device)
+    method.train()
+    step_t = statistics.median(time_calls(lora_step_fn(method, images, labels), device, args.warmup,
+                                          max(args.repeats // 2, 2)))
+    method.eval()
+    ev = torch.randn(cfg["eval_batch"], 3, bb.image_size, bb.image_size, generator=g).to(device)
+
+    def eval_batch():
+        with torch.no_grad():
+            method.image_features(ev)
+
+    def text_once():
+        with torch.no_grad():
+            method._text_eval.clear()
+            method.text_features("test")
+
+    eval_t = statistics.median(time_calls(eval_batch, device, 1, 3))
+    text_t = statistics.median(time_calls(text_once, device, 1, 3))
+    steps = cfg["iters_per_shot"] * cfg["shots"]
+    train_s, test_s = steps * step_t, cfg["test_images"] / cfg["eval_batch"] * eval_t + text_t
+    return {"dataset": "imagenet" if not args.smoke else "smoke", **cfg, "steps": steps, "batch": args.batch,
+            "step_s": step_t, "eval_batch_s": eval_t, "text_once_s": text_t,
+            "projected_train_s": train_s, "projected_test_s": test_s, "projected_wall_s": train_s + test_s}
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="CPU, xmx-tiny, tiny sizes (what the test suite runs)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--model", default=None, help="open_clip architecture (default ViT-B-16; smoke: xmx-tiny)")
+    p.add_argument("--batch", type=int, default=None, help="training batch (default 32, the release's)")
+    p.add_argument("--classes", type=int, default=None, help="classes in part step (default 100)")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--part", choices=["step", "run", "all"], default="all")
+    p.add_argument("--out", default=None)
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    smoke = a.smoke
+    a.device = a.device or ("cpu" if smoke or not torch.cuda.is_available() else "cuda")
+    a.model = a.model or ("xmx-tiny" if smoke else "ViT-B-16")
+    a.batch = a.batch or (4 if smoke else 32)
+    a.classes = a.classes or (5 if smoke else 100)
+    a.warmup = a.warmup if a.warmup is not None else (1 if smoke else 5)
+    a.repeats = a.repeats or (3 if smoke else 20)
+    return a
+
+
+def main(argv=None) -> dict:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    device = torch.device(args.device)
+    warnings.filterwarnings("ignore", message=".*self.log.*")
+    res = {"benchmark": "encoder_adapters", "smoke": args.smoke, "device": device.type,
+           "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+           "torch": torch.__version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if args.part in ("step", "all"):
+        res["step"] = part_step(args, device)
+    if args.part in ("run", "all"):
+        res["run"] = part_run(args, device)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+    if args.json:
+        print(json.dumps(res, indent=1))
+    else:
+        _table(res)
+    return res
+
+
+def _table(res: dict) -> None:
+    print(f"encoder adapters benchmark on {res['device']} ({res['device_name']}), torch {res['torch']}")
+    if "step" in res:
+        s = res["step"]
+        print(f"  step  {s['model']} batch {s['batch']}, {s['classes']} classes, autocast {s['autocast']}: "
+              f"CLIP-LoRA {s['lora_images_per_s']:.1f} img/s, plain fwd+bwd {s['plain_images_per_s']:.1f} img/s, "
+              f"ratio {s['ratio']:.2f} (target ≥ {s['target_ratio']:.2f}; met: {s['meets_target']})")
+    if "run" in res:
+        r = res["run"]
+        print(f"  run   {r['dataset']} {r['shots']}-shot, {r['steps']} steps × {r['step_s'] * 1e3:.1f} ms + test "
+              f"{r['projected_test_s']:.1f} s = projected {r['projected_wall_s'] / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
