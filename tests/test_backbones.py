@@ -289,3 +289,13 @@ def test_pre_projection_features_exist_where_the_tower_has_a_final_projection(tm
                    "timm:VisionTransformer")
     siglip = HFCLIPBackbone(str(save_tiny(tmp_path / "siglip", "siglip")))
     one_line_error(lambda: siglip.pre_projection_dim, "pre-projection", "SiglipModel")
+
+
+def test_lora_finds_the_text_blocks_of_every_family_and_refuses_timm_image_towers():
+    """CLIP-LoRA's needs (nn.MultiheadAttention blocks): open_clip text towers have them in every family (also in
+    CustomTextCLIP's ``.text``); timm image towers (SigLIP, EVA-02, PE, MobileCLIP) do not: one line."""
+    from xmx.backbones.lora import tower_blocks
+    for model in ("xmx-tiny-sigmoid", "xmx-tiny-eva02"):
+        bb = _bb(model)
+        assert len(tower_blocks(bb.model, "text")) == 2
+        one_line_error(lambda: tower_blocks(bb.model, "vision"), "vision tower", "TimmModel")
