@@ -1,5 +1,7 @@
-"""Frozen encoders built from a name + weights: open_clip CLIP backbones (and, in the language track, PLMs)."""
+"""Frozen encoders built from a name + weights: CLIP-family backbones through open_clip (``CLIPBackbone``) or
+transformers (``HFCLIPBackbone``), and, in the language track, PLMs."""
 
-from xmx.backbones.clip import CLIPBackbone, resolve_clip_weights
+from xmx.backbones.clip import CLIPBackbone, ClipLikeBackbone, resolve_clip_weights
+from xmx.backbones.hf_clip import HFCLIPBackbone
 
-__all__ = ["CLIPBackbone", "resolve_clip_weights"]
+__all__ = ["CLIPBackbone", "ClipLikeBackbone", "HFCLIPBackbone", "resolve_clip_weights"]

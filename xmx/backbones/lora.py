@@ -54,7 +54,7 @@ def layer_indices(position: str, depth: int) -> list[int]:
 def tower_blocks(model: nn.Module, tower: str, what: str = "LoRA") -> list[nn.Module]:
     """The residual attention blocks of one open_clip tower (``text`` or ``vision``), each with an ``attn`` that is an
     ``nn.MultiheadAttention`` (or an already injected :class:`LoRAAttention`); one actionable line otherwise."""
-    owner = model.visual if tower == "vision" else model
+    owner = model.visual if tower == "vision" else getattr(model, "text", model)  # CustomTextCLIP keeps it in .text
     trunk = getattr(owner, "transformer", None)
     blocks = list(getattr(trunk, "resblocks", None) or [])
     if not blocks:

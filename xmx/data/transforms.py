@@ -1,6 +1,7 @@
 """Image transforms (spec §0): augmentation presets on top of CLIP's own resize and mean/std normalisation.
 
-- ``none``: CLIP eval transform (resize the short side to ``size``, bicubic, centre crop)
+- ``none``: the backbone's eval transform (``resize_mode``: ``shortest`` = resize the short side to ``size`` and centre
+  crop, as OpenAI's CLIP; ``squash`` = resize to ``size`` x ``size``, as SigLIP; ``longest`` = fit and pad with zeros)
 - ``tip``:  RandomResizedCrop(size, scale 0.5-1, bicubic) + horizontal flip (Tip-Adapter's cache views)
 - ``coop``: RandomResizedCrop(size, scale 0.08-1, bicubic) + horizontal flip (CoOp)
 ``noise_std`` adds Gaussian noise to the normalised image (MMA's robustness study, spec §3.8).
@@ -14,7 +15,8 @@ from torchvision import transforms as T
 from xmx.errors import XmxError
 
 PRESETS = {"none": None, "tip": (0.5, 1.0), "coop": (0.08, 1.0)}
-_INTERP = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}
+_INTERP = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
+           "nearest": T.InterpolationMode.NEAREST}
 
 
 class AddGaussianNoise(torch.nn.Module):
@@ -30,11 +32,18 @@ class AddGaussianNoise(torch.nn.Module):
 
 
 def build_transform(preset: str, size: int, mean, std, interpolation: str = "bicubic",
-                    noise_std: float = 0.0) -> T.Compose:
+                    noise_std: float = 0.0, resize_mode: str = "shortest") -> T.Compose:
     if preset not in PRESETS:
         raise XmxError(f"augment.preset={preset!r} is unknown; valid choices: {', '.join(PRESETS)}")
     interp = _INTERP.get(interpolation, T.InterpolationMode.BICUBIC)
-    if PRESETS[preset] is None:
+    if PRESETS[preset] is None and resize_mode == "squash":
+        spatial = [T.Resize((size, size), interpolation=interp)]
+    elif PRESETS[preset] is None and resize_mode == "longest":
+        from open_clip.transform import CenterCropOrPad, ResizeKeepRatio
+        spatial = [ResizeKeepRatio(size, longest=1, interpolation=interp), CenterCropOrPad(size, fill=0)]
+    elif PRESETS[preset] is None:
+        if resize_mode != "shortest":
+            raise XmxError(f"resize mode {resize_mode!r} is unknown; valid choices: shortest, squash, longest")
         spatial = [T.Resize(size, interpolation=interp), T.CenterCrop(size)]
     else:
         spatial = [T.RandomResizedCrop(size, scale=PRESETS[preset], interpolation=interp), T.RandomHorizontalFlip()]

@@ -183,7 +183,8 @@ class CLIPDataModule(L.LightningDataModule):
         if self._ready:
             return
         self.data_fingerprint()
-        self.logit_scale = self.backbone.logit_scale
+        self.logit_scale = self.backbone.logit_scale  # the backbone's own (log of the multiplier)
+        self.logit_bias = getattr(self.backbone, "logit_bias", None)  # SigLIP's learned bias, else None
         if self.inputs == "features":
             aug = self.augment
             train = self._image_features(self.protocol.train, "train", aug["preset"], int(aug["views"]),
@@ -299,7 +300,8 @@ class CLIPDataModule(L.LightningDataModule):
                                                         pad=False))
         bb = self.backbone
         tf = build_transform("none", bb.image_size, bb.image_mean, bb.image_std, bb.interpolation,
-                             self.augment["noise_std"] if self.augment["noise_on_eval"] else 0.0)
+                             self.augment["noise_std"] if self.augment["noise_on_eval"] else 0.0,
+                             getattr(bb, "resize_mode", "shortest"))
         rank, world = dist_rank_world()  # DDP: an unpadded contiguous slice per rank
         sampler = range(len(s.items) * rank // world, len(s.items) * (rank + 1) // world) if world > 1 else None
         return DataLoader(ImageListDataset(self.root, s.items, tf, self.unreadable), batch_size=self.eval_batch_size,
@@ -313,7 +315,7 @@ class CLIPDataModule(L.LightningDataModule):
                                                         view_sampling=self.view_sampling))
         bb, aug = self.backbone, self.augment
         tf = build_transform(aug["preset"], bb.image_size, bb.image_mean, bb.image_std, bb.interpolation,
-                             aug["noise_std"])
+                             aug["noise_std"], getattr(bb, "resize_mode", "shortest"))
         ds = ImageListDataset(self.root, self.protocol.train, tf, self.unreadable)
         bs = self.batch_size or len(self.protocol.train)
         rank, world = dist_rank_world()

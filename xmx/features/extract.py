@@ -11,7 +11,9 @@ Two ways to turn files into normalised ``[3, S, S]`` inputs, both with the same 
   RGB/greyscale JPEGs (PNG, CMYK, ...) or that nvjpeg rejects are decoded by PIL and then follow the same tensor ops.
   Without CUDA, ``decode="gpu"`` falls back to ``"pil"``.
 
-Presets: ``none`` = CLIP eval transform (resize the short side to S, bicubic, centre crop S); ``tip`` =
+Presets: ``none`` = the backbone's eval transform (its ``resize_mode``: ``shortest`` = resize the short side to S and
+centre crop S, as OpenAI's CLIP; ``squash`` = resize to S x S ignoring the aspect ratio, as SigLIP, DFN and PE;
+``longest`` = resize the long side to S and pad to S x S with zeros; with the backbone's interpolation); ``tip`` =
 RandomResizedCrop(S, scale (0.5, 1), bicubic) + horizontal flip; ``coop`` = the same with scale (0.08, 1). CLIP
 mean/std normalisation always; optional Gaussian noise ``noise_std`` added to the normalised image (spec §3.8).
 Every random draw of view ``v`` of item ``i`` comes from a generator seeded by ``(seed, v, i)``, so the result does
@@ -51,6 +53,7 @@ from xmx.features.store import FeatureStore, tensors_checksum
 log = logging.getLogger(__name__)
 
 EXTRACT_VERSION = 1  # bump when a change here changes the numbers: it is part of every feature key
+RESIZE_MODES = ("shortest", "squash", "longest")
 RATIO = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's default aspect-ratio range
 PRECISIONS = {"fp16": torch.float16, "fp32": torch.float32}
 AMP = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
@@ -83,6 +86,7 @@ class Preprocess:
     preset: str = "none"
     noise_std: float = 0.0
     seed: int = 0
+    resize_mode: str = "shortest"  # the eval geometry: shortest | squash | longest (open_clip's names)
 
     @classmethod
     def from_backbone(cls, backbone, preset: str = "none", noise_std: float = 0.0, seed: int = 0) -> "Preprocess":
@@ -90,8 +94,11 @@ class Preprocess:
             raise XmxError(f"unknown augmentation preset {preset!r}; valid choices: {', '.join(PRESETS)}")
         if not noise_std >= 0:
             raise XmxError(f"noise_std must be >= 0, got {noise_std}")
+        resize_mode = str(getattr(backbone, "resize_mode", "shortest"))
+        if resize_mode not in RESIZE_MODES:
+            raise XmxError(f"backbone resize mode {resize_mode!r} is not supported; valid: {', '.join(RESIZE_MODES)}")
         return cls(backbone.image_size, tuple(backbone.image_mean), tuple(backbone.image_std),
-                   str(backbone.interpolation), preset, float(noise_std), int(seed))
+                   str(backbone.interpolation), preset, float(noise_std), int(seed), resize_mode)
 
     @property
     def deterministic(self) -> bool:
@@ -126,8 +133,16 @@ class Preprocess:
     def geometry(self, img, params):
         """PIL image or uint8 tensor [..,3,H,W] -> the same type at [..,3,S,S] (the preset's resize/crop/flip)."""
         if params is None:
-            img = TF.resize(img, [self.size], interpolation=self._interp, antialias=True)
-            return TF.center_crop(img, [self.size, self.size])
+            S = self.size
+            if self.resize_mode == "squash":
+                return TF.resize(img, [S, S], interpolation=self._interp, antialias=True)
+            if self.resize_mode == "longest":  # open_clip's ResizeKeepRatio(longest=1) + CenterCropOrPad (fill 0)
+                h, w = (img.height, img.width) if isinstance(img, Image.Image) else img.shape[-2:]
+                r = max(h, w) / S
+                img = TF.resize(img, [round(h / r), round(w / r)], interpolation=self._interp, antialias=True)
+                return TF.center_crop(img, [S, S])  # pads with zeros where the image is smaller
+            img = TF.resize(img, [S], interpolation=self._interp, antialias=True)
+            return TF.center_crop(img, [S, S])
         top, left, h, w, flip = params
         img = TF.resized_crop(img, top, left, h, w, [self.size, self.size], interpolation=self._interp,
                               antialias=True)
@@ -516,6 +531,9 @@ def backbone_identity(backbone) -> dict:
     parameters themselves (two random inits must never share an entry; computed once per backbone object)."""
     d = backbone.describe()
     ident = {k: d.get(k) for k in ("name", "arch", "precision", "sha256", "random_init", "quick_gelu")}
+    for k in ("loader", "tokenizer"):  # the text side (classifier keys) also depends on the tokenizer
+        if d.get(k) is not None:
+            ident[k] = d[k]
     if not d.get("sha256"):
         if backbone not in _PARAMS_SHA:
             _PARAMS_SHA[backbone] = tensors_checksum(dict(backbone.model.state_dict()))
@@ -543,6 +561,7 @@ def image_feature_key(backbone, *, dataset: str, split: str, subset_digest: str,
     return {"extract_version": EXTRACT_VERSION, "output": OUTPUT_KINDS[check_output(output)][1],
             "backbone": backbone_identity(backbone),
             "image_size": pp.size, "mean": list(pp.mean), "std": list(pp.std), "interpolation": pp.interpolation,
+            "resize_mode": pp.resize_mode,
             "preset": preset, "noise_std": float(noise_std), "views": int(views),
             "seed": None if pp.deterministic else int(seed), "dataset": dataset, "split": split,
             "subset": subset_digest, "n": int(n), "precision": precision, "decode": decode,

@@ -30,8 +30,9 @@ class AdapterMethod(XmxModule):
     ``build(dm)`` computes the zero-shot text classifier `W [C, N]` of every label set once — the training classes,
     the validation set and each eval set with its *own* classes and templates (base-to-new: ``test_new`` has the new
     classes only) — and keeps them as non-persistent buffers (they follow the module to its device and are never
-    written into checkpoints: only the adapter's weights are). CLIP's ``logit_scale`` is read from ``dm`` and stays
-    frozen. Subclasses implement ``make_adapter(dim)`` and ``adapter_logits(feats [B, C], W [C, N]) -> [B, N]``.
+    written into checkpoints: only the adapter's weights are). The backbone's ``logit_scale`` (and ``logit_bias``,
+    SigLIP) are read from ``dm`` and stay frozen. Subclasses implement ``make_adapter(dim)`` and
+    ``adapter_logits(feats [B, C], W [C, N]) -> [B, N]``.
 
     The recipe (optimizer partial, batch size, epochs) comes from the method config; early stopping and the
     best-checkpoint restore come from the ``callbacks`` group (``callbacks=early_stopping``)."""
@@ -42,6 +43,7 @@ class AdapterMethod(XmxModule):
         super().__init__(**kwargs)
         self._text_buffers: dict[str, str] = {}
         self.logit_scale: float | None = None
+        self.logit_bias: float | None = None
 
     # ---- construction -----------------------------------------------------------------------------------------
     def make_adapter(self, dim: int) -> nn.Module:
@@ -63,7 +65,9 @@ class AdapterMethod(XmxModule):
             for s in [dm.val_set, *dm.eval_sets]:
                 self._check_features(dm.features_of(s), dim, repr(s.name))
         self.adapter = self.make_adapter(dim)
-        self.logit_scale = float(dm.logit_scale)  # CLIP's own, frozen (log of the multiplier)
+        self.logit_scale = float(dm.logit_scale)  # the backbone's own, frozen (log of the multiplier)
+        bias = getattr(dm, "logit_bias", None)
+        self.logit_bias = None if bias is None else float(bias)  # SigLIP's learned bias, frozen
         for name, classnames, templates in label_sets:
             W = dm.text_classifier(list(classnames), list(templates or dm.templates)).detach().float()  # [C, N]
             if W.shape[0] != dim:
@@ -112,6 +116,7 @@ class AdapterMethod(XmxModule):
         return {
             "params": None if adapter is None else sum(p.numel() for p in adapter.parameters() if p.requires_grad),
             "logit_scale": self.logit_scale,
+            "logit_bias": self.logit_bias,
             **self.training_record(),
         }
 

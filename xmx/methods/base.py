@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassStatScores
 
 from xmx.errors import XmxError
 
@@ -97,6 +97,34 @@ class RNGState(L.Callback):
         _set_rng_states(states)
 
 
+TOP_K = 5  # the second accuracy every classification result reports (CLIP_benchmark's acc5)
+
+
+class MeanPerClassRecall(MulticlassStatScores):
+    """Mean over the classes present in the targets of each class's recall: scikit-learn's
+    ``balanced_accuracy_score``, which CLIP_benchmark reports as ``mean_per_class_recall``. (torchmetrics'
+    ``MulticlassRecall(average="macro")`` also averages in classes that are predicted but absent from the targets, as
+    zeros; the per-class counts here are torchmetrics' own.)"""
+
+    def __init__(self, num_classes: int):
+        super().__init__(num_classes=num_classes, average=None)
+
+    def compute(self) -> torch.Tensor:
+        tp, _, _, fn = self._final_state()
+        support = tp + fn
+        present = support > 0
+        return (tp[present].double() / support[present]).mean().float()
+
+
+def classification_metrics(num_classes: int) -> nn.ModuleDict:
+    """Top-1 and top-k accuracy (k = min(5, classes): with fewer classes top-k is trivially 100) and mean per-class
+    recall for one label set, all as torchmetrics states (DDP-reduced by Lightning)."""
+    n = max(num_classes, 2)
+    return nn.ModuleDict({"acc": MulticlassAccuracy(num_classes=n, average="micro"),
+                          "acc5": MulticlassAccuracy(num_classes=n, top_k=min(TOP_K, n), average="micro"),
+                          "mean_per_class_recall": MeanPerClassRecall(n)})
+
+
 # ---- small helpers shared by the methods that fit on cached features in ``build`` (GDA, LP++, ProLIP, TaskRes) --
 def eval_labels(eval_set) -> torch.Tensor:
     """The labels [N] of an eval set's items."""
@@ -175,11 +203,11 @@ class XmxModule(L.LightningModule):
             self.load_weights(self.init_from)
 
     def build_metrics(self, dm) -> None:
-        """Classification accuracy on the validation set and on every eval set (each with its own classes);
-        methods with other metrics (language track) override this."""
+        """Classification accuracy on the validation set; on every eval set (each with its own classes) top-1 and
+        top-5 accuracy and mean per-class recall (``<set>/acc``, ``<set>/acc5``, ``<set>/mean_per_class_recall``,
+        percent). Methods with other metrics (language track) override this."""
         self.val_acc = MulticlassAccuracy(num_classes=max(len(dm.val_set.classnames), 2), average="micro")
-        self.test_accs = nn.ModuleList(MulticlassAccuracy(num_classes=max(len(s.classnames), 2), average="micro")
-                                       for s in dm.eval_sets)
+        self.test_metrics = nn.ModuleList(classification_metrics(len(s.classnames)) for s in dm.eval_sets)
 
     def load_weights(self, path) -> None:
         """``init_from``: load the checkpoint's tensors into this method. A checkpoint of another method family, one
@@ -276,15 +304,17 @@ class XmxModule(L.LightningModule):
         x, y = batch
         s = self.dm.eval_sets[dataloader_idx]
         logits = self.logits(x, s)
-        self.test_accs[dataloader_idx].update(logits, y)
+        for metric in self.test_metrics[dataloader_idx].values():
+            metric.update(logits, y)
         self._test_out[s.name][0].append(logits.detach().to("cpu", torch.float16))
         self._test_out[s.name][1].append(y.detach().cpu())
 
     def on_test_epoch_end(self) -> None:
-        for s, acc in zip(self.dm.eval_sets, self.test_accs):
-            if acc.update_called:
-                self.log(f"{s.name}/acc", 100.0 * acc.compute())
-            acc.reset()
+        for s, metrics in zip(self.dm.eval_sets, self.test_metrics):
+            for key, metric in metrics.items():
+                if metric.update_called:
+                    self.log(f"{s.name}/{key}", 100.0 * metric.compute())  # percent, as papers report
+                metric.reset()
         self.predictions = {name: {"logits": torch.cat(l), "labels": torch.cat(y)}
                             for name, (l, y) in self._test_out.items() if l}
 

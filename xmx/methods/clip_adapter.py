@@ -2,7 +2,11 @@
 
     A(v)  = ReLU(Linear_{C/4→C}(ReLU(Linear_{C→C/4}(v))))      # no biases [code]
     v'    = norm(ratio·A(v) + (1−ratio)·v)                     # ratio = 0.2; v are the raw image features
-    logit = exp(logit_scale)·v'·W                              # W [C, N]: the frozen zero-shot classifier
+    logit = exp(logit_scale)·v'·W (+ logit_bias)               # W [C, N]: the frozen zero-shot classifier
+
+`logit_scale` and `logit_bias` are the backbone's own (the bias only for sigmoid-loss models such as SigLIP; it shifts
+every class alike, so cross-entropy and accuracy are unchanged, but the logits are the model's). Training keeps the
+authors' softmax cross-entropy on every backbone.
 
 Below the math: `ClipAdapterMethod`, on the shared feature-adapter training loop `AdapterMethod`
 (`xmx/methods/_training.py`, which MMA uses too).
@@ -51,8 +55,8 @@ class ClipAdapter(nn.Module):
         v = image_feats  # [B, C]
         return F.normalize(self.ratio * self.fc(v) + (1 - self.ratio) * v, dim=-1)  # [B, C]
 
-    def logits(self, image_feats: torch.Tensor, W: torch.Tensor, logit_scale) -> torch.Tensor:
-        """`exp(logit_scale)·v'·W` → [B, N]; `W [C, N]` is the normalised zero-shot classifier (spec §0)."""
+    def logits(self, image_feats: torch.Tensor, W: torch.Tensor, logit_scale, logit_bias=None) -> torch.Tensor:
+        """`exp(logit_scale)·v'·W (+ logit_bias)` → [B, N]; `W [C, N]` is the normalised zero-shot classifier."""
         if W.ndim != 2 or W.shape[0] != self.dim:
             raise XmxError(f"CLIP-Adapter: classifier W has shape {tuple(W.shape)} but must be [{self.dim}, N] "
                            f"(embed_dim × classes); pass the text classifier, not its transpose")
@@ -62,7 +66,8 @@ class ClipAdapter(nn.Module):
             raise XmxError("CLIP-Adapter: classifier W contains NaN or inf; recompute the text classifier")
         v_ad = self(image_feats)  # [B, C]
         scale = torch.as_tensor(logit_scale, dtype=v_ad.dtype, device=v_ad.device).exp()
-        return scale * v_ad @ W  # [B, N]
+        out = scale * v_ad @ W  # [B, N]
+        return out if logit_bias is None else out + logit_bias
 
 
 # ==================================================================================================== LightningModules
@@ -102,7 +107,7 @@ class ClipAdapterMethod(AdapterMethod):
         return ClipAdapter(dim, reduction=self.reduction, ratio=self.ratio)
 
     def adapter_logits(self, feats, W):
-        return self.adapter.logits(feats, W, self.logit_scale)  # [B, N]
+        return self.adapter.logits(feats, W, self.logit_scale, self.logit_bias)  # [B, N]
 
     def extra_results(self) -> dict:
         return {**super().extra_results(), "reduction": self.reduction, "ratio": self.ratio}

@@ -108,7 +108,8 @@ class ClassPrompts(nn.Module):
         dot_id = int(backbone.tokenize(["."])[0, 1])
         before_eot = tokens.gather(1, (eot - 1)[:, None])[:, 0]
         name_lens = [d - int(b == dot_id) for d, b in zip(dot_lens, before_eot.tolist())]
-        L = int(eot.max()) + 1 if trim else tokens.shape[1]
+        # the cut is exact only behind causal attention (bidirectional towers, e.g. MobileCLIP's, see the padding)
+        L = int(eot.max()) + 1 if trim and getattr(backbone, "causal_text", True) else tokens.shape[1]
         tokens = tokens[:, :L]
         with torch.no_grad():
             emb = backbone.token_embedding(tokens).float().cpu()  # [N, L, W]

@@ -6,7 +6,10 @@ the token sequence is `S_b = [t_1 … t_N, v_b]` (texts first, image last), and
     O   = up(MHA(down(S_b), mask=M))                           # [N+1, C], no LayerNorm, no inner residual
     v'  = norm((1−λ)·v_b + λ·norm(O_img))                      # [C]
     t'c = norm((1−λ)·t_c + λ·norm(O_txt[c]))                   # [N, C], image-conditioned text features
-    logit[b, c] = exp(logit_scale)·⟨v', t'c⟩
+    logit[b, c] = exp(logit_scale)·⟨v', t'c⟩ (+ logit_bias)
+
+`logit_scale` and `logit_bias` are the backbone's own (the bias only for sigmoid-loss models such as SigLIP; a shift
+of every class alike, so the softmax cross-entropy of the released recipe and the accuracy do not change).
 
 Under the default `block` mask every text token attends to one key only (the image), so its attention output is
 `out_proj(V(down(v_b)))` whatever the class: `O_txt[b, c] = O_txt[b]`. `MultiModalAdapter.logits` uses that to
@@ -222,8 +225,13 @@ class MultiModalAdapter(nn.Module):
         image_out, text_out = self.forward_dense(image_feats, text_feats)
         return _scale(logit_scale, image_out) * torch.einsum("bc,bnc->bn", image_out, text_out)
 
-    def logits(self, image_feats: torch.Tensor, text_feats: torch.Tensor, logit_scale) -> torch.Tensor:
-        """Logits [B, N]; `logit_scale` is the log of the multiplier, as CLIP stores it.
+    def logits(self, image_feats: torch.Tensor, text_feats: torch.Tensor, logit_scale, logit_bias=None) -> torch.Tensor:
+        """Logits [B, N] (+ ``logit_bias``, the backbone's, when given: SigLIP)."""
+        out = self._scaled_logits(image_feats, text_feats, logit_scale)
+        return out if logit_bias is None else out + logit_bias
+
+    def _scaled_logits(self, image_feats: torch.Tensor, text_feats: torch.Tensor, logit_scale) -> torch.Tensor:
+        """Logits [B, N] without bias; `logit_scale` is the log of the multiplier, as CLIP stores it.
 
         Under `block` + `mha`, with `u_b = norm(O_txt[b])` and unit `t_c`, `u_b` (spec §3.4):
         `logit[b,c] = s·((1−λ)⟨v'_b,t_c⟩ + λ⟨v'_b,u_b⟩) / sqrt((1−λ)² + λ² + 2λ(1−λ)⟨t_c,u_b⟩)` — O(B·N) memory.
@@ -281,7 +289,7 @@ class MMAMethod(AdapterMethod):
         return MultiModalAdapter(dim, **self.config)
 
     def adapter_logits(self, feats, W):
-        return self.adapter.logits(feats, W.T, self.logit_scale)  # T = Wᵀ [N, C]; logits [B, N]
+        return self.adapter.logits(feats, W.T, self.logit_scale, self.logit_bias)  # T = Wᵀ [N, C]; logits [B, N]
 
     def extra_results(self) -> dict:
         adapter = getattr(self, "adapter", None)

@@ -2,6 +2,7 @@
 
     python -m xmx.report outputs/ multirun/2026-01-01/ [--out report] [--seeds 1,2,3] [--param method.lam]
                          [--references my_refs.yaml] [--compare] [--latex] [--no-plots]
+    python -m xmx.report outputs/ --format clip_benchmark --out cb/   # LAION CLIP_benchmark JSON + benchmark.csv
 
 Folders are searched recursively for ``results.json`` (a single run, a multirun root, or a tree of them). Which table
 a run belongs to follows from its ``protocol``, ``dataset`` and metric names (never from its method), so a new method

@@ -118,7 +118,20 @@ def main(argv=None) -> int:
     ap.add_argument("--compare", action="store_true", help="print each cell's difference to the references")
     ap.add_argument("--latex", action="store_true", help="also write report.tex")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    ap.add_argument("--format", choices=("report", "clip_benchmark"), default="report",
+                    help="clip_benchmark: one CLIP_benchmark JSON per run and eval set + their merged benchmark.csv")
     args = ap.parse_args(argv)
+    if args.format == "clip_benchmark":
+        from xmx.report.clip_benchmark import export_clip_benchmark
+        try:
+            res = export_clip_benchmark(args.folders, args.out)
+        except XmxError as e:
+            print(f"xmx.report: error: {e}", file=sys.stderr)
+            return 2
+        for p, why in res["skipped"]:
+            print(f"skipped {p}: {why}")
+        print(f"wrote {len(res['files'])} files to {args.out}/ ({len(res['rows'])} CLIP_benchmark rows)")
+        return 0
     try:
         res = build_report(args.folders, out=args.out, seeds=_parse_seeds(args.seeds), params=args.param,
                            references=args.references, do_compare=args.compare, latex=args.latex,
