@@ -167,7 +167,20 @@ class Plan:
 
 
 def plan(table: dict, user_overrides=()) -> Plan:
-    from xmx.run import job_id
+    from omegaconf import OmegaConf
+
+    from xmx.run import _early_datamodule, job_id
+    fingerprints: dict[str, dict | None] = {}
+
+    def jid(cfg) -> str:
+        """The job id exactly as ``xmx.run`` computes it: with the fingerprint of the images the job reads (one
+        stat per file, content hashes cached), shared by the jobs that read the same lists."""
+        key = repr([OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+                    for k in ("data", "protocol", "shots", "seed")])
+        if key not in fingerprints:
+            fingerprints[key] = _early_datamodule(cfg)[1]
+        return job_id(cfg, fingerprints[key])
+
     jobs = grid(table)
     have = presets_present()
     missing_presets = sorted({j.experiment for j in jobs} - have)
@@ -179,7 +192,7 @@ def plan(table: dict, user_overrides=()) -> Plan:
             cfg = compose(job)
             absent = [(n, str(p)) for n, p in _data_folders(cfg) if not p.is_dir()]
             missing.update(absent)
-            res = _done(cfg, job_id(cfg))
+            res = None if absent else _done(cfg, jid(cfg))
             if res is not None:
                 done[i] = res
             elif not absent:
