@@ -313,12 +313,29 @@ class ClipLikeBackbone(nn.Module):
     def train(self, mode: bool = True):  # frozen encoders stay in eval mode (no dropout / BN updates)
         return super().train(False)
 
-    # the model's logit parameters (subclasses read them from their model)
+    # the model's logit parameters: both loaders keep them on ``self.model`` (open_clip and transformers alike)
     def _logit_scale_param(self) -> torch.Tensor:
-        raise NotImplementedError
+        return self.model.logit_scale
 
     def _logit_bias_param(self) -> torch.Tensor | None:
-        raise NotImplementedError
+        return getattr(self.model, "logit_bias", None)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.logit_scale.device
+
+    def valid_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[N,L] bool: the positions that carry the text (up to and including end-of-text for argmax/eos pooling;
+        the non-padding positions for models that pool at a fixed position, such as SigLIP). Uses the subclass's
+        ``pool_type``, ``eos_id`` and ``pad_id``."""
+        pos = torch.arange(tokens.shape[1], device=tokens.device)[None, :]
+        if self.pool_type == "argmax":
+            return pos <= tokens.argmax(dim=-1, keepdim=True)
+        if self.pool_type == "eos" and self.eos_id is not None:
+            return pos <= (tokens == self.eos_id).int().argmax(dim=-1, keepdim=True)
+        valid = tokens != self.pad_id
+        valid[:, 0] = True
+        return valid
 
     @property
     def logit_scale(self) -> float:
@@ -498,16 +515,6 @@ class CLIPBackbone(ClipLikeBackbone):
         never change a feature, so prompts may be cut there. SigLIP's and MobileCLIP's attend both ways."""
         return self.text_kind == "open_clip" and getattr(self._text, "attn_mask", None) is not None
 
-    def _logit_scale_param(self):
-        return self.model.logit_scale
-
-    def _logit_bias_param(self):
-        return getattr(self.model, "logit_bias", None)
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.logit_scale.device
-
     @property
     def dtype(self) -> torch.dtype:
         """The image tower's compute dtype: its first conv / linear weight (open_clip's fp16 keeps embeddings fp32)."""
@@ -638,18 +645,6 @@ class CLIPBackbone(ClipLikeBackbone):
         self._need_token_level("encode_text_from_embeddings (prompt learning)")
         x = self._text_transformer(embeddings, tokens)
         return self._project(self._pool(x, tokens))
-
-    def valid_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[N,L] bool: the positions that carry the text (up to and including end-of-text for argmax/eos pooling;
-        the non-padding positions for models that pool at a fixed position, such as SigLIP)."""
-        pos = torch.arange(tokens.shape[1], device=tokens.device)[None, :]
-        if self.pool_type == "argmax":
-            return pos <= tokens.argmax(dim=-1, keepdim=True)
-        if self.pool_type == "eos" and self.eos_id is not None:
-            return pos <= (tokens == self.eos_id).int().argmax(dim=-1, keepdim=True)
-        valid = tokens != self.pad_id
-        valid[:, 0] = True
-        return valid
 
     def encode_text_tokens(self, tokens: torch.Tensor, project: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """token ids [N,L] -> (per-token last-layer features [N,L,C or W], valid mask [N,L] (:meth:`valid_tokens`))."""

@@ -157,16 +157,6 @@ class HFCLIPBackbone(ClipLikeBackbone):
         """CLIP's text attention is causal; SigLIP's is bidirectional over the padded sequence."""
         return self.model_type == "clip"
 
-    def _logit_scale_param(self):
-        return self.model.logit_scale
-
-    def _logit_bias_param(self):
-        return getattr(self.model, "logit_bias", None)
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.logit_scale.device
-
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.vision_model.parameters()).dtype
@@ -243,16 +233,6 @@ class HFCLIPBackbone(ClipLikeBackbone):
     def encode_text_from_embeddings(self, embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """input token embeddings [N,L,W] + the token ids (for pooling) [N,L] -> pooled text embeddings [N,C]."""
         return self._text(tokens, embeddings)[1]
-
-    def valid_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(tokens.shape[1], device=tokens.device)[None, :]
-        if self.pool_type == "argmax":
-            return pos <= tokens.argmax(dim=-1, keepdim=True)
-        if self.pool_type == "eos" and self.eos_id is not None:
-            return pos <= (tokens == self.eos_id).int().argmax(dim=-1, keepdim=True)
-        valid = tokens != self.pad_id
-        valid[:, 0] = True
-        return valid
 
     def encode_text_tokens(self, tokens: torch.Tensor, project: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """token ids [N,L] -> (per-token last-layer features [N,L,C or W], valid mask [N,L])."""
