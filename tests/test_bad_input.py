@@ -156,8 +156,8 @@ def test_every_bad_input_is_one_line_exit_2_and_the_table_is_current(places, mak
         argv = [f"{k}={v}" for k, v in (("paths.cache_dir", xmx_cache), ("paths.log_dir", log_dir))
                 if k not in keys] + argv + [q for q in QUIET if q.split("=")[0] not in keys]
 
-        def no_build(*a, **k):
-            raise AssertionError("an object was built before the error")
+        def no_build(*a, _case=case, **k):
+            raise AssertionError(f"{_case}: an object was built before the error")
         monkeypatch.setattr(xrun, "build", no_build if early else real_build)
         code, err = _cli(xrun.main, argv, capsys)
         lines = [l for l in err.splitlines() if l.strip()]

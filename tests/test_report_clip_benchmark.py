@@ -50,5 +50,6 @@ def test_export_writes_clip_benchmark_json_and_csv(make_cfg, tmp_path, capsys):
     assert not math.isnan(d2["acc5"])
     # nothing to export: one error line, exit code 2
     (tmp_path / "empty").mkdir()
+    capsys.readouterr()  # what the run above printed
     assert main([str(tmp_path / "empty"), "--format", "clip_benchmark", "--out", str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err.count("\n") == 1

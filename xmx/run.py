@@ -217,11 +217,16 @@ def run(cfg: DictConfig) -> dict:
     return _run(cfg)[0]
 
 
-def _plan(cfg: DictConfig, out: Path, jid: str) -> tuple[str, Path, dict | None, Path | None]:
-    """-> (outcome, output folder, results of a complete job, checkpoint to resume from)."""
-    skip_done, resume = bool(cfg.get("skip_done", True)), cfg.get("resume", "auto")
+def _resume_mode(cfg: DictConfig):
+    resume = cfg.get("resume", "auto")
     if resume not in ("auto", "never", None, False):
         raise XmxError(f"resume={resume!r}; valid choices: auto, never")
+    return resume
+
+
+def _plan(cfg: DictConfig, out: Path, jid: str) -> tuple[str, Path, dict | None, Path | None]:
+    """-> (outcome, output folder, results of a complete job, checkpoint to resume from)."""
+    skip_done, resume = bool(cfg.get("skip_done", True)), _resume_mode(cfg)
     index = JobIndex.for_run(cfg, out)
     prev = index.read(jid) if index else None
     candidates = [out] + ([Path(prev["output_dir"])] if prev and prev.get("output_dir") else [])
@@ -276,6 +281,7 @@ def _run(cfg: DictConfig) -> tuple[dict, str]:
         from xmx.methods.base import check_checkpoint
         check_checkpoint(cfg.init_from, OmegaConf.select(cfg, "method._target_"))
     out = _output_dir(cfg)
+    _resume_mode(cfg)  # refused before the data is listed and fingerprinted
     datamodule, data_fp = _early_datamodule(cfg)  # lists + one stat per image (content hashes cached)
     jid = job_id(cfg, data_fp)
     outcome, folder, done, ckpt = _plan(cfg, out, jid)

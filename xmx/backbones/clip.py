@@ -245,7 +245,8 @@ def resolve_preprocess(model: str, weights_info: dict, preprocess_tag: str | Non
                            f"{', '.join(INTERPOLATIONS)}")
         for k in ("mean", "std"):
             if k in given and len(list(given[k])) != 3:
-                raise XmxError(f"backbone.image_{k} must have 3 values (R, G, B), got {list(given[k])}")
+                key = {"mean": "backbone.image_mean", "std": "backbone.image_std"}[k]
+                raise XmxError(f"{key} must have 3 values (R, G, B), got {list(given[k])}")
         pp = merge_preprocess_dict(pp, {k: tuple(v) if k in ("mean", "std") else v for k, v in given.items()})
         source += " + overrides (" + ", ".join(sorted(given)) + ")"
     pp.pop("size", None)
