@@ -54,6 +54,22 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def capture_dm(monkeypatch):
+    """Records the CLIP datamodule of a run (after its setup) so a test can recompute what the run computed."""
+    from xmx.datamodules.clip import CLIPDataModule
+    seen: list = []
+    setup = CLIPDataModule.setup
+
+    def spy(self, stage=None):
+        setup(self, stage)
+        if not seen or seen[-1] is not self:
+            seen.append(self)
+
+    monkeypatch.setattr(CLIPDataModule, "setup", spy)
+    return seen
+
+
 def load_bench(name: str):
     """Import ``bench/<name>.py`` (bench/ is a folder of scripts, not a package)."""
     path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"

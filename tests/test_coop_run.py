@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from conftest import one_line_error
 from safetensors.torch import load_file
 
-from xmx.datamodules.clip import CLIPDataModule
 from xmx.methods.coop import ClassPrompts, PromptLearner, encode_prompts
 from xmx.run import run
 
@@ -19,20 +18,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = ["backbone=tiny", "data=synthetic", "trainer.accelerator=cpu", "callbacks.rich_progress_bar=null",
         "logger=none", "augment.views=2"]
-
-
-@pytest.fixture
-def capture_dm(monkeypatch):
-    seen: list[CLIPDataModule] = []
-    setup = CLIPDataModule.setup
-
-    def spy(self, stage=None):
-        setup(self, stage)
-        if not seen or seen[-1] is not self:
-            seen.append(self)
-
-    monkeypatch.setattr(CLIPDataModule, "setup", spy)
-    return seen
 
 
 def _acc(logits, labels) -> float:

@@ -25,21 +25,6 @@ FDR = ["backbone=tiny", "data=synthetic", "debug=fdr", "logger=none"]
 
 
 
-@pytest.fixture
-def capture_dm(monkeypatch):
-    """Records the datamodule of a run (after its setup) so a test can recompute what the run computed."""
-    seen: list[CLIPDataModule] = []
-    setup = CLIPDataModule.setup
-
-    def spy(self, stage=None):
-        setup(self, stage)
-        if not seen or seen[-1] is not self:
-            seen.append(self)
-
-    monkeypatch.setattr(CLIPDataModule, "setup", spy)
-    return seen
-
-
 def _labels(eval_set) -> torch.Tensor:
     return torch.tensor([d.label for d in eval_set.items])
 
