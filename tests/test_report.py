@@ -199,6 +199,11 @@ def test_shipped_references_are_labelled():
     assert tipf.to_dict() == {"16": 75.83, "8": 72.45, "4": 69.67, "2": 66.65, "1": 64.60}
     assert refs[refs.method == "xmadapter"].value.tolist() == [76.87]
     assert sorted(refs[refs.table == "colour"].value) == [30.7, 31.6, 60.0, 64.1]
+    lora = refs[refs.method == "clip_lora"]  # HALoRA Table 5, CLIP-LoRA rows: 1/4/16 shots x (11 datasets + mean)
+    assert len(lora) == 36 and set(lora.column) == {"1", "4", "16"} and lora.source.str.contains("HALoRA").all()
+    avg = lora[lora.dataset == "average"].set_index("column")
+    assert avg.value.to_dict() == {"1": 72.5, "4": 77.4, "16": 83.0} and (avg.n_datasets == 11).all()
+    assert lora[(lora.dataset == "Flowers102") & (lora.column == "16")].value.tolist() == [98.0]
 
 
 def test_bad_reference_file_and_bad_folders(tmp_path, capsys):
