@@ -204,6 +204,12 @@ def test_shipped_references_are_labelled():
     avg = lora[lora.dataset == "average"].set_index("column")
     assert avg.value.to_dict() == {"1": 72.5, "4": 77.4, "16": 83.0} and (avg.n_datasets == 11).all()
     assert lora[(lora.dataset == "Flowers102") & (lora.column == "16")].value.tolist() == [98.0]
+    taskres = refs[refs.method == "taskres"]  # third-party: HC paper Tables 5 (RN50 few-shot) and 2 (domain shift)
+    assert len(taskres) == 79 and taskres.source.str.contains("not the TaskRes paper|HC authors").all()
+    assert taskres[(taskres.table == "fewshot") & (taskres.dataset == "ImageNet")].set_index("column").value.to_dict() \
+        == {"1": 61.44, "2": 62.28, "4": 62.78, "8": 64.30, "16": 65.41}
+    lpp = refs[refs.method == "lpp"].set_index("column").value  # third-party: HealthX-Lab/CLIP-SVD README
+    assert lpp.to_dict() == {"1": 70.35, "2": 72.93, "4": 75.77, "8": 77.94, "16": 80.32}
 
 
 def test_bad_reference_file_and_bad_folders(tmp_path, capsys):
