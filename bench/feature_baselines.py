@@ -7,7 +7,8 @@ test 50,000; ProLIP's pre-projection features are 2,048 wide (RN50's attention p
            + the 7-value alpha search on
            validation; then scoring the 50,000 test features. Target on the 2-core CPU: fit + search <= 10 s.
   lpp      the release's 300 full-batch epochs with validation after every epoch (step sizes included: an eigen-
-           decomposition of X^T X); then test scoring. Target on the 2-core CPU: <= 60 s.
+           decomposition of X^T X); then test scoring. Target on the 2-core CPU: <= 60 s. ``--lpp-precision``
+           is method.precision (default auto: bf16 products on a CPU, fp16 on CUDA; fp32 for comparison).
   taskres  s/epoch: mini-batches of 256 (63 steps/epoch), Adam, the residual [1024, 1000]; median of the measured
            epochs. The release trains 200 epochs at 16 shots.
   prolip   s/epoch: one full-batch step of the projection (16,000 x 2,048 -> 1,024, 1,000 classes); median of the
@@ -117,16 +118,17 @@ def bench_gda(d: dict, device) -> dict:
             "zeroshot_test_acc": zs}
 
 
-def bench_lpp(d: dict, device, epochs: int) -> dict:
+def bench_lpp(d: dict, device, epochs: int, precision: str = "auto") -> dict:
     K = d["W"].shape[1]
     x, xv = F.normalize(d["f_tr"], dim=-1), F.normalize(d["f_val"], dim=-1)
     r, fit_s = _timed(lambda: fit_lpp(x, d["y_tr"], d["W"], K, epochs=epochs, x_val=xv, y_val=d["y_val"],
-                                      generator=torch.Generator().manual_seed(0)), device)
+                                      generator=torch.Generator().manual_seed(0), precision=precision), device)
     acc, test_s = _timed(lambda: _acc(lpp_logits(F.normalize(d["f_te"], dim=-1), r["W"], r["b"], r["alpha"], d["W"]),
                                       d["y_te"]), device)
     return {"fit_s": fit_s, "epochs": epochs, "s_per_epoch": fit_s / epochs,
             "fit_300_epochs_s_est": None if epochs == 300 else 300 * fit_s / epochs, "test_s": test_s,
-            "selected_epoch": r["epoch"], "val_acc": r["val_acc"], "test_acc": acc}
+            "selected_epoch": r["epoch"], "val_acc": r["val_acc"], "test_acc": acc, "precision": precision,
+            "matmul_dtype": r["matmul_dtype"]}
 
 
 def bench_taskres(d: dict, device, epochs: int, batch: int) -> dict:
@@ -176,6 +178,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (seconds)")
     ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available; cpu with --smoke)")
     ap.add_argument("--lpp-epochs", type=int, default=None)
+    ap.add_argument("--lpp-precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                    help="LP++'s method.precision (auto: fp16 on cuda, bf16 on cpu)")
     ap.add_argument("--taskres-epochs", type=int, default=None)
     ap.add_argument("--prolip-epochs", type=int, default=None)
     ap.add_argument("--only", default="gda,lpp,taskres,prolip", help="comma-separated subset of the methods")
@@ -202,7 +206,7 @@ def main(argv=None) -> dict:
     if "gda" in only:
         res["gda"] = bench_gda(d, device)
     if "lpp" in only:
-        res["lpp"] = bench_lpp(d, device, s["lpp_epochs"])
+        res["lpp"] = bench_lpp(d, device, s["lpp_epochs"], args.lpp_precision)
     if "taskres" in only:
         res["taskres"] = bench_taskres(d, device, s["taskres_epochs"], s["batch"])
     if "prolip" in only:
@@ -221,7 +225,7 @@ def main(argv=None) -> dict:
     if "lpp" in res:
         p = res["lpp"]
         est = "" if p["fit_300_epochs_s_est"] is None else f"300 epochs ~{p['fit_300_epochs_s_est']:.0f} s (est.); "
-        rows.append((f"LP++ {p['epochs']} epochs", f"{p['fit_s']:.2f} s", f"{p['s_per_epoch']:.3f} s/epoch; {est}"
+        rows.append((f"LP++ {p['epochs']} epochs ({p['matmul_dtype']})", f"{p['fit_s']:.2f} s", f"{p['s_per_epoch']:.3f} s/epoch; {est}"
                      f"epoch {p['selected_epoch']} kept; test {p['test_acc']:.1f}%"))
     if "taskres" in res:
         t = res["taskres"]

@@ -150,6 +150,56 @@ def test_lpp_init_and_step_sizes_follow_the_release(one_thread):
     assert not torch.equal(r["alpha"], alpha)                    # alpha took its every-10th-epoch steps
 
 
+def _release_lpp_loop(x, y, T, K, epochs, alpha_grad):
+    """The release's loop (methods/linear_probe_p2.py) with autograd: nn.Linear, SGD(momentum 0.9), alpha's grad
+    never zeroed (``window``: zeroed every alpha_every epochs)."""
+    W0, b0, a0 = lpp_init(x, y, T, K, bias="zeros")
+    lr_w, lr_a = lpp_step_sizes(x, T)
+    lin = torch.nn.Linear(x.shape[1], K)
+    lin.weight.data, lin.bias.data = W0.clone(), b0.clone()
+    alpha = a0.clone()[None].requires_grad_(True)
+    opt = torch.optim.SGD(lin.parameters(), lr_w, momentum=0.9)
+    for epoch in range(epochs):
+        logits = lin(x) + torch.ones(x.shape[0], 1) @ alpha * (x @ T)
+        loss = F.cross_entropy(logits, y)
+        opt.zero_grad()
+        if alpha_grad == "window" and epoch % 10 == 0 and alpha.grad is not None:
+            alpha.grad.zero_()
+        loss.backward()
+        opt.step()
+        if (epoch + 1) % 10 == 0:
+            alpha.data -= lr_a * alpha.grad.data
+    return lin.weight.detach(), lin.bias.detach(), alpha.detach()[0], float(loss.detach())
+
+
+@pytest.mark.parametrize("alpha_grad", ["cumulative", "window"])
+def test_lpp_written_out_gradients_equal_the_releases_autograd_loop(one_thread, alpha_grad):
+    x, y = _problem(K=4, per=6, d=8)
+    x = x.float()
+    T = _text_for(x, y).float()
+    W, b, a, loss = _release_lpp_loop(x, y, T, 4, 35, alpha_grad)
+    r = fit_lpp(x, y, T, 4, epochs=35, alpha_grad=alpha_grad, bias="zeros", precision="fp32")
+    assert r["epoch"] == 34 and r["matmul_dtype"] == "float32"
+    torch.testing.assert_close(r["W"], W, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(r["b"], b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(r["alpha"], a, rtol=1e-4, atol=1e-5)
+    assert r["final_loss"] == pytest.approx(loss, rel=1e-4)
+    assert not torch.allclose(a, lpp_init(x, y, T, 4, bias="zeros")[2])      # alpha moved: its gradient is in play
+
+
+def test_lpp_half_precision_products_stay_close_to_fp32(one_thread):
+    x, y = _problem(K=6, per=8, d=32, seed=3)
+    x = x.float()
+    T = _text_for(x, y).float()
+    full = fit_lpp(x, y, T, 6, epochs=40, bias="zeros", precision="fp32")
+    half = fit_lpp(x, y, T, 6, epochs=40, bias="zeros", precision="bf16")
+    assert half["matmul_dtype"] == "bfloat16" and half["W"].dtype == torch.float32      # fp32 master weights
+    assert not torch.equal(half["W"], full["W"])                                          # bf16 products were used
+    torch.testing.assert_close(half["W"], full["W"], rtol=0.05, atol=0.05)
+    assert torch.equal(lpp_logits(x, half["W"], half["b"], half["alpha"], T).argmax(1),
+                       lpp_logits(x, full["W"], full["b"], full["alpha"], T).argmax(1))
+
+
 # ---- TaskRes ------------------------------------------------------------------------------------------------------
 _DMS: dict = {}
 
