@@ -20,10 +20,9 @@ from xmx.data.datasets import Datum, load_dataset
 from xmx.data.fake import is_fake_tree
 from xmx.data.fewshot import describe_val, subset_digest, subset_to_json
 from xmx.data.fingerprint import check_mode, combine, fingerprint_files
-from xmx.data.images import ImageListDataset, check_unreadable, collate_skip, find_unreadable
+from xmx.data.images import check_unreadable, find_unreadable
 from xmx.data.protocols import EvalSet, build_protocol
 from xmx.data.templates import resolve_templates
-from xmx.data.transforms import build_transform
 from xmx.errors import XmxError
 
 log = logging.getLogger(__name__)
@@ -112,10 +111,14 @@ class CLIPDataModule(L.LightningDataModule):
                  templates=None, augment: dict | None = None, inputs: str = "features",
                  features: dict | None = None, batch_size: int | None = 256, eval_batch_size: int = 1024,
                  num_workers: int = 2, unreadable: str = "error", view_sampling: str = "random", plm=None,
-                 feature_output: str = "raw", fingerprint: str = "content", fingerprint_cache: str | None = None):
+                 feature_output: str = "raw", fingerprint: str = "content", fingerprint_cache: str | None = None,
+                 decode: str = "pil"):
         super().__init__()
         if inputs not in ("features", "images"):
             raise XmxError(f"method.inputs={inputs!r}; valid choices: features, images")
+        from xmx.features.online import check_decode
+        self.decode = check_decode(decode)  # inputs=images: where images are decoded (xmx.features.online)
+        self._online: dict = {}  # split -> OnlineImages of the byte loaders (data.decode gpu/tensor)
         check_unreadable(unreadable)
         self.fingerprint_mode, self.fingerprint_cache = check_mode(fingerprint), fingerprint_cache
         self._fingerprint: dict | None = None
@@ -291,6 +294,40 @@ class CLIPDataModule(L.LightningDataModule):
         return self._eval_features[eval_set.name]
 
     # ---- loaders ----------------------------------------------------------------------------------------------
+    def _loader_device(self) -> torch.device:
+        """Where the batches go: the trainer's device when attached to one, else ``features.device``."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.strategy.root_device
+        return self._device()
+
+    def _online_images(self, split: str, items: list[Datum], preset: str, noise_std: float):
+        """The split's image dataset + collate, decoded per ``data.decode`` (:mod:`xmx.features.online`): PIL in the
+        workers, or bytes decoded on the device in :meth:`transfer_batch_to_device`."""
+        from xmx.features.online import OnlineImages
+        online = OnlineImages(self.root, items, self.backbone, preset=preset, noise_std=noise_std,
+                              decode=self.decode, device=self._loader_device(), split=split,
+                              unreadable=self.unreadable)
+        if online.pp is not None:
+            self._online[split] = online
+        return online.dataset(), online.collate()
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        """Byte batches (``data.decode`` gpu/tensor) are decoded, resized/cropped/flipped and normalised on
+        ``device`` here: ``(images [B,3,S,S], labels [B])``, as the PIL loaders yield them."""
+        from xmx.features.online import is_online_batch
+        if is_online_batch(batch):
+            return self.decode_batch(batch, device)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def decode_batch(self, batch, device: torch.device | str = "cpu"):
+        """A byte batch of one of this datamodule's image loaders -> ``(images, labels)`` on ``device`` (None when no
+        image of it is readable); any other batch is returned as it is."""
+        from xmx.features.online import is_online_batch
+        if not is_online_batch(batch):
+            return batch
+        return self._online[batch["split"]].decode(batch, torch.device(device))
+
     def _eval_loader(self, s: EvalSet) -> DataLoader:
         if self.inputs == "features":
             feats = self.features_of(s)
@@ -298,14 +335,12 @@ class CLIPDataModule(L.LightningDataModule):
             return DataLoader(FeatureBatches(feats, labels), batch_size=None,
                               sampler=EpochBatchSampler(len(labels), 1, self.eval_batch_size, 0, shuffle=False,
                                                         pad=False))
-        bb = self.backbone
-        tf = build_transform("none", bb.image_size, bb.image_mean, bb.image_std, bb.interpolation,
-                             self.augment["noise_std"] if self.augment["noise_on_eval"] else 0.0,
-                             getattr(bb, "resize_mode", "shortest"))
+        ds, collate = self._online_images(s.name, s.items, "none",
+                                          self.augment["noise_std"] if self.augment["noise_on_eval"] else 0.0)
         rank, world = dist_rank_world()  # DDP: an unpadded contiguous slice per rank
         sampler = range(len(s.items) * rank // world, len(s.items) * (rank + 1) // world) if world > 1 else None
-        return DataLoader(ImageListDataset(self.root, s.items, tf, self.unreadable), batch_size=self.eval_batch_size,
-                          sampler=sampler, num_workers=self.num_workers, collate_fn=collate_skip)
+        return DataLoader(ds, batch_size=self.eval_batch_size, sampler=sampler, num_workers=self.num_workers,
+                          collate_fn=collate)
 
     def train_dataloader(self) -> DataLoader:
         if self.inputs == "features":
@@ -313,18 +348,16 @@ class CLIPDataModule(L.LightningDataModule):
             return DataLoader(FeatureBatches(self.train_features, self.train_labels), batch_size=None,
                               sampler=EpochBatchSampler(n, self.train_features.shape[0], self.batch_size, self.seed,
                                                         view_sampling=self.view_sampling))
-        bb, aug = self.backbone, self.augment
-        tf = build_transform(aug["preset"], bb.image_size, bb.image_mean, bb.image_std, bb.interpolation,
-                             aug["noise_std"], getattr(bb, "resize_mode", "shortest"))
-        ds = ImageListDataset(self.root, self.protocol.train, tf, self.unreadable)
+        aug = self.augment
+        ds, collate = self._online_images("train", self.protocol.train, aug["preset"], aug["noise_std"])
         bs = self.batch_size or len(self.protocol.train)
         rank, world = dist_rank_world()
         if world > 1:  # DDP: batch_size is global; Lightning calls set_epoch on the DistributedSampler
             from torch.utils.data.distributed import DistributedSampler
             return DataLoader(ds, batch_size=max(bs // world, 1), num_workers=self.num_workers,
                               sampler=DistributedSampler(ds, world, rank, shuffle=True, seed=self.seed),
-                              collate_fn=collate_skip, drop_last=False)
-        return DataLoader(ds, batch_size=bs, shuffle=True, num_workers=self.num_workers, collate_fn=collate_skip,
+                              collate_fn=collate, drop_last=False)
+        return DataLoader(ds, batch_size=bs, shuffle=True, num_workers=self.num_workers, collate_fn=collate,
                           drop_last=False)
 
     def val_dataloader(self) -> DataLoader:

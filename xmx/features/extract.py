@@ -208,6 +208,19 @@ def _collate_pil(items):
             "x": torch.stack([it["x"] for it in items]) if items else None, "errors": errors}
 
 
+def read_for_decode(path) -> tuple[bytes | None, torch.Tensor | None, int, int]:
+    """``(jpeg bytes, None, height, width)`` for an RGB/greyscale JPEG (only its header is parsed here: the decode
+    happens later, batched, on the GPU), else ``(None, uint8 [3,H,W] decoded by PIL, height, width)`` (PNG, CMYK,
+    ...: whatever :func:`open_rgb` reads). Raises what PIL raises for a file it cannot read."""
+    with open(path, "rb") as f:
+        data = f.read()
+    with Image.open(io.BytesIO(data)) as im:  # reads the header only
+        width, height = im.size
+        jpeg = data[:3] == _JPEG_MAGIC and im.format == "JPEG" and im.mode in ("RGB", "L")
+        image = None if jpeg else TF.pil_to_tensor(im.convert("RGB"))  # uint8 [3,H,W]
+    return (data if jpeg else None), image, height, width
+
+
 class _JPEGBytes(Dataset):
     """item i -> file bytes (JPEG for nvjpeg) or a PIL-decoded uint8 image (anything else), the per-view crop
     parameters (from the header's size) and noise; the expensive work happens later, on the GPU."""
@@ -221,16 +234,11 @@ class _JPEGBytes(Dataset):
     def __getitem__(self, i):
         path = self.paths[i]
         try:
-            with open(path, "rb") as f:
-                data = f.read()
-            with Image.open(io.BytesIO(data)) as im:  # reads the header only
-                width, height = im.size
-                jpeg = data[:3] == _JPEG_MAGIC and im.format == "JPEG" and im.mode in ("RGB", "L")
-                image = None if jpeg else TF.pil_to_tensor(im.convert("RGB"))  # uint8 [3,H,W]
+            data, image, height, width = read_for_decode(path)
         except Exception as e:  # noqa: BLE001
             return {"index": i, "error": _one_line(path, e)}
         noise = [self.pp.noise(i, v) for v in range(self.views)]
-        return {"index": i, "data": data if jpeg else None, "image": image,
+        return {"index": i, "data": data, "image": image,
                 "params": [self.pp.view_params(i, v, height, width) for v in range(self.views)],
                 "noise": None if noise[0] is None else torch.stack(noise).half()}  # [V,3,S,S], fp16 halves IPC
 
@@ -246,23 +254,27 @@ def _collate_bytes(items):
     for b in blobs:
         offsets.append(offsets[-1] + len(b))
     blob = torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8) if offsets[-1] else torch.empty(0, dtype=torch.uint8)
-    return {"index": torch.tensor([it["index"] for it in items]), "blob": blob, "offsets": offsets,
-            "images": [it["image"] for it in items], "params": [it["params"] for it in items],
-            "noise": None if items[0]["noise"] is None else torch.stack([it["noise"] for it in items]),
-            "errors": errors}
+    out = {"index": torch.tensor([it["index"] for it in items]), "blob": blob, "offsets": offsets,
+           "images": [it["image"] for it in items], "params": [it["params"] for it in items],
+           "noise": None if items[0]["noise"] is None else torch.stack([it["noise"] for it in items]),
+           "errors": errors}
+    if "label" in items[0]:  # the online training path's batches carry their labels
+        out["label"] = torch.tensor([it["label"] for it in items], dtype=torch.long)
+    return out
 
 
 # ---- extraction ---------------------------------------------------------------------------------------------------
-def resolve_decode(decode: str, device: torch.device) -> str:
+def resolve_decode(decode: str, device: torch.device, key: str = "decode") -> str:
     """``auto`` -> ``gpu`` on a CUDA device, else ``pil``; ``gpu`` without CUDA -> ``pil`` (logged); ``tensor`` (the
-    fast path's code on any device: torchvision decode + tensor transforms; on CPU, for tests) -> ``gpu`` on CUDA."""
+    fast path's code on any device: torchvision decode + tensor transforms; on CPU, for tests) -> ``gpu`` on CUDA.
+    ``key``: the config key named in the messages (``features.decode``, ``data.decode``)."""
     if decode not in ("auto", "pil", "gpu", "tensor"):
-        raise XmxError(f"decode must be auto, pil, gpu or tensor, got {decode!r}")
+        raise XmxError(f"{key}={decode!r}; valid choices: auto, pil, gpu, tensor")
     cuda = device.type == "cuda" and torch.cuda.is_available()
     if decode == "tensor":
         return "gpu" if cuda else "tensor"
     if decode == "gpu" and not cuda:
-        log.warning("decode=gpu needs a CUDA device; using the PIL path on %s", device)
+        log.warning("%s=gpu needs a CUDA device; using the PIL path on %s", key, device)
     return "gpu" if decode in ("auto", "gpu") and cuda else "pil"
 
 
@@ -462,6 +474,8 @@ def _decode_batch(batch: dict, device: torch.device, counts: dict, paths: Sequen
         batch["params"] = [batch["params"][k] for k in keep]
         if batch["noise"] is not None:
             batch["noise"] = batch["noise"][keep]
+        if "label" in batch:
+            batch["label"] = batch["label"][keep]
         imgs = [imgs[k] for k in keep]
         jpeg_pos = [k for k in jpeg_pos if k not in set(bad)]
     counts["gpu_decoded" if device.type == "cuda" else "cpu_decoded"] += len(jpeg_pos)
