@@ -10,6 +10,13 @@ Parts:
   run    the wall time of one 16-shot ImageNet CLIP-LoRA run, projected from measured pieces: 500 × 16 training
          steps at N = 1000 classes, the 50,000 test images once through the adapted image tower (batch 256) and the
          1000 class prompts once. Decoding and augmentation are not timed (loader workers overlap them with the GPU).
+  decode the online path's image loaders (``data.decode``, :mod:`xmx.features.online`) on generated JPEGs
+         (``--decode-images`` of 500 x 375, ImageNet's typical size; the smoke mode: 16 of 64 x 48), ``augment=coop``
+         (RandomResizedCrop 224, scale 0.08-1, bicubic, + flip), CLIP's normalisation, ``--workers`` loader
+         workers, batch ``--batch``: training batches per second delivered on the device, for ``pil`` (PIL +
+         torchvision in the workers, then the copy to the device) next to ``gpu`` (bytes + crop draws in the workers,
+         nvjpeg decode and tensor resize/crop/flip/normalise on the GPU in the datamodule's hook; on CPU the same code
+         runs as ``tensor``). One warm-up epoch, then the median of ``--decode-epochs`` timed epochs each.
 
 Random-init ViT-B/16 (``--model``, open_clip architecture; the weights do not change the cost), random images already
 on the device, bf16 autocast on CUDA (fp32 on CPU). Timings are medians after warm-up (CUDA events on a GPU); the two
@@ -26,7 +33,7 @@ from __future__ import annotations
 
 # bench/gpu_all.py runs this on a GPU with these arguments, within this many seconds on one H200
 GPU_COMMAND = ["--out", "{out}/bench.json"]
-GPU_BUDGET_S = 300
+GPU_BUDGET_S = 360
 
 import argparse
 import json
@@ -190,6 +197,58 @@ def part_run(args, device) -> dict:
             "projected_train_s": train_s, "projected_test_s": test_s, "projected_wall_s": train_s + test_s}
 
 
+def decode_files(folder, n: int, size: tuple[int, int]) -> list:
+    """``n`` JPEGs of ``size`` (w, h) with natural-ish content (a bicubic blow-up of a tiny random image + grain)."""
+    import numpy as np
+    from PIL import Image
+    from xmx.data.datasets import Datum
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(n):
+        small = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
+        a = np.asarray(small.resize(size, Image.BICUBIC), dtype=np.float32) + rng.normal(0, 6, (size[1], size[0], 3))
+        Image.fromarray(a.clip(0, 255).astype(np.uint8)).save(folder / f"{i:05d}.jpg", quality=90)
+        items.append(Datum(f"{i:05d}.jpg", i % 10, f"c{i % 10}"))
+    return items
+
+
+def part_decode(args, device) -> dict:
+    import tempfile
+    from pathlib import Path
+    from torch.utils.data import DataLoader
+    from xmx.features.online import OnlineImages
+    bb = SimpleNamespace(image_size=32 if args.smoke else 224, interpolation="bicubic", resize_mode="shortest",
+                         image_mean=(0.48145466, 0.4578275, 0.40821073), image_std=(0.26862954, 0.26130258, 0.27577711))
+    n, size = (16, (64, 48)) if args.smoke else (args.decode_images, (500, 375))
+    out = {"images": n, "image_size": list(size), "crop": bb.image_size, "workers": args.workers,
+           "batch": args.batch, "preset": "coop"}
+    with tempfile.TemporaryDirectory() as tmp:
+        items = decode_files(Path(tmp), n, size)
+        for mode in ("pil", "gpu" if device.type == "cuda" else "tensor"):
+            online = OnlineImages(tmp, items, bb, preset="coop", noise_std=0.0, decode=mode, device=device,
+                                  split="train")
+            loader = DataLoader(online.dataset(), batch_size=args.batch, shuffle=True, num_workers=args.workers,
+                                collate_fn=online.collate(), persistent_workers=args.workers > 0)
+
+            def epoch():
+                for batch in loader:
+                    x, _ = online.decode(batch, device) if online.pp is not None else (
+                        batch[0].to(device, non_blocking=True), batch[1])
+                _sync(device)
+
+            epoch()  # warm-up: workers start, caches fill
+            times = []
+            for _ in range(args.decode_epochs):
+                t0 = time.perf_counter()
+                epoch()
+                times.append(time.perf_counter() - t0)
+            out[mode] = {"epoch_s": statistics.median(times), "epoch_s_all": times,
+                         "images_per_s": n / statistics.median(times), "resolved": online.mode}
+    fast = "gpu" if device.type == "cuda" else "tensor"
+    out["speedup"] = out[fast]["images_per_s"] / out["pil"]["images_per_s"]
+    return out
+
+
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="CPU, xmx-tiny, tiny sizes (what the test suite runs)")
@@ -199,7 +258,10 @@ def parse(argv):
     p.add_argument("--classes", type=int, default=None, help="classes in part step (default 100)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--part", choices=["step", "run", "all"], default="all")
+    p.add_argument("--part", choices=["step", "run", "decode", "all"], default="all")
+    p.add_argument("--decode-images", type=int, default=2048, help="part decode: JPEGs generated (500 x 375)")
+    p.add_argument("--decode-epochs", type=int, default=None, help="part decode: timed epochs (default 3)")
+    p.add_argument("--workers", type=int, default=None, help="part decode: loader workers (default 8; smoke 0)")
     p.add_argument("--out", default=None)
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
@@ -210,6 +272,8 @@ def parse(argv):
     a.classes = a.classes or (5 if smoke else 100)
     a.warmup = a.warmup if a.warmup is not None else (1 if smoke else 5)
     a.repeats = a.repeats or (3 if smoke else 20)
+    a.decode_epochs = a.decode_epochs or (2 if smoke else 3)
+    a.workers = a.workers if a.workers is not None else (0 if smoke else 8)
     return a
 
 
@@ -224,6 +288,8 @@ def main(argv=None) -> dict:
         res["step"] = part_step(args, device)
     if args.part in ("run", "all"):
         res["run"] = part_run(args, device)
+    if args.part in ("decode", "all"):
+        res["decode"] = part_decode(args, device)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
@@ -245,6 +311,12 @@ def _table(res: dict) -> None:
         r = res["run"]
         print(f"  run   {r['dataset']} {r['shots']}-shot, {r['steps']} steps × {r['step_s'] * 1e3:.1f} ms + test "
               f"{r['projected_test_s']:.1f} s = projected {r['projected_wall_s'] / 60:.1f} min")
+    if "decode" in res:
+        d = res["decode"]
+        fast = "gpu" if "gpu" in d else "tensor"
+        print(f"  decode {d['images']} JPEGs {d['image_size'][0]}x{d['image_size'][1]} -> coop {d['crop']}, "
+              f"{d['workers']} workers, batch {d['batch']}: pil {d['pil']['images_per_s']:.0f} img/s, "
+              f"{fast} {d[fast]['images_per_s']:.0f} img/s (x{d['speedup']:.2f})")
 
 
 if __name__ == "__main__":

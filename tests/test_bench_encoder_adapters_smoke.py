@@ -19,3 +19,9 @@ def test_encoder_adapters_smoke(tmp_path):
     r = res["run"]
     assert r["steps"] == 6 and r["projected_train_s"] == 6 * r["step_s"]
     assert r["projected_wall_s"] == r["projected_train_s"] + r["projected_test_s"] > 0
+    d = res["decode"]  # the online loaders: PIL in the workers next to the byte path's code (tensor on CPU)
+    assert (d["images"], d["crop"], d["workers"]) == (16, 32, 0)
+    assert d["pil"]["resolved"] == "pil" and d["tensor"]["resolved"] == "tensor"
+    for mode in ("pil", "tensor"):
+        assert len(d[mode]["epoch_s_all"]) == 2 and d[mode]["images_per_s"] == 16 / d[mode]["epoch_s"]
+    assert d["speedup"] == d["tensor"]["images_per_s"] / d["pil"]["images_per_s"] > 0
