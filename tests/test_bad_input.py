@@ -43,6 +43,8 @@ RUN_CASES = [
     ("batch_size = 0", ["method=clip_adapter", "method.batch_size=0"], "method.batch_size=0: must be at least 1",
      True),
     ("negative DataLoader workers", ["data.num_workers=-1"], "data.num_workers=-1: must be at least 0", True),
+    ("unknown image decode", ["data.decode=nvjpeg"], "data.decode='nvjpeg'; valid choices: pil, auto, gpu, tensor",
+     True),
     ("threads not a number", ["threads=many"], "threads='many': must be auto or a whole number", True),
     ("trainer=gpu without a GPU", ["trainer=gpu"], "trainer.accelerator=gpu but this machine has no CUDA GPU",
      True),

@@ -155,11 +155,12 @@ def test_checkpoint_holds_only_adapted_tensors_and_reloads_to_identical_logits(m
     assert not torch.allclose(c["test/logits"].float(), a["test/logits"].float(), atol=1e-2)  # the reload did load
 
 
-@pytest.mark.parametrize("kind", ["mma_yang", "clip_lora"])
-def test_stopped_run_resumes_to_the_same_numbers(make_cfg, tmp_path, monkeypatch, kind):
+@pytest.mark.parametrize("kind,decode", [("mma_yang", "pil"), ("clip_lora", "pil"), ("clip_lora", "tensor")])
+def test_stopped_run_resumes_to_the_same_numbers(make_cfg, tmp_path, monkeypatch, kind, decode):
+    """Also with data.decode=tensor: its workers draw the crops from the global RNG that RNGState checkpoints."""
     method = ["method=mma_yang", "method.layers=[1,2]", "method.epochs=4", "method.scale=1.0", "method.optimizer.lr=0.5"] if kind == "mma_yang" else \
         ["method=clip_lora", "method.iters_per_shot=5", "method.optimizer.lr=0.05"]  # 10 steps, 3 per epoch
-    args = [*TINY, *method, "method.batch_size=8", f"paths.log_dir={tmp_path / 'logs'}"]
+    args = [*TINY, *method, "method.batch_size=8", f"paths.log_dir={tmp_path / 'logs'}", f"data.decode={decode}"]
     ref = run(make_cfg(args, output_dir=tmp_path / "ref"))
 
     class Stop(Exception):

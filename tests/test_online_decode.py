@@ -101,6 +101,11 @@ def test_unreadable_file_is_one_line_or_skipped(tiny, tree, tmp_path):
     dm.setup()
     raw = next(iter(dm.train_dataloader()))
     one_line_error(lambda: dm.decode_batch(raw, "cpu"), "cannot read image", bad.split("/")[-1], "data.unreadable=skip")
+    skip = CLIPDataModule("synthetic", str(root), tiny, shots=2, inputs="images", batch_size=64, num_workers=0,
+                          augment={"preset": "coop"}, features={"enabled": False}, decode="tensor", unreadable="skip")
+    skip.setup()
+    x, y = skip.decode_batch(next(iter(skip.train_dataloader())), "cpu")
+    assert skip.skipped == {"train": [bad]} and len(x) == len(y) == len(dm.protocol.train) - 1
 
 
 def test_clip_lora_trains_on_the_byte_path(make_cfg, tmp_path):

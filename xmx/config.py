@@ -120,6 +120,15 @@ def _wandb_has_key() -> bool:
         return False
 
 
+DECODES = ("pil", "auto", "gpu", "tensor")  # data.decode / features.decode (xmx.features.online, xmx.features.extract)
+
+
+def check_decode(value, key: str = "data.decode") -> str:
+    if value not in DECODES:
+        raise XmxError(f"{key}={value!r}; valid choices: {', '.join(DECODES)} (auto: gpu on a CUDA device, else pil)")
+    return value
+
+
 def check_config(cfg) -> None:
     """Numbers and switches that would otherwise fail late (or not at all): shots, seed, epochs, batch sizes, learning
     rates, workers, threads, the W&B login. Raises :class:`xmx.errors.XmxError`."""
@@ -153,10 +162,14 @@ def check_config(cfg) -> None:
                 _whole(cfg, f"data.{k}", 1)
         if "num_workers" in cfg.data:
             _whole(cfg, "data.num_workers", 0)
+        if "decode" in cfg.data:
+            check_decode(_select(cfg, "data.decode"), "data.decode")
     if "features" in cfg:
         for k, lo in (("batch_size", 1), ("num_workers", 0)):
             if k in cfg.features:
                 _whole(cfg, f"features.{k}", lo)
+        if "decode" in cfg.features:
+            check_decode(_select(cfg, "features.decode"), "features.decode")
     threads = _select(cfg, "threads") if "threads" in cfg else "auto"
     if threads != "auto" and (not _is_int(threads) or threads < 1):
         raise XmxError(f"threads={threads!r}: must be auto or a whole number >= 1 (intra-op CPU threads)")

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from xmx.config import check_decode
 from xmx.data.datasets import Datum, load_dataset
 from xmx.data.fake import is_fake_tree
 from xmx.data.fewshot import describe_val, subset_digest, subset_to_json
@@ -116,7 +117,6 @@ class CLIPDataModule(L.LightningDataModule):
         super().__init__()
         if inputs not in ("features", "images"):
             raise XmxError(f"method.inputs={inputs!r}; valid choices: features, images")
-        from xmx.features.online import check_decode
         self.decode = check_decode(decode)  # inputs=images: where images are decoded (xmx.features.online)
         self._online: dict = {}  # split -> OnlineImages of the byte loaders (data.decode gpu/tensor)
         check_unreadable(unreadable)

@@ -26,20 +26,13 @@ from torchvision.transforms import RandomResizedCrop
 
 from xmx.data.images import ImageListDataset, collate_skip
 from xmx.data.transforms import PRESETS, build_transform
+from xmx.config import DECODES, check_decode  # noqa: F401 - re-exported
 from xmx.errors import XmxError
 from xmx.features.extract import (RATIO, Preprocess, _collate_bytes, _decode_batch, _one_line, _transform_batch,
                                   read_for_decode, resolve_decode, unreadable_message)
 
 log = logging.getLogger(__name__)
 
-DECODES = ("pil", "auto", "gpu", "tensor")
-
-
-def check_decode(decode: str, key: str = "data.decode") -> str:
-    if decode not in DECODES:
-        raise XmxError(f"{key}={decode!r}; valid choices: {', '.join(DECODES)} (auto: gpu when the trainer runs on "
-                       "CUDA, else pil)")
-    return decode
 
 
 def draw_params(pp: Preprocess, height: int, width: int) -> tuple | None:
