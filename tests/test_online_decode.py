@@ -115,6 +115,10 @@ def test_clip_lora_trains_on_the_byte_path(make_cfg, tmp_path):
     ref = run(make_cfg(args, output_dir=tmp_path / "pil"))
     res = run(make_cfg([*args, "data.decode=tensor"], output_dir=tmp_path / "tensor"))
     assert res["config"]["data"]["decode"] == "tensor" and res["extra"]["total_steps"] == 2
+    dec = res["data"]["decode"]  # what ran is recorded: the training and test loaders on the byte path
+    assert dec["setting"] == "tensor" and dec["used"]["train"] == dec["used"]["test"] == "tensor"
+    assert dec["cpu_decoded"] > 0 and dec["gpu_decoded"] == 0
+    assert ref["data"]["decode"] == {"setting": "pil", "used": {"train": "pil", "test": "pil"}}
     sd = torch.load(tmp_path / "tensor" / "checkpoints" / "last.ckpt", map_location="cpu",
                     weights_only=False)["state_dict"]
     assert any(v.abs().sum() > 0 for k, v in sd.items() if k.endswith(".B"))  # trained away from zero

@@ -119,6 +119,7 @@ class CLIPDataModule(L.LightningDataModule):
             raise XmxError(f"method.inputs={inputs!r}; valid choices: features, images")
         self.decode = check_decode(decode)  # inputs=images: where images are decoded (xmx.features.online)
         self._online: dict = {}  # split -> OnlineImages of the byte loaders (data.decode gpu/tensor)
+        self._decode_used: dict[str, str] = {}  # split -> the decode its image loader ran (pil | gpu | tensor)
         check_unreadable(unreadable)
         self.fingerprint_mode, self.fingerprint_cache = check_mode(fingerprint), fingerprint_cache
         self._fingerprint: dict | None = None
@@ -310,6 +311,7 @@ class CLIPDataModule(L.LightningDataModule):
                               unreadable=self.unreadable)
         if online.pp is not None:
             self._online[split] = online
+        self._decode_used[split] = online.mode
         return online.dataset(), online.collate()
 
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
@@ -389,4 +391,15 @@ class CLIPDataModule(L.LightningDataModule):
                 "unreadable": {"policy": self.unreadable, "skipped": sum(map(len, self.skipped.values())),
                                "by_set": {k: len(v) for k, v in self.skipped.items()},
                                "files": [p for v in self.skipped.values() for p in v][:50]},
-                "synthetic": self.synthetic}
+                "synthetic": self.synthetic, **self._decode_record()}
+
+    def _decode_record(self) -> dict:
+        """``inputs: images``: where the images were decoded — ``data.decode`` as set, what each loader ran (``auto``
+        resolves per device; ``gpu`` falls back to ``pil`` without CUDA) and, for the byte loaders, how many images
+        the batched JPEG decoder read on the GPU / on the CPU (PIL fallbacks and ``tensor`` count as CPU)."""
+        if self.inputs != "images":
+            return {}
+        out = {"setting": self.decode, "used": dict(self._decode_used)}
+        if self._online:
+            out.update({k: sum(o.counts[k] for o in self._online.values()) for k in ("gpu_decoded", "cpu_decoded")})
+        return {"decode": out}
