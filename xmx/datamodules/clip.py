@@ -5,6 +5,8 @@ goes through the frozen encoder once per augmented view, through the feature sto
 ``(raw_features[B,C], labels[B])``. Methods that run encoders inside the training step set ``inputs: images``.
 ``feature_output: pre_projection`` (a method's ``feature_output`` key; ProLIP) serves the features *before* the image
 encoder's final projection instead (``[B,D]``, their own feature-store entries), everywhere the raw ones would be.
+With ``inputs: images``, ``data.decode`` says where images are decoded and augmented (:mod:`xmx.features.online`):
+PIL in the loader workers, or JPEG bytes decoded on the trainer's device in :meth:`transfer_batch_to_device`.
 """
 
 from __future__ import annotations

@@ -21,18 +21,17 @@ import logging
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.transforms import RandomResizedCrop
 
+from xmx.config import DECODES, check_decode  # noqa: F401 - DECODES re-exported
 from xmx.data.images import ImageListDataset, collate_skip
 from xmx.data.transforms import PRESETS, build_transform
-from xmx.config import DECODES, check_decode  # noqa: F401 - re-exported
 from xmx.errors import XmxError
 from xmx.features.extract import (RATIO, Preprocess, _collate_bytes, _decode_batch, _one_line, _transform_batch,
                                   read_for_decode, resolve_decode, unreadable_message)
 
 log = logging.getLogger(__name__)
-
 
 
 def draw_params(pp: Preprocess, height: int, width: int) -> tuple | None:
