@@ -91,6 +91,22 @@ def test_byte_loader_gives_the_pil_batches(tiny, tree, workers):
     assert torch.equal(la, lb) and d.mean() < 1.0 and d.max() <= 12, (d.mean(), d.max())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvjpeg decode)")
+def test_gpu_byte_loader_gives_the_pil_batches(tiny, tree):
+    root, png = tree
+    pil, gpu = _dm(tiny, root, "pil", workers=1), _dm(tiny, root, "gpu", workers=1)
+    pil.setup(), gpu.setup()
+    torch.manual_seed(3)
+    xa, ya = next(iter(pil.train_dataloader()))
+    torch.manual_seed(3)
+    xb, yb = gpu.decode_batch(next(iter(gpu.train_dataloader())), "cuda")
+    assert xb.is_cuda and torch.equal(ya, yb.cpu())
+    d = _levels(xa, xb.cpu(), tiny)
+    assert d.mean() < 1.0 and d.max() <= 12, (d.mean(), d.max())
+    counts = gpu._online["train"].counts  # every JPEG through nvjpeg, the PNG through PIL
+    assert counts == {"gpu_decoded": len(ya) - 1, "cpu_decoded": 1}
+
+
 def test_unreadable_file_is_one_line_or_skipped(tiny, tree, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(tree[0], root)
