@@ -186,13 +186,27 @@ def test_job_through_submitit_local_executor(xmx_cache, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_ddp_spawn_on_two_cpu_processes_equals_one_process(make_cfg, tmp_path):
+def test_ddp_on_two_cpu_processes_equals_one_process(make_cfg, tmp_path, monkeypatch):
+    # ddp_fork: the ranks are forked from this process (3 s); ddp_spawn re-imports torch and Lightning in two fresh
+    # interpreters for fit and again for test (35 s on 2 cores). The gradient averaging under test is the same.
     # no dropout and a deterministic start: the ranks' mean gradient over their halves of each global batch of 32
     # equals the one-process gradient over the batch, so the two runs agree up to float rounding
+    import torch.distributed as dist
+    init = dist.init_process_group
+
+    def init_and_record(*args, **kwargs):  # the forked ranks inherit this patch: each leaves a file
+        (tmp_path / f"rank{kwargs.get('rank')}-of-{kwargs.get('world_size')}").touch()
+        return init(*args, **kwargs)
+
+    monkeypatch.setattr(dist, "init_process_group", init_and_record)
     base = [*TINY, "method.epochs=2", "method.dropout=0.0", "callbacks.rich_progress_bar=null", "logger=none"]
     one = xrun.run(make_cfg(base, output_dir=tmp_path / "one"))
-    two = xrun.run(make_cfg([*base, "trainer=ddp", "trainer.strategy=ddp_spawn", "trainer.accelerator=cpu",
+    assert not list(tmp_path.glob("rank*"))
+    two = xrun.run(make_cfg([*base, "trainer=ddp", "trainer.strategy=ddp_fork", "trainer.accelerator=cpu",
                              "trainer.devices=2", "method.step_sleep=0"], output_dir=tmp_path / "two"))
+    assert sorted(p.name for p in tmp_path.glob("rank*")) == ["rank0-of-2", "rank1-of-2"]  # two ranks really ran
+    assert (one["trainer"]["world_size"], two["trainer"]["world_size"]) == (1, 2)
+    assert two["trainer"]["strategy"] == "DDPStrategy"
     assert set(two["metrics"]) == set(one["metrics"])
     for k, v in one["metrics"].items():
         assert two["metrics"][k] == pytest.approx(v, abs=0.51), k  # test set of 200: one sample = 0.5 %

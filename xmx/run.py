@@ -348,6 +348,8 @@ def _run(cfg: DictConfig) -> tuple[dict, str]:
         "weights": encoders["backbone"].describe(),
         "code": code_version(), "packages": package_versions(),
         "cost": _cost(t0),
+        "trainer": {"world_size": trainer.world_size, "strategy": type(trainer.strategy).__name__,
+                    "precision": str(trainer.precision)},
         "predictions": "predictions.safetensors" if method.predictions else None,
         "init_from": getattr(method, "init_record", None),
         "checkpoint": str(Path(best).relative_to(out)) if best and Path(best).is_relative_to(out) else best or None,
