@@ -30,8 +30,11 @@ $(VENV)/.installed:
 run: setup
 	"$(VPY)" -m xmx.run $(ARGS)
 
+# The suite is mostly single-threaded Python: one pytest-xdist worker per core the process may use
+# (TEST_WORKERS=0 runs it in one process).
+TEST_WORKERS ?= auto
 test: setup
-	"$(VPY)" -m pytest -q $(PYTEST_ARGS)
+	"$(VPY)" -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf "$(VENV)"
