@@ -112,9 +112,23 @@ def test_multirun_twice_recomputes_nothing_and_failures_are_counted(xmx_cache, t
     assert code == 1
     third = {s["overrides"][2]: s for s in _statuses(tmp_path / "m3").values()}
     assert third["shots=50"]["status"] == "failed" and "shots=50 but class" in third["shots=50"]["error"]
+    assert third["shots=50"]["job_id_of"].startswith("config (failed before the data was read)")
+    assert third["shots=3"]["job_id_of"] == "config+data"
     assert third["shots=2"]["status"] == "skipped" and third["shots=3"]["status"] == "done"
     out = capsys.readouterr().out
     assert "done 1 (resumed 0), skipped 1, failed 1" in out and "shots=50" in out
+
+    # a job that fails after its data was read is recorded under its real identity (config + image content)
+    code = _hydra(["-m", "method=lpp", "seed=1", "shots=2", "method.train_view=0,7", f"hydra.sweep.dir={tmp_path}/m4"],
+                  xmx_cache, log_dir)
+    assert code == 1
+    fourth = {next(o for o in s["overrides"] if o.startswith("method.train_view")): s
+              for s in _statuses(tmp_path / "m4").values()}
+    bad, good = fourth["method.train_view=7"], fourth["method.train_view=0"]
+    assert bad["status"] == "failed" and "only 1 views are cached" in bad["error"]
+    assert bad["job_id_of"] == "config+data" and good["status"] == "done"
+    index = json.loads((log_dir / ".index" / f"{bad['job_id']}.json").read_text())  # the index knows that id
+    assert index["status"] in ("running", "failed")
 
 
 def test_killed_run_resumes_from_last_ckpt_to_identical_numbers(xmx_cache, tmp_path):

@@ -259,6 +259,9 @@ def _check_selection(cfg: DictConfig, selection: str) -> None:
                        "its authors' code (it selects on validation); use selection=val")
 
 
+_JOB: dict = {}  # the identity of the job this process runs, once its data is fingerprinted
+
+
 def _run(cfg: DictConfig) -> tuple[dict, str]:
     """-> (results, outcome) with outcome one of done | resumed | skipped."""
     t0 = time.time()
@@ -284,6 +287,7 @@ def _run(cfg: DictConfig) -> tuple[dict, str]:
     _resume_mode(cfg)  # refused before the data is listed and fingerprinted
     datamodule, data_fp = _early_datamodule(cfg)  # lists + one stat per image (content hashes cached)
     jid = job_id(cfg, data_fp)
+    _JOB["id"] = jid  # a job that fails from here on is recorded under its real identity (config + data)
     outcome, folder, done, ckpt = _plan(cfg, out, jid)
     if outcome == "skipped":
         log.info("skip: job %s is already complete: %s", jid, folder / "results.json")
@@ -445,7 +449,7 @@ def _optimized(cfg: DictConfig, results: dict):
 
 
 def _write_job_status(status: str, cfg: DictConfig, jid: str | None, results: dict | None = None,
-                      error: str | None = None) -> None:
+                      error: str | None = None, job_id_of: str = "config+data") -> None:
     """``xmx_job.json`` in the Hydra folder of this attempt: what :class:`SweepSummary` counts."""
     try:
         hc = HydraConfig.get()
@@ -454,7 +458,7 @@ def _write_job_status(status: str, cfg: DictConfig, jid: str | None, results: di
     folder = Path(hc.runtime.output_dir)
     where = (cfg.paths.get("output_dir") if "paths" in cfg else None) or str(folder)
     atomic_write_text(folder / "xmx_job.json", json.dumps({
-        "job_id": jid, "status": status, "error": error, "overrides": list(hc.overrides.task),
+        "job_id": jid, "job_id_of": job_id_of, "status": status, "error": error, "overrides": list(hc.overrides.task),
         "output_dir": str(where), "metrics": (results or {}).get("metrics")}, indent=1))
 
 
@@ -471,8 +475,9 @@ def _hydra_main(cfg: DictConfig):
     _TASK_STARTED = True
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     jid = None
+    _JOB.clear()
     try:
-        jid = job_id(cfg)
+        jid = job_id(cfg)  # config only: what a job that fails before its data is fingerprinted is recorded under
         results, outcome = _run(cfg)
         value = _optimized(cfg, results)
     except Exception as e:  # noqa: BLE001
@@ -481,14 +486,16 @@ def _hydra_main(cfg: DictConfig):
         if isinstance(e, XmxError):
             _log_to_files(f"error: {e}")  # the run's log file; the terminal gets the line once, below
             print(f"error: {e}", file=sys.stderr)
-        elif multirun:
+        jid = _JOB.get("id", jid)
+        if not isinstance(e, XmxError) and multirun:
             log.exception("job %s failed: %s: %s", jid, type(e).__name__, line)
         if not multirun:
             if isinstance(e, XmxError):
                 raise SystemExit(2) from None
             raise
         if _is_rank_zero():
-            _write_job_status("failed", cfg, jid, error=f"{type(e).__name__}: {line}")
+            _write_job_status("failed", cfg, jid, error=f"{type(e).__name__}: {line}",
+                              job_id_of="config+data" if "id" in _JOB else "config (failed before the data was read)")
         return float("nan") if cfg.get("optimized_metric") else None  # a sweeper records the trial as failed
     if _is_rank_zero():
         _write_job_status(outcome, cfg, results.get("job_id", jid), results)
