@@ -128,7 +128,7 @@ def test_multirun_twice_recomputes_nothing_and_failures_are_counted(xmx_cache, t
     assert bad["status"] == "failed" and "only 1 views are cached" in bad["error"]
     assert bad["job_id_of"] == "config+data" and good["status"] == "done"
     index = json.loads((log_dir / ".index" / f"{bad['job_id']}.json").read_text())  # the index knows that id
-    assert index["status"] in ("running", "failed")
+    assert index["status"] == "failed" and "only 1 views are cached" in index["error"]
 
 
 def test_killed_run_resumes_from_last_ckpt_to_identical_numbers(xmx_cache, tmp_path):

@@ -152,7 +152,8 @@ def _is_rank_zero() -> bool:
 
 
 class JobIndex:
-    """``<log_dir>/.index/<job_id>.json`` -> {"status": running|complete, "output_dir", ...}, written atomically.
+    """``<log_dir>/.index/<job_id>.json`` -> {"status": running|complete|failed, "output_dir", ...}, written
+    atomically (the status is for people and tools; planning reads only the output folder and its files).
 
     It covers the runs whose output folder lies under ``paths.log_dir`` (every Hydra run and multirun folder by
     default); a run written to an explicit folder elsewhere is not indexed (only its own folder is checked)."""
@@ -174,9 +175,10 @@ class JobIndex:
         except (OSError, ValueError):
             return None
 
-    def write(self, jid: str, status: str, out: Path) -> None:
+    def write(self, jid: str, status: str, out: Path, error: str | None = None) -> None:
         entry = {"job_id": jid, "status": status, "output_dir": str(out.resolve()),
                  "results": str((out / "results.json").resolve()) if status == "complete" else None,
+                 **({"error": error} if error else {}),
                  "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": socket.gethostname(), "pid": os.getpid()}
         atomic_write_text(self.root / f"{jid}.json", json.dumps(entry, indent=1))
 
@@ -259,11 +261,23 @@ def _check_selection(cfg: DictConfig, selection: str) -> None:
                        "its authors' code (it selects on validation); use selection=val")
 
 
-_JOB: dict = {}  # the identity of the job this process runs, once its data is fingerprinted
+_JOB: dict = {}  # the job this process runs: "id" once its data is fingerprinted, "indexed" once it is in the index
 
 
 def _run(cfg: DictConfig) -> tuple[dict, str]:
-    """-> (results, outcome) with outcome one of done | resumed | skipped."""
+    """-> (results, outcome) with outcome one of done | resumed | skipped. A job that fails after it was indexed as
+    running is indexed as failed (its checkpoints stay: the next attempt resumes from them)."""
+    _JOB.clear()
+    try:
+        return _run_job(cfg)
+    except Exception as e:
+        if "indexed" in _JOB:
+            index, jid, out = _JOB["indexed"]
+            index.write(jid, "failed", out, error=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+        raise
+
+
+def _run_job(cfg: DictConfig) -> tuple[dict, str]:
     t0 = time.time()
     check_config(cfg)  # numbers, switches, W&B login, writable folders: before torch is even imported
     check_paths(cfg)
@@ -301,6 +315,7 @@ def _run(cfg: DictConfig) -> tuple[dict, str]:
     index = JobIndex.for_run(cfg, out)
     if index and _is_rank_zero():
         index.write(jid, "running", out)
+        _JOB["indexed"] = (index, jid, out)
     if cfg.get("notice"):
         log.warning(cfg.notice)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -475,7 +490,7 @@ def _hydra_main(cfg: DictConfig):
     _TASK_STARTED = True
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     jid = None
-    _JOB.clear()
+    _JOB.clear()  # _run clears it too; a failure in job_id below must not see a former job's
     try:
         jid = job_id(cfg)  # config only: what a job that fails before its data is fingerprinted is recorded under
         results, outcome = _run(cfg)
