@@ -85,8 +85,9 @@ def lpp_step_sizes(x: Tensor, T: Tensor) -> tuple[float, float]:
 
 
 def matmul_dtype(precision: str, device: torch.device | str) -> torch.dtype:
-    """The dtype of the two big products: ``fp32``; ``bf16``; ``fp16``; ``auto`` = fp16 on CUDA (the release's
-    dtype) and bf16 elsewhere (a CPU's fast half type). Parameters, softmax and updates stay fp32 in every case."""
+    """The dtype of the products, the softmax and G: ``fp32``; ``bf16``; ``fp16``; ``auto`` = fp16 on CUDA (the
+    release's dtype) and bf16 elsewhere (a CPU's fast half type: fp16 products are ~15x slower there). Parameters,
+    gradients and updates stay fp32 in every case."""
     if precision == "auto":
         return torch.float16 if torch.device(device).type == "cuda" else torch.bfloat16
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
