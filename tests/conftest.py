@@ -88,3 +88,16 @@ def one_line_error(fn, *needles) -> str:
     for n in needles:
         assert n in msg, msg
     return msg
+
+
+# one-step runs of the online training path (CLIP-LoRA, MMA-Yang, the byte loaders) on the tiny CLIP
+ONLINE_TINY = ["backbone=tiny", "data=synthetic", "trainer.accelerator=cpu", "callbacks=final",
+               "+trainer.limit_val_batches=0", "logger=none", "data.num_workers=0", "augment=coop", "shots=2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    """The tiny random-init CLIP, built once per test module (seeded: the same weights in every module)."""
+    from xmx.backbones.clip import CLIPBackbone
+    torch.manual_seed(0)
+    return CLIPBackbone("xmx-tiny", None)

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import one_line_error
+from conftest import ONLINE_TINY, one_line_error
 from xmx.backbones.clip import CLIPBackbone
 from xmx.backbones.lora import LoRAAttention, inject_lora, layer_indices
 from xmx.methods.clip_lora import ClipLoRAMethod
@@ -23,14 +23,7 @@ from xmx.run import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ["backbone=tiny", "data=synthetic", "trainer.accelerator=cpu", "callbacks=final", "+trainer.limit_val_batches=0",
-        "logger=none", "data.num_workers=0", "augment=coop", "shots=2"]
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return CLIPBackbone("xmx-tiny", None)
+TINY = ONLINE_TINY  # conftest.py
 
 
 def _inputs(bb):
@@ -43,9 +36,9 @@ def _outputs(bb, img, tok):
         return bb.encode_image(img), bb.encode_text(tok)
 
 
-def test_zero_b_leaves_both_towers_bit_identical(tiny):
-    bb, img, tok = copy.deepcopy(tiny), *_inputs(tiny)
-    ref_i, ref_t = _outputs(tiny, img, tok)
+def test_zero_b_leaves_both_towers_bit_identical(tiny_clip):
+    bb, img, tok = copy.deepcopy(tiny_clip), *_inputs(tiny_clip)
+    ref_i, ref_t = _outputs(tiny_clip, img, tok)
     layers = inject_lora(bb.model, "both", "all", ["q", "k", "v", "o"], r=2, alpha=1, dropout=0.25)
     assert len(layers) == 4 and all(isinstance(b.attn, LoRAAttention) for b in bb.model.transformer.resblocks)
     out_i, out_t = _outputs(bb, img, tok)
@@ -57,9 +50,9 @@ def test_zero_b_leaves_both_towers_bit_identical(tiny):
     assert not torch.allclose(out_i, ref_i, atol=1e-4) and not torch.allclose(out_t, ref_t, atol=1e-4)
 
 
-def test_training_path_with_dropout_is_the_merged_function(tiny):
+def test_training_path_with_dropout_is_the_merged_function(tiny_clip):
     """The release's unmerged branch (dropout before each LoRA factor) equals the merged weights when no unit drops."""
-    bb, img, tok = copy.deepcopy(tiny), *_inputs(tiny)
+    bb, img, tok = copy.deepcopy(tiny_clip), *_inputs(tiny_clip)
     layers = inject_lora(bb.model, "both", "all", ["q", "k", "v", "o"], r=2, alpha=1, dropout=1e-12)
     for m in layers:
         for p in m.lora.values():
@@ -108,9 +101,9 @@ def _step(method, bb):
 
 
 @pytest.mark.parametrize("kind", ["clip_lora", "mma_yang"])
-def test_one_step_changes_only_the_adapters(tiny, kind, make_cfg):
+def test_one_step_changes_only_the_adapters(tiny_clip, kind, make_cfg):
     from types import SimpleNamespace
-    bb = copy.deepcopy(tiny)
+    bb = copy.deepcopy(tiny_clip)
     names = ["cat", "dog", "bird"]
     es = SimpleNamespace(name="test", classnames=names, templates=["a photo of a {}."])
     dm = SimpleNamespace(backbone=bb, inputs="images", classnames=names, templates=["a photo of a {}."], val_set=es,
@@ -202,14 +195,14 @@ def test_what_is_recorded_is_what_runs(make_cfg, overrides, needles):
     one_line_error(lambda: run(make_cfg([*TINY, "method=clip_lora", *overrides])), *needles)
 
 
-def test_activation_checkpointing_gives_the_same_gradients(tiny):
+def test_activation_checkpointing_gives_the_same_gradients(tiny_clip):
     from types import SimpleNamespace
     names = ["cat", "dog", "bird"]
     es = SimpleNamespace(name="test", classnames=names, templates=["a photo of a {}."])
     grads = []
     for ckpt in (False, True):
         torch.manual_seed(0)
-        bb = copy.deepcopy(tiny)
+        bb = copy.deepcopy(tiny_clip)
         dm = SimpleNamespace(backbone=bb, inputs="images", classnames=names, templates=["a photo of a {}."],
                              val_set=es, eval_sets=[es], logit_scale=bb.logit_scale, shots=2)
         method = MMAYangMethod(layers=[1, 2], amp="none", grad_checkpointing=ckpt)
@@ -223,8 +216,8 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny):
         torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5)
 
 
-def test_backbone_without_attention_layers_is_one_line(tiny):
-    bb = copy.deepcopy(tiny)
+def test_backbone_without_attention_layers_is_one_line(tiny_clip):
+    bb = copy.deepcopy(tiny_clip)
     bb.model.visual = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1))  # like a ResNet image tower
     one_line_error(lambda: inject_lora(bb.model, "vision"), "vision tower", "no transformer attention layers")
     one_line_error(lambda: inject_lora(bb.model, "both"), "vision tower")  # nothing injected on the way
@@ -254,9 +247,9 @@ def test_presets_compose():
     GlobalHydra.instance().clear()
 
 
-def test_trimmed_text_equals_the_full_context(tiny):
+def test_trimmed_text_equals_the_full_context(tiny_clip):
     from xmx.methods._training import encode_text_trimmed
-    bb = copy.deepcopy(tiny)
+    bb = copy.deepcopy(tiny_clip)
     inject_lora(bb.model, "text", "all", ["q", "v"], r=2, alpha=1, dropout=0.0)
     for b in bb.model.transformer.resblocks:
         for p in b.attn.lora.values():

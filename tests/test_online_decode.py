@@ -14,8 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import one_line_error
-from xmx.backbones.clip import CLIPBackbone
+from conftest import ONLINE_TINY, one_line_error
 from xmx.data.images import ImageListDataset
 from xmx.datamodules.clip import CLIPDataModule
 from xmx.features.online import OnlineBytes
@@ -23,22 +22,15 @@ from xmx.run import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ["backbone=tiny", "data=synthetic", "trainer.accelerator=cpu", "callbacks=final", "+trainer.limit_val_batches=0",
-        "logger=none", "data.num_workers=0", "augment=coop", "shots=2"]
+TINY = ONLINE_TINY  # conftest.py
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return CLIPBackbone("xmx-tiny", None)
-
-
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory, tiny):
+def tree(tmp_path_factory, tiny_clip):
     """The synthetic dataset in its own root, with training images of varied sizes (so crops differ from image to
     image) and one training image rewritten as a PNG under its .jpg name."""
     root = tmp_path_factory.mktemp("online")
-    dm = _dm(tiny, root, "pil")
+    dm = _dm(tiny_clip, root, "pil")
     dm.prepare_lists()
     rng = np.random.default_rng(0)
     for k, d in enumerate(dm.protocol.train):
@@ -62,9 +54,9 @@ def _levels(a, b, bb):
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_byte_loader_gives_the_pil_batches(tiny, tree, workers):
+def test_byte_loader_gives_the_pil_batches(tiny_clip, tree, workers):
     root, png = tree
-    pil, fast = _dm(tiny, root, "pil", workers=workers), _dm(tiny, root, "tensor", workers=workers)
+    pil, fast = _dm(tiny_clip, root, "pil", workers=workers), _dm(tiny_clip, root, "tensor", workers=workers)
     pil.setup(), fast.setup()
     assert isinstance(pil.train_dataloader().dataset, ImageListDataset)
     assert isinstance(fast.train_dataloader().dataset, OnlineBytes)
@@ -77,47 +69,47 @@ def test_byte_loader_gives_the_pil_batches(tiny, tree, workers):
     assert fallback == [png] and len(raw["images"]) == len(ya) == len(pil.protocol.train)
     xb, yb = fast.decode_batch(raw, "cpu")
     assert xb.shape == xa.shape and xb.dtype == torch.float32 and torch.equal(ya, yb)
-    d = _levels(xa, xb, tiny)  # same crops, flips and noise: only the resize rounding differs (test_extract's bound)
+    d = _levels(xa, xb, tiny_clip)  # same crops, flips and noise: only the resize rounding differs (test_extract's bound)
     assert d.mean() < 1.0 and d.max() <= 12, (d.mean(), d.max())
     torch.manual_seed(4)  # the draws come from the global RNG (RNGState checkpoints it): another seed, other crops
     xc, _ = fast.decode_batch(next(iter(fast.train_dataloader())), "cpu")
-    assert _levels(xa, xc, tiny).mean() > 5
+    assert _levels(xa, xc, tiny_clip).mean() > 5
     # evaluation loaders (eval transform + data.augment.noise_on_eval) agree the same way
     torch.manual_seed(5)
     ea, la = next(iter(pil.test_dataloader()[0]))
     torch.manual_seed(5)
     eb, lb = fast.decode_batch(next(iter(fast.test_dataloader()[0])), "cpu")
-    d = _levels(ea, eb, tiny)
+    d = _levels(ea, eb, tiny_clip)
     assert torch.equal(la, lb) and d.mean() < 1.0 and d.max() <= 12, (d.mean(), d.max())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvjpeg decode)")
-def test_gpu_byte_loader_gives_the_pil_batches(tiny, tree):
+def test_gpu_byte_loader_gives_the_pil_batches(tiny_clip, tree):
     root, png = tree
-    pil, gpu = _dm(tiny, root, "pil", workers=1), _dm(tiny, root, "gpu", workers=1)
+    pil, gpu = _dm(tiny_clip, root, "pil", workers=1), _dm(tiny_clip, root, "gpu", workers=1)
     pil.setup(), gpu.setup()
     torch.manual_seed(3)
     xa, ya = next(iter(pil.train_dataloader()))
     torch.manual_seed(3)
     xb, yb = gpu.decode_batch(next(iter(gpu.train_dataloader())), "cuda")
     assert xb.is_cuda and torch.equal(ya, yb.cpu())
-    d = _levels(xa, xb.cpu(), tiny)
+    d = _levels(xa, xb.cpu(), tiny_clip)
     assert d.mean() < 1.0 and d.max() <= 12, (d.mean(), d.max())
     counts = gpu._online["train"].counts  # every JPEG through nvjpeg, the PNG through PIL
     assert counts == {"gpu_decoded": len(ya) - 1, "cpu_decoded": 1}
 
 
-def test_unreadable_file_is_one_line_or_skipped(tiny, tree, tmp_path):
+def test_unreadable_file_is_one_line_or_skipped(tiny_clip, tree, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(tree[0], root)
-    dm = _dm(tiny, root, "tensor", noise=0.0)
+    dm = _dm(tiny_clip, root, "tensor", noise=0.0)
     dm.prepare_lists()
     bad = dm.protocol.train[3].path
     (root / bad).write_bytes(b"\xff\xd8\xffnot really a jpeg")  # a JPEG header, no decodable body
     dm.setup()
     raw = next(iter(dm.train_dataloader()))
     one_line_error(lambda: dm.decode_batch(raw, "cpu"), "cannot read image", bad.split("/")[-1], "data.unreadable=skip")
-    skip = CLIPDataModule("synthetic", str(root), tiny, shots=2, inputs="images", batch_size=64, num_workers=0,
+    skip = CLIPDataModule("synthetic", str(root), tiny_clip, shots=2, inputs="images", batch_size=64, num_workers=0,
                           augment={"preset": "coop"}, features={"enabled": False}, decode="tensor", unreadable="skip")
     skip.setup()
     x, y = skip.decode_batch(next(iter(skip.train_dataloader())), "cpu")
@@ -145,15 +137,15 @@ def test_clip_lora_trains_on_the_byte_path(make_cfg, tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback is for machines without CUDA")
-def test_gpu_without_cuda_falls_back_to_pil_with_one_line(tiny, tree, caplog):
-    dm = _dm(tiny, tree[0], "gpu")
+def test_gpu_without_cuda_falls_back_to_pil_with_one_line(tiny_clip, tree, caplog):
+    dm = _dm(tiny_clip, tree[0], "gpu")
     dm.setup()
     with caplog.at_level(logging.WARNING):
         loader = dm.train_dataloader()
     assert isinstance(loader.dataset, ImageListDataset)
     lines = [r.getMessage() for r in caplog.records if "data.decode=gpu" in r.getMessage()]
     assert len(lines) == 1 and "needs a CUDA device" in lines[0] and "\n" not in lines[0]
-    auto = _dm(tiny, tree[0], "auto")
+    auto = _dm(tiny_clip, tree[0], "auto")
     auto.setup()
     assert isinstance(auto.train_dataloader().dataset, ImageListDataset)
 
