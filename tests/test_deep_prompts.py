@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ONLINE_TINY, one_line_error
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import ONLINE_TINY, one_line_error
 from xmx.backbones.clip import CLIPBackbone
-from xmx.methods.deep_prompts import (DeepPromptMethod, LabelSetPrompts, PromptSRCMethod, encode_class_prompts,
-                                      gaussian_weights)
+from xmx.backbones.deep_tokens import LabelSetPrompts, encode_class_prompts
+from xmx.methods.deep_prompts import DeepPromptMethod, PromptSRCMethod, gaussian_weights
 from xmx.run import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -170,7 +170,7 @@ def test_promptsrc_loss_is_the_release_formula(tiny_clip):
 def test_chunked_recomputed_class_encoding_gives_the_plain_gradients(tiny_clip):
     bb = copy.deepcopy(tiny_clip)
     names = ["cat", "dog", "sea lion", "a very long class name indeed", "x"]
-    lp = LabelSetPrompts(bb, names, "a photo of a", 4)
+    lp = LabelSetPrompts(bb, [f"a photo of a {c}." for c in names], 4)
     g = torch.Generator().manual_seed(0)
     layers = {i: nn.Parameter(torch.randn(4, bb.text_width, generator=g) * 0.1) for i in range(2)}
     target = torch.randn(len(names), bb.embed_dim, generator=g)
@@ -249,6 +249,7 @@ def test_towers_without_per_layer_tokens_refuse_before_any_work(tiny_clip):
 def test_presets_compose():
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+
     from xmx.config import config_dir
     GlobalHydra.instance().clear()
     expect = {"ivlp_b2n": ("ivlp", "base2new", 9, 20), "maple_b2n": ("maple", "base2new", 9, 5),

@@ -140,3 +140,53 @@ def encode_image_deep(visual: nn.Module, images: torch.Tensor, layers: dict[int,
         x = _block(trunk, blk, x, None)
     x = visual.ln_post(x)  # per token: the same as open_clip's pool-then-norm for the class token
     return x[:, 0] @ visual.proj, x
+
+
+class LabelSetPrompts(nn.Module):
+    """One label set's fixed prompt parts: token ids ``tokens [N, L]`` of its prompt texts (deep prompts: "<phrase>
+    <name>." whose positions 1..n_ctx the first layer's prompts replace; MMRL: the dataset template) cut after the set's
+    last EOT (causal towers), and their embeddings ``emb [N, L, W]`` (non-persistent: they follow from the names)."""
+
+    def __init__(self, bb, texts: list[str], n_ctx: int = 0, trim: bool = True):
+        super().__init__()
+        tokens = bb.tokenize(list(texts))
+        L = int(tokens.argmax(-1).max()) + 1 if trim else tokens.shape[1]
+        if n_ctx and 1 + n_ctx >= int(tokens.argmax(-1).min()):
+            raise XmxError(f"deep prompts: the prompt of some class is too short for {n_ctx} context tokens")
+        tokens = tokens[:, :L]
+        with torch.no_grad():
+            emb = bb.token_embedding(tokens).float().cpu()
+        self.register_buffer("tokens", tokens.clone(), persistent=False)
+        self.register_buffer("emb", emb, persistent=False)
+        self.n_ctx = n_ctx
+
+
+def encode_class_prompts(model, lp: LabelSetPrompts, text_layers: dict[int, torch.Tensor], chunk: int | None = None,
+                         checkpoint: bool = True, mode: str = "prompts") -> torch.Tensor:
+    """Raw text features [N, C] of a label set with the prompts ``text_layers`` (layer 0 written into the input).
+    ``chunk``: that many classes per pass, each pass cut after its own last EOT and recomputed in the backward pass
+    (``checkpoint`` and gradients on): peak activation memory follows the chunk, gradients are the plain ones."""
+    N = lp.tokens.shape[0]
+    step = N if not chunk else max(1, int(chunk))
+
+    def run(emb, tok, *flat):
+        layers = dict(zip(keys, flat))
+        if mode == "prompts" and 0 in layers:
+            p0 = layers[0].to(emb.dtype).unsqueeze(0).expand(emb.shape[0], -1, -1)
+            emb = torch.cat([emb[:, :1], p0, emb[:, 1 + lp.n_ctx:]], dim=1)
+        return encode_text_deep(model, emb, tok, layers, mode=mode)
+
+    keys = sorted(text_layers)
+    flat = [text_layers[k] for k in keys]
+    out = []
+    for i in range(0, N, step):
+        tok = lp.tokens[i:i + step]
+        if step < N:  # this chunk's own cut (causal attention: positions after the last EOT change nothing)
+            tok = tok[:, :int(tok.argmax(-1).max()) + 1]
+        emb = lp.emb[i:i + step, :tok.shape[1]]
+        if step < N and checkpoint and torch.is_grad_enabled() and any(t.requires_grad for t in flat):
+            from torch.utils.checkpoint import checkpoint as ckpt
+            out.append(ckpt(run, emb, tok, *flat, use_reentrant=False))
+        else:
+            out.append(run(emb, tok, *flat))
+    return torch.cat(out).float()

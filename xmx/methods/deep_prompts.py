@@ -37,7 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xmx.backbones.deep_tokens import check_deep_towers, encode_image_deep, encode_text_deep, tower_depth
+from xmx.backbones.deep_tokens import (
+    LabelSetPrompts,
+    check_deep_towers,
+    encode_class_prompts,
+    encode_image_deep,
+    tower_depth,
+)
 from xmx.errors import XmxError
 from xmx.methods._training import EncoderMethod
 
@@ -77,57 +83,6 @@ class DeepPrompts(nn.Module):
         if self.coupled:
             return {l: f(self.text[l]) for l, f in enumerate(self.coupling)}
         return dict(enumerate(self.vision))
-
-
-class LabelSetPrompts(nn.Module):
-    """One label set's fixed prompt parts: token ids ``tokens [N, L]`` of "<phrase> <name>." (phrase = the init
-    phrase, or n_t placeholder words) cut after the set's last EOT when causal, and their embeddings ``emb [N, L, W]``
-    (non-persistent: they follow from the class names)."""
-
-    def __init__(self, bb, classnames: list[str], phrase: str, n_ctx: int, trim: bool = True):
-        super().__init__()
-        names = [c.replace("_", " ") for c in classnames]
-        tokens = bb.tokenize([f"{phrase} {n}." for n in names])
-        L = int(tokens.argmax(-1).max()) + 1 if trim else tokens.shape[1]
-        if 1 + n_ctx >= int(tokens.argmax(-1).min()):
-            raise XmxError(f"deep prompts: the prompt of some class is too short for {n_ctx} context tokens")
-        tokens = tokens[:, :L]
-        with torch.no_grad():
-            emb = bb.token_embedding(tokens).float().cpu()
-        self.register_buffer("tokens", tokens.clone(), persistent=False)
-        self.register_buffer("emb", emb, persistent=False)
-        self.n_ctx = n_ctx
-
-
-def encode_class_prompts(model, lp: LabelSetPrompts, text_layers: dict[int, torch.Tensor], chunk: int | None = None,
-                         checkpoint: bool = True, mode: str = "prompts") -> torch.Tensor:
-    """Raw text features [N, C] of a label set with the prompts ``text_layers`` (layer 0 written into the input).
-    ``chunk``: that many classes per pass, each pass cut after its own last EOT and recomputed in the backward pass
-    (``checkpoint`` and gradients on): peak activation memory follows the chunk, gradients are the plain ones."""
-    N = lp.tokens.shape[0]
-    step = N if not chunk else max(1, int(chunk))
-
-    def run(emb, tok, *flat):
-        layers = dict(zip(keys, flat))
-        if mode == "prompts" and 0 in layers:
-            p0 = layers[0].to(emb.dtype).unsqueeze(0).expand(emb.shape[0], -1, -1)
-            emb = torch.cat([emb[:, :1], p0, emb[:, 1 + lp.n_ctx:]], dim=1)
-        return encode_text_deep(model, emb, tok, layers, mode=mode)
-
-    keys = sorted(text_layers)
-    flat = [text_layers[k] for k in keys]
-    out = []
-    for i in range(0, N, step):
-        tok = lp.tokens[i:i + step]
-        if step < N:  # this chunk's own cut (causal attention: positions after the last EOT change nothing)
-            tok = tok[:, :int(tok.argmax(-1).max()) + 1]
-        emb = lp.emb[i:i + step, :tok.shape[1]]
-        if step < N and checkpoint and torch.is_grad_enabled() and any(t.requires_grad for t in flat):
-            from torch.utils.checkpoint import checkpoint as ckpt
-            out.append(ckpt(run, emb, tok, *flat, use_reentrant=False))
-        else:
-            out.append(run(emb, tok, *flat))
-    return torch.cat(out).float()
 
 
 # ======================================================================================================= GPA
@@ -202,7 +157,8 @@ class DeepPromptMethod(EncoderMethod):
             key = tuple(classnames)
             if key not in self._label_prompts:
                 attr = f"label_prompts_{len(self._label_prompts)}"
-                self.add_module(attr, LabelSetPrompts(bb, classnames, phrase, self.n_text, self.trim_text))
+                texts = [f"{phrase} {c.replace('_', ' ')}." for c in classnames]
+                self.add_module(attr, LabelSetPrompts(bb, texts, self.n_text, self.trim_text))
                 self._label_prompts[key] = attr
         return []
 
