@@ -174,7 +174,7 @@ def deep_child(spec: dict, own_process: bool = True) -> dict:
     dm = SimpleNamespace(backbone=bb, classnames=names, val_set=s, eval_sets=[s], logit_scale=bb.logit_scale,
                          templates=["a photo of a {}."], inputs="images", shots=16,
                          text_classifier=lambda c, t, normalize=True: bb.text_classifier(c, t, normalize=normalize))
-    common = dict(amp="auto", text_chunk=spec["chunk"], epochs=1)
+    common = {"amp": "auto", "text_chunk": spec["chunk"], "epochs": 1}
     kind = spec["method"]
     if kind == "maple":
         m = DeepPromptMethod(n_ctx_text=2, n_ctx_vision=2, depth_text=depth, depth_vision=depth, coupling=True, **common)
@@ -322,8 +322,8 @@ def main(argv=None) -> dict:
 
 def deep_table(res: dict) -> str:
     d = res["deep"]
-    lines = [f"deep prompts: one step, {res.get('model') or res['sizes']['model']}, N = {d['classes']} classes, batch "
-             f"{d['batch']}, chunk {d['chunk']}, {res['device_name']} ({res['device']}; {d['measure']})",
+    lines = [(f"deep prompts: one step, {res.get('model') or res['sizes']['model']}, N = {d['classes']} classes, batch "
+              f"{d['batch']}, chunk {d['chunk']}, {res['device_name']} ({res['device']}; {d['measure']})"),
              f"{'method':<10} {'plain MB':>9} {'chunk MB':>9} {'mem':>6} {'plain ms':>9} {'chunk ms':>9} {'time':>6}"]
     for k, r in d["methods"].items():
         def mb(v):

@@ -153,7 +153,7 @@ class DeepPromptMethod(EncoderMethod):
         vw = int(bb.model.visual.transformer.width) if vision else 1
         self.prompts = DeepPrompts(tw, vw, self.n_text, self.n_vision, self.depth_text,
                                    self.depth_vision if vision else 0, self.coupled, init, self.init_std)
-        for name, (classnames, _) in self.label_sets.items():
+        for classnames, _ in self.label_sets.values():
             key = tuple(classnames)
             if key not in self._label_prompts:
                 attr = f"label_prompts_{len(self._label_prompts)}"
