@@ -53,7 +53,11 @@ def image_draws(correct: np.ndarray, n_boot: int, rng: np.random.Generator) -> n
     same resample for every run."""
     correct = np.asarray(correct, dtype=bool)
     r, n = correct.shape
-    patterns, counts = np.unique(correct.T, axis=0, return_counts=True)  # [K, R], [K]
+    if r <= 62:  # one integer code per image: np.unique on ints is a plain sort
+        codes, counts = np.unique(np.left_shift(1, np.arange(r, dtype=np.int64)) @ correct, return_counts=True)
+        patterns = (codes[:, None] >> np.arange(r)) & 1  # [K, R]
+    else:
+        patterns, counts = np.unique(correct.T, axis=0, return_counts=True)  # [K, R], [K]
     draws = rng.multinomial(n, counts / n, size=n_boot)  # [B, K]
     return draws @ patterns.astype(np.float64) * (100.0 / n)
 
@@ -137,7 +141,9 @@ class Predictions:
             with safe_open(str(self._file(run)), "np") as h:
                 logits = h.get_tensor(f"{eval_set}/logits")
                 labels = h.get_tensor(f"{eval_set}/labels").astype(np.int64)
-            self._cache[key] = (logits.argmax(axis=1) == labels, labels)
+            pred = np.concatenate([logits[i:i + 4096].astype(np.float32).argmax(axis=1)  # fp16 argmax is slow
+                                   for i in range(0, len(logits), 4096)]) if len(logits) else np.zeros(0, np.int64)
+            self._cache[key] = (pred == labels, labels)
         return self._cache[key]
 
 
