@@ -227,3 +227,12 @@ def test_synthetic_demo_runs_are_not_averaged_with_real_datasets(tmp_path):
     write_result(tmp_path, method="zeroshot", dataset="synthetic", acc=100.0)
     res = build_report([tmp_path], out=tmp_path / "rep", plots=False)
     assert cell(res["cells"], method="zeroshot", dataset="average", column="16")["mean"] == 40.0
+
+
+def test_fp16_argmax_through_the_bits_equals_the_float_argmax():
+    from xmx.report.stats import argmax_rows
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((5000, 37)) * rng.choice([1e-3, 1, 300], size=(5000, 1))).astype(np.float16)
+    x[:50] = -np.abs(x[:50])  # rows of negatives only
+    np.testing.assert_array_equal(argmax_rows(x, chunk=999), x.astype(np.float32).argmax(axis=1))
+    np.testing.assert_array_equal(argmax_rows(x.astype(np.float32)), x.astype(np.float32).argmax(axis=1))
