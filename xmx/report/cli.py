@@ -13,7 +13,7 @@ from xmx.report.gather import (CAVEAT_NOTE, TABLES, _assign_variants, find_resul
                                swept_keys)
 from xmx.report.plots import plot_base2new, plot_fewshot, plot_sweeps, plot_variance
 from xmx.report.references import compare, load_references
-from xmx.report.stats import (cell_intervals, compare_methods, decompose, interval_text, win_tie_loss)
+from xmx.report.stats import (Predictions, cell_intervals, compare_methods, decompose, interval_text, win_tie_loss)
 from xmx.report.tables import _md, _slug, aggregate, build_tables, latex_table, markdown_table
 from xmx.utils import atomic_write_bytes
 
@@ -75,11 +75,11 @@ def build_report(folders, out="report", seeds=None, params=(), references=(), do
     obs = observations(runs)
     cells = aggregate(obs, seeds)
     refs = pd.concat([load_references()] + [load_references(r) for r in references], ignore_index=True)
-    pair = None
+    pair, preds = None, Predictions(runs)  # each run's predictions are read once, whatever asks for them
     if compare_pair:  # validated before any resampling: unknown names are one line
-        pair = [compare_methods(obs, runs, a, b, n_boot, ci_seed) for a, b in compare_pair]
+        pair = [compare_methods(obs, runs, a, b, n_boot, ci_seed, preds=preds) for a, b in compare_pair]
     if intervals or do_compare:
-        cells = cell_intervals(cells, obs, runs, n_boot, ci_seed)
+        cells = cell_intervals(cells, obs, runs, n_boot, ci_seed, preds=preds)
         if intervals:
             cells["text"] = [t + (f" {interval_text(lo, hi)}" if interval_text(lo, hi) else "")
                              for t, lo, hi in zip(cells.text, cells.ci_lo, cells.ci_hi)]
@@ -144,7 +144,7 @@ def build_report(folders, out="report", seeds=None, params=(), references=(), do
             md += [f"| {r.table} | {r.column} | {r.win} | {r.tie} | {r.loss} |" for r in wtl.itertuples()] + [""]
         files[f"{stem}.csv"] = p.to_csv(index=False).encode()
         files[f"{stem}.md"] = (pair_markdown(p) + "\n").encode()
-    var = decompose(obs, runs) if variance else None
+    var = decompose(obs, runs, preds) if variance else None
     if var is not None:
         md += ["## Variance of accuracies", "", VAR_NOTE, ""]
         files["variance.csv"] = var.to_csv(index=False).encode()

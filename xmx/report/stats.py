@@ -178,10 +178,10 @@ def _stack(preds: Predictions, runs: list[int], table: str, dataset: str, column
 # intervals for every cell
 # ---------------------------------------------------------------------------------------------------------------
 def cell_intervals(cells: pd.DataFrame, obs: pd.DataFrame, runs: pd.DataFrame, n_boot: int = 2000,
-                   seed: int = 0, level: float = LEVEL) -> pd.DataFrame:
+                   seed: int = 0, level: float = LEVEL, preds: Predictions | None = None) -> pd.DataFrame:
     """``cells`` with ``ci_lo``, ``ci_hi`` (% points) and ``ci_note`` (why a cell has none)."""
     rng = np.random.default_rng(seed)
-    preds = Predictions(runs)
+    preds = preds or Predictions(runs)
     reps: dict[tuple, np.ndarray] = {}
     why: dict[tuple, str] = {}
     key_cols = ROW + ["dataset", "column"]
@@ -256,11 +256,11 @@ def _rows_of(obs: pd.DataFrame, name: str) -> pd.DataFrame:
 
 
 def compare_methods(obs: pd.DataFrame, runs: pd.DataFrame, a: str, b: str, n_boot: int = 2000, seed: int = 0,
-                    level: float = LEVEL) -> pd.DataFrame:
+                    level: float = LEVEL, preds: Predictions | None = None) -> pd.DataFrame:
     """A − B per (table, dataset, column) and over datasets: the difference of seed means, its interval, the seeds
     paired, and the verdict (win: the interval lies above 0, loss: below, tie: it contains 0)."""
     rng = np.random.default_rng(seed)
-    preds = Predictions(runs)
+    preds = preds or Predictions(runs)
     oa, ob = _rows_of(obs, a), _rows_of(obs, b)
     for name, o in ((a, oa), (b, ob)):
         amb = o.groupby(PAIR_KEYS, dropna=False)[["experiment", "variant"]].nunique()
@@ -356,9 +356,9 @@ def decompose_values(values: np.ndarray, subset: np.ndarray, test_var: np.ndarra
     return out
 
 
-def decompose(obs: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+def decompose(obs: pd.DataFrame, runs: pd.DataFrame, preds: Predictions | None = None) -> pd.DataFrame:
     """One row per cell (row, dataset, column) of the accuracy tables with its variance components."""
-    preds = Predictions(runs)
+    preds = preds or Predictions(runs)
     rows = []
     for key, g in obs[obs.table.isin(INTERVAL_TABLES)].groupby(ROW + ["dataset", "column"], dropna=False):
         sub = [runs.loc[r, "cfg"].get("data.subset_seed") for r in g.run]
