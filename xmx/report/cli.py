@@ -146,7 +146,12 @@ def build_report(folders, out="report", seeds=None, params=(), references=(), do
         files[f"{stem}.md"] = (pair_markdown(p) + "\n").encode()
     var = decompose(obs, runs, preds) if variance else None
     if var is not None:
-        md += ["## Variance of accuracies", "", VAR_NOTE, ""]
+        md += ["## Variance of accuracies", "", VAR_NOTE, "",
+               "| table | method | dataset | column | runs | seed | subset | training | test |",
+               "|---|---|---|---|---:|---:|---:|---:|---:|"]
+        f = lambda v: "–" if pd.isna(v) else f"{v:.3f}"  # noqa: E731
+        md += [f"| {r.table} | {_md(r.method)} | {r.dataset} | {r.column} | {r.runs} | {f(r.seed)} | {f(r.subset)} | "
+               f"{f(r.training)} | {f(r.test)} |" for r in var.itertuples()] + [""]
         files["variance.csv"] = var.to_csv(index=False).encode()
     files["report.md"] = "\n".join(md).encode()
     if latex:

@@ -162,7 +162,7 @@ def plot_variance(var: pd.DataFrame) -> dict[str, bytes]:
         ax.set_xlabel("variance of the accuracy (points²)")
         ax.set_title(f"Where the spread comes from: {table}")
         ax.grid(axis="x", alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # never over the bars
         fig.tight_layout()
         out[f"variance_{_slug(table)}.png"] = _png(fig, _caveat_of(t.get("caveat", [])))
     return out
