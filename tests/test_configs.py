@@ -44,6 +44,10 @@ def test_every_experiment_runs_one_step(make_cfg, experiment):
         overrides.append("protocol=fewshot")
     if make_cfg(overrides).method.name == "mma_yang":  # its release adapts blocks 5-12; the tiny CLIP has 2
         overrides.append("method.layers=[1,2]")
+    if make_cfg(overrides).method.name in ("ivlp", "maple", "promptsrc"):  # release depths 3 / 9; the tiny has 2
+        overrides += ["method.depth_text=2", "method.depth_vision=2"]
+    if make_cfg(overrides).method.name == "mmrl":  # its release's layers 6-12; the tiny CLIP has 2
+        overrides.append("method.rep_layers=[2]")
     if make_cfg(overrides).method.name == "linear_probe":  # one step: a short L-BFGS search is enough
         overrides += ["method.refine_steps=1", "method.max_iter=50"]
     if make_cfg(overrides).augment.views > 10:  # one fresh view per epoch (mma_noise, clip_adapter_paper_16shot; ProLIP's 300):
