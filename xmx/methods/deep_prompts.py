@@ -215,13 +215,11 @@ class PromptSRCMethod(DeepPromptMethod):
         return [str(s) for s in t]
 
     def build(self, dm) -> None:
-        bb = dm.backbone
         with torch.no_grad():  # the frozen teacher text, before the prompts exist (the plain tower)
             W = dm.text_classifier(list(dm.classnames), self._templates(), normalize=False).float()  # [C, N] raw mean
         self.register_buffer("teacher_text", F.normalize(W.T.contiguous(), dim=-1), persistent=False)
         super().build(dm)
         self.gpa_weights = gaussian_weights(self.gpa_mean, self.gpa_std, int(self.epochs or 1))
-        del bb
 
     def training_step(self, batch, batch_idx):
         if batch is None:
