@@ -46,7 +46,7 @@ from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
 from xmx.data.images import check_unreadable, open_rgb
-from xmx.data.transforms import PRESETS  # preset -> RandomResizedCrop scale (None: CLIP eval transform)
+from xmx.data.transforms import PRESET_INTERPOLATION, PRESETS  # preset -> RandomResizedCrop scale (None: eval)
 from xmx.errors import XmxError
 from xmx.features.store import FeatureStore, tensors_checksum
 
@@ -107,7 +107,7 @@ class Preprocess:
 
     @property
     def _interp(self) -> InterpolationMode:
-        return InterpolationMode(self.interpolation)
+        return InterpolationMode(PRESET_INTERPOLATION.get(self.preset, self.interpolation))
 
     def view_params(self, index: int, view: int, height: int, width: int) -> tuple | None:
         """Crop box ``(top, left, h, w)`` and flip for view ``view`` of item ``index`` of an ``height x width``
@@ -157,7 +157,14 @@ class Preprocess:
     # ---- the two single-image reference paths (the tests compare them) ------------------------------------------
     def pil_view(self, img: Image.Image, index: int, view: int) -> torch.Tensor:
         """PIL RGB image -> normalised float [3,S,S] (+ noise): the reference path."""
-        x = self.normalise(TF.pil_to_tensor(self.geometry(img, self.view_params(index, view, img.height, img.width))))
+        crop = self.geometry(img, self.view_params(index, view, img.height, img.width))
+        if self.preset == "augmix":  # the releases' AugMix mixing on the crop (xmx.data.augmix), seeded per view
+            import numpy as np
+            from xmx.data.augmix import augmix_view
+            rng = np.random.default_rng(_seed(self.seed, view, index, "augmix"))
+            x = augmix_view(crop, lambda im: self.normalise(TF.pil_to_tensor(im)), rng)
+        else:
+            x = self.normalise(TF.pil_to_tensor(crop))
         n = self.noise(index, view)
         return x if n is None else x + n
 
@@ -374,7 +381,7 @@ def extract_image_features(backbone, images: Sequence, root: str | os.PathLike |
     pp = Preprocess.from_backbone(backbone, preset, noise_std, seed)
     paths = _as_paths(images, root)
     device = _default_device(device)
-    decode = resolve_decode(decode, device)
+    decode = "pil" if preset == "augmix" else resolve_decode(decode, device)  # AugMix's ops are PIL's
     v_run = 1 if pp.deterministic else views  # identical views are encoded once and repeated
     per_batch = max(1, batch_size // v_run)
     if num_workers is None:
@@ -606,7 +613,7 @@ def cached_image_features(store: FeatureStore, backbone, items: Sequence, root: 
         content = fingerprint_files(root if root is not None else "/", rel, mode=fingerprint,
                                     cache_dir=fingerprint_cache)["digest"]
     device = _default_device(device)
-    decode = resolve_decode(decode, device)
+    decode = "pil" if preset == "augmix" else resolve_decode(decode, device)  # AugMix's ops are PIL's
     key = image_feature_key(backbone, dataset=dataset, split=split, subset_digest=digest, n=len(items),
                             preset=preset, views=views, seed=seed, noise_std=noise_std, precision=precision,
                             decode=decode, amp=amp, device_type=device.type, output=output, content=content)
@@ -662,7 +669,7 @@ def embed_image_folder(store: FeatureStore, backbone, folder: str | os.PathLike,
         st = (folder / r).stat()
         h.update(f"{r}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
     device = _default_device(device)
-    decode = resolve_decode(decode, device)
+    decode = "pil" if preset == "augmix" else resolve_decode(decode, device)  # AugMix's ops are PIL's
     key = image_feature_key(backbone, dataset="folder", split="all", subset_digest=h.hexdigest(), n=len(rel),
                             preset=preset, views=1, precision=precision, decode=decode, amp=amp,
                             device_type=device.type)
