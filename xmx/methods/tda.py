@@ -280,8 +280,11 @@ class TDA(XmxModule):
     def __init__(self, datasets: dict | None = None, default: dict | None = None, views: int | None = None,
                  view_preset: str = "augmix", top: float = 0.1, logit_scale: float = 100.0,
                  dataset_templates: dict | None = None, device: str = "auto", chunk: int = 1024,
-                 checkpoint_every: int = 5000, **kwargs):
+                 checkpoint_every: int = 5000, protocol: str | None = None, **kwargs):
         super().__init__(**kwargs)
+        if protocol is not None and protocol != "test_time":
+            raise XmxError(f"method={kwargs.get('name') or 'tda'} runs on protocol=test_time (the test set as a "
+                           f"stream); got protocol={protocol}")
         self.table, self.default = dict(datasets or {}), dict(default or {})
         self.views_override, self.view_preset, self.top = views, view_preset, float(top)
         self.scale, self.templates_table = float(logit_scale), dict(dataset_templates or {})
@@ -291,19 +294,22 @@ class TDA(XmxModule):
                            "(0: no mid-stream checkpoints)")
         if not 0 < self.top <= 1:
             raise XmxError(f"method.top={top}: the share of confident views kept must lie in (0, 1] (release: 0.1)")
+        for ds in {None, *self.table}:  # every row, before any image is read
+            TDAConfig.from_table(self.row(ds))
+            self.n_views(ds)
         self.streams: dict[str, TDAStream] = {}
         self.settings: dict[str, dict] = {}
         self._cursor: dict[str, int] = {}
         self._digests: dict[str, str] = {}
 
-    def row(self, dataset: str) -> dict:
+    def row(self, dataset: str | None) -> dict:
         """The dataset's row over ``default`` (nested keys merged)."""
         def merge(a: dict, b: dict) -> dict:
             return {**a, **{k: merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
                             for k, v in b.items()}}
-        return merge(self.default, self.table.get(dataset, {}))
+        return merge(self.default, self.table.get(dataset, {}) if dataset else {})
 
-    def n_views(self, dataset: str) -> int:
+    def n_views(self, dataset: str | None) -> int:
         v = self.views_override if self.views_override is not None else self.row(dataset).get("views", 1)
         if not isinstance(v, int) or v < 1:
             raise XmxError(f"method.views={v!r} must be a positive integer (1: the centre crop; release: 64 on "
