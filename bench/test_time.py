@@ -46,7 +46,7 @@ from xmx.methods.tda import TDAConfig, TDAStream, summarize_views
 
 FULL = dict(images=50_000, classes=1000, dim=1024, views=64, release_images=None, model="ViT-B-16", tpt_classes=1000,
             reps=5, warmup=2)
-SMOKE = dict(images=1000, classes=50, dim=64, views=20, release_images=None, model="xmx-tiny", tpt_classes=20,
+SMOKE = dict(images=400, classes=50, dim=64, views=20, release_images=None, model="xmx-tiny", tpt_classes=20,
              reps=3, warmup=1)
 
 

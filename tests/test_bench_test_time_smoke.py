@@ -10,7 +10,7 @@ def test_smoke_reports_tda_and_tpt(tmp_path, capsys):
     res = load_bench("test_time").main(["--smoke", "--out", str(out)])
     assert res["smoke"] is True and res["device"] == "cpu"
     one, many = res["tda"]
-    assert (one["views"], many["views"]) == (1, 20) and one["images"] == 1000 and one["classes"] == 50
+    assert (one["views"], many["views"]) == (1, 20) and one["images"] == 400 and one["classes"] == 50
     for r in (one, many):
         assert r["same_predictions"] is True  # xmx's stream and the release loop agree on every image
         assert r["xmx_s"] > 0 and r["release_s"] > 0 and r["speedup"] == r["release_s_whole_stream"] / r["xmx_s"]
