@@ -42,6 +42,8 @@ def test_every_experiment_runs_one_step(make_cfg, experiment):
         # their targets are real datasets (ImageNet variants): test the preset's method on the source alone here;
         # the transfer protocol itself is covered in test_protocols.py
         overrides.append("protocol=fewshot")
+    if make_cfg(overrides).protocol.name == "test_time":  # TDA/TPT presets: the synthetic stream, one view (64
+        overrides += ["protocol.targets=[]", "method.views=1"]  # AugMix views: tests/test_tda.py, test_tpt.py)
     if make_cfg(overrides).method.name == "mma_yang":  # its release adapts blocks 5-12; the tiny CLIP has 2
         overrides.append("method.layers=[1,2]")
     if make_cfg(overrides).method.name == "linear_probe":  # one step: a short L-BFGS search is enough
