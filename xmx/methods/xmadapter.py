@@ -22,6 +22,9 @@ With ``gamma_mode="fixed"``, ``gamma=1`` and ``kappa=0`` this is exactly :class:
 
 Below the equations: :class:`XMAdapterMethod`, the Lightning module (trained like Tip-Adapter-F; the search over
 beta, beta_txt, alpha and gamma on validation before testing).
+
+Long file: three image-to-text maps, the two-cache model, its four-way vectorised search and the module are one
+family's equations; each part is short and refers to the ones above it.
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xmx.errors import XmxError
-from xmx.methods.tip_adapter import (FULL_GRID_CELLS, ZS_SCALE, TipAdapterFMethod, _check_feats, _chunk_rows,
-                                     affinity, check_cache, correct_counts, grid_summary, norm, search_grid)
+from xmx.methods.base import chunk_rows
+from xmx.methods.tip_adapter import (FULL_GRID_CELLS, ZS_SCALE, TipAdapterFMethod, affinity, check_cache, check_feats,
+                                     correct_counts, grid_summary, norm, search_grid)
 
 __all__ = ["IMG2TXT", "GAMMA_MODES", "TXT_KEYS_FROM", "Img2TxtNet", "MetaNet", "TextMixture", "LinearImg2Txt",
            "PseudoTokenImg2Txt", "make_pseudo_token_prompt", "hard_sample_weights", "XMAdapter", "XMSearchResult",
@@ -300,7 +304,7 @@ class XMAdapter(nn.Module):
 
     def branches(self, f: Tensor) -> Branches:
         """f [B, C] raw -> zero-shot logits, both affinities and the fused logits."""
-        _check_feats(f, self.W)
+        check_feats(f, self.W)
         f = norm(f.to(self.W.dtype))                                                   # [B, C]
         zs = ZS_SCALE * f @ self.W                                                      # [B, N]
         A_img = affinity(self.adapter(f), self.beta)                                   # [B, NK]
@@ -366,7 +370,7 @@ def search_xmadapter(model: XMAdapter, f_val: Tensor, y_val: Tensor, beta_max: f
     ``A L = gamma C_img + (1 - gamma) C_txt`` with
     ``C_* = exp(-beta_* (1 - S_*)) L``, so per beta all (beta_txt, alpha, gamma) are scored in one tensor op."""
     W, L = model.W, model.values
-    _check_feats(f_val, W)
+    check_feats(f_val, W)
     if y_val.ndim != 1 or y_val.shape[0] != f_val.shape[0] or f_val.shape[0] == 0:
         raise XmxError(f"search: {tuple(y_val.shape)} labels for {f_val.shape[0]} validation features "
                        "(need one label per feature and at least one feature)")
@@ -394,13 +398,13 @@ def search_xmadapter(model: XMAdapter, f_val: Tensor, y_val: Tensor, beta_max: f
     N, nbt, G = L.shape[1], (1 if tied else len(bt_l)), len(gammas)
     correct = torch.zeros(n_beta, nbt, n_alpha, G, dtype=torch.long, device=dev)
     per_row = (n_beta + len(bt_l)) * N + 2 * NK + G * nbt * (1 + n_alpha) * N
-    rows = _chunk_rows(M, per_row, max_elements)
+    rows = chunk_rows(M, per_row, max_elements)
 
     def caches(S: Tensor, bs: Tensor) -> Tensor:                                      # -> [len(bs), m, N]
-        step = _chunk_rows(len(bs), S.shape[0] * S.shape[1], max_elements)
+        step = chunk_rows(len(bs), S.shape[0] * S.shape[1], max_elements)
         return torch.cat([affinity(S[None], bs[i:i + step, None, None]) @ L for i in range(0, len(bs), step)])
 
-    nb = _chunk_rows(n_beta, rows * G * nbt * (1 + n_alpha) * N, max_elements)         # betas per chunk
+    nb = chunk_rows(n_beta, rows * G * nbt * (1 + n_alpha) * N, max_elements)         # betas per chunk
     for r0 in range(0, M, rows):
         zs_r, y_r = zs[r0:r0 + rows], y[r0:r0 + rows]
         C_img = caches(S_img[r0:r0 + rows], beta_t)                                   # [n_beta, m, N]

@@ -9,11 +9,11 @@ from pathlib import Path
 import pandas as pd
 
 from xmx.errors import XmxError
-from xmx.report.gather import (CAVEAT_NOTE, TABLES, _assign_variants, find_results, load_runs, observations,
+from xmx.report.gather import (CAVEAT_NOTE, TABLES, assign_variants, find_results, load_runs, observations,
                                swept_keys)
 from xmx.report.plots import plot_fewshot, plot_sweeps
 from xmx.report.references import compare, load_references
-from xmx.report.tables import _md, aggregate, build_tables, latex_table, markdown_table
+from xmx.report.tables import md_cell, aggregate, build_tables, latex_table, markdown_table
 from xmx.utils import atomic_write_bytes
 
 NOTES = ("Cells are mean ± sample std (ddof 1) over seeds. A cell marked '(n/m seeds)' has fewer seeds than expected "
@@ -48,7 +48,7 @@ def build_report(folders, out="report", seeds=None, params=(), references=(), do
             raise XmxError(f"--param {p}: no run's resolved config has this key; pass a dotted key of the config, "
                            "e.g. method.lam")
     swept = swept_keys(runs, params)
-    runs, dups = _assign_variants(runs, swept)
+    runs, dups = assign_variants(runs, swept)
     skipped = pd.concat([skipped, dups], ignore_index=True)
     obs = observations(runs)
     cells = aggregate(obs, seeds)
@@ -82,14 +82,14 @@ def build_report(folders, out="report", seeds=None, params=(), references=(), do
     files["skipped.csv"] = skipped.to_csv(index=False).encode()
     if len(skipped):
         md += ["## Skipped runs", "", "| results.json | reason |", "|---|---|"]
-        md += [f"| {_md(p)} | {_md(r)} |" for p, r in skipped.itertuples(index=False)] + [""]
+        md += [f"| {md_cell(p)} | {md_cell(r)} |" for p, r in skipped.itertuples(index=False)] + [""]
     if cmp is not None:
         md += ["## Comparison with references", ""]
         if len(cmp):
             md += ["| table | method | dataset | column | ours | reference | ours − ref | reference source | note |",
                    "|---|---|---|---|---:|---:|---:|---|---|"]
-            md += [f"| {r.table} | {_md(r.label)} | {r.dataset} | {r.column} | {r.ours_text} | {r.reference:.2f} | "
-                   f"{r.diff:+.2f} | {_md(r.source)} | {r.note} |" for r in cmp.itertuples()] + [""]
+            md += [f"| {r.table} | {md_cell(r.label)} | {r.dataset} | {r.column} | {r.ours_text} | {r.reference:.2f} | "
+                   f"{r.diff:+.2f} | {md_cell(r.source)} | {r.note} |" for r in cmp.itertuples()] + [""]
         else:
             md += ["No cell has a reference number.", ""]
         files["compare.csv"] = cmp.drop(columns="ours_text").to_csv(index=False).encode()
