@@ -89,3 +89,51 @@ def test_one_definition_of_the_results_schema_and_the_selection_modes():
             if literal in text:
                 again.append(f"{path.relative_to(REPO)}: {literal}")
     assert not again, "import these from xmx.results instead:\n" + "\n".join(again)
+
+
+SPEC = "spec " + "§"  # the old external spec's citations (written split so that this file does not match)
+TEXT_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".toml", ".cfg", ".txt", ".json", ".sh", ""}
+
+
+def _repo_text_files():
+    import subprocess
+    names = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split("\n")
+    for name in names:
+        path = REPO / name
+        if name and path.suffix in TEXT_SUFFIXES and path.is_file():
+            yield path
+
+
+def test_no_citation_of_a_document_outside_the_repository():
+    """The method docs and docs/ are the specification: code cites ``docs/methods/<file>.md#section``."""
+    found = [f"{p.relative_to(REPO)}:{i}" for p in _repo_text_files()
+             for i, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
+             if SPEC in line or "shared/" + "spec/" in line]
+    assert not found, f"cite docs/methods/<file>.md#<section> instead of the old spec: {found}"
+
+
+def _anchors(md: Path) -> set[str]:
+    """GitHub's heading anchors: lower-case, punctuation dropped, spaces to dashes."""
+    import re
+    out = set()
+    for line in md.read_text(encoding="utf-8").splitlines():
+        m = re.match(r"#{1,6}\s+(.*)", line)
+        if m:
+            out.add(re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-"))
+    return out
+
+
+def test_every_cited_doc_section_exists():
+    """``docs/<...>.md#<anchor>`` cited anywhere names a file and a heading that exist."""
+    import re
+    missing = []
+    for p in _repo_text_files():
+        for doc, anchor in re.findall(r"(docs/[\w/.-]+\.md)(?:#([\w-]+))?", p.read_text(encoding="utf-8",
+                                                                                       errors="replace")):
+            target = REPO / doc
+            if not target.is_file():
+                missing.append(f"{p.relative_to(REPO)}: {doc}")
+            elif anchor and anchor not in _anchors(target):
+                missing.append(f"{p.relative_to(REPO)}: {doc}#{anchor}")
+    assert not missing, "citations of missing docs or sections:\n" + "\n".join(sorted(set(missing)))

@@ -164,7 +164,8 @@ class ClipLikeBackbone(nn.Module):
     @torch.no_grad()
     def text_classifier(self, classnames: Sequence[str], templates: Sequence[str],
                         batch_size: int = 256, normalize: bool = True) -> torch.Tensor:
-        """Zero-shot classifier W [C,N] (spec §0): per class, fill every template with the class name
+        """Zero-shot classifier W [C,N] (docs/methods/shared.md#zero-shot-classifier): per class, fill every template
+        with the class name
         (underscores -> spaces), encode, normalise, average over templates, normalise again.
         ``normalize=False``: the plain mean of the *raw* prompt embeddings (TaskRes's base classifier)."""
         if not classnames:

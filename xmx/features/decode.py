@@ -3,7 +3,7 @@ that run in DataLoader workers, and the batched GPU decode. :mod:`xmx.features.e
 and :mod:`xmx.features.online` (training on images) build on it.
 
 Two ways to turn files into normalised ``[3, S, S]`` inputs, both with the same transforms
-(docs/methods/protocols.md#image-preprocessing):
+(docs/methods/shared.md#image-preprocessing):
 
 - ``decode="pil"`` (reference, CPU): PIL decodes in DataLoader workers (``.convert("RGB")`` handles CMYK, greyscale
   and PNG files named ``.jpg``), torchvision's functional transforms resize/crop the PIL image (:class:`PILViews`).

@@ -4,7 +4,7 @@ Files become normalised ``[3, S, S]`` inputs in :mod:`xmx.features.decode` (the 
 DataLoader workers, or the batched GPU decode, ``decode=pil|gpu|tensor|auto``); here they go through the encoder (under
 autocast on CUDA), batch after batch, into a ``[V, N, C]`` tensor, and the results are keyed and cached.
 
-Outputs are raw encoder features (docs/methods/protocols.md#features) ``[V, N, C]`` in the store precision (fp16 or
+Outputs are raw encoder features (docs/methods/shared.md#features) ``[V, N, C]`` in the store precision (fp16 or
 fp32); with ``output="pre_projection"`` the features before the image encoder's final linear projection ``[V, N, D]``
 (ProLIP trains that projection), stored as their own entry kind (:data:`OUTPUT_KINDS`) under the same key fields.
 """

@@ -1,4 +1,5 @@
-"""Tip-Adapter and Tip-Adapter-F (Zhang et al.; spec §2), the cache model on frozen CLIP features.
+"""Tip-Adapter and Tip-Adapter-F (Zhang et al.; docs/methods/tip_adapter.md#the-cache-model-and-its-search), the cache
+model on frozen CLIP features.
 
 The equations, as in the authors' code::
 
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 ZS_SCALE = 100.0  # Tip-Adapter's fixed CLIP logit scale
 
 
-# ---- per-dataset defaults (spec §2; the authors' configs/*.yaml) --------------------------------------------------
+# ---- per-dataset defaults (docs/methods/tip_adapter.md#the-cache-model-and-its-search; the authors' configs/*.yaml)
 # beta_max, alpha_max: the search maxima ``search_scale: [beta_max, alpha_max]`` (never reached by the grid);
 # init_alpha, init_beta: the values used while training Tip-Adapter-F and before any search; epochs: Tip-Adapter-F.
 def _entry(beta_max: float, alpha_max: float, init_alpha: float, epochs: int = 20) -> dict:
@@ -72,7 +73,8 @@ TIP_DEFAULT: dict = _entry(10, 10, 1.0)
 
 
 def tip_dataset_config(name: str | None) -> dict:
-    """The spec-§2 entry for dataset ``name`` (a copy); :data:`TIP_DEFAULT` for a dataset not in the table.
+    """The table entry (docs/methods/tip_adapter.md#the-cache-model-and-its-search) for dataset ``name`` (a copy);
+    :data:`TIP_DEFAULT` for a dataset not in the table.
     ImageNet's test-only variants (``imagenet_v2``, ``imagenet_sketch``, ...) use ImageNet's entry."""
     key = (name or "").lower()
     if key not in TIP_DATASETS and key.startswith("imagenet"):
@@ -344,7 +346,8 @@ def grid_summary(grid: Tensor, betas: list[float], full: bool, alphas: list[floa
 
 
 class TipAdapterMethod(XmxModule):
-    """Training-free Tip-Adapter (spec §2). ``build``: cache keys = norm(mean over the cached augmented views of the
+    """Training-free Tip-Adapter (docs/methods/tip_adapter.md#the-cache-model-and-its-search). ``build``: cache keys =
+    norm(mean over the cached augmented views of the
     training features), values = one-hot labels, W the zero-shot classifier of the training classes; then the
     (beta, alpha) grid search on the validation features picks the values used at test time.
 
@@ -552,7 +555,8 @@ class TipAdapterMethod(XmxModule):
 
 
 class TipAdapterFMethod(TipAdapterMethod):
-    """Tip-Adapter-F (spec §2): the cache keys become a trainable ``Linear(C -> NK)`` trained with cross-entropy at
+    """Tip-Adapter-F (docs/methods/tip_adapter.md#the-cache-model-and-its-search): the cache keys become a trainable
+    ``Linear(C -> NK)`` trained with cross-entropy at
     the initial (alpha, beta) of the dataset entry; one cached view per epoch (``data.view_sampling=cycle``); the
     epoch is selected on validation accuracy by the checkpoint callback (monitor ``val/acc``; the run restores the
     best checkpoint before testing); then (beta, alpha) are searched on validation with the selected keys

@@ -1,4 +1,5 @@
-"""XMAdapter (Yang et al., arXiv 2404.12588) as reconstructed in spec §4: a Tip-Adapter-F image cache plus a text
+"""XMAdapter (Yang et al., arXiv 2404.12588) as reconstructed in docs/methods/xmadapter.md#reconstruction: a
+Tip-Adapter-F image cache plus a text
 cache whose keys are text-side features of the same training images, fused with a ratio gamma, and a loss that
 up-weights the samples on which the two caches disagree. No code was published; every open choice is a constructor
 argument (and a config key), and results are a reimplementation.
@@ -201,7 +202,8 @@ class XMAdapter(nn.Module):
     """XMAdapter on frozen CLIP features. ``keys [NK, C]`` (normalised mean-view cache keys), ``values [NK, N]``,
     ``W [C, N]`` as for Tip-Adapter.
 
-    Options (spec §4): ``img2txt`` (text_mixture | linear | pseudo_token), ``img2txt_temp`` (s, 100),
+    Options (docs/methods/xmadapter.md#reconstruction): ``img2txt`` (text_mixture | linear | pseudo_token),
+    ``img2txt_temp`` (s, 100),
     ``learn_img2txt_temp``, ``img2txt_proj`` (text_mixture only), ``img2txt_bias``; ``txt_keys_from``
     (``mean_view``: F_txt = g(the built cache keys); ``trained``: g(the current trained image keys));
     ``txt_keys_refresh`` (``step``: recomputed in every forward; ``manual``: cached, refreshed by
@@ -432,7 +434,8 @@ BETA_TXT_SEARCH = ("separate", "tied")
 def search_beta_txt_separately(model: XMAdapter, f_val: Tensor, y_val: Tensor, beta_max: float, alpha_max: float,
                                n_beta: int = 200, n_alpha: int = 20, gammas: Sequence[float] | None = None,
                                max_elements: int = 1 << 28) -> XMSearchResult:
-    """beta_txt searched on its own grid (spec §4.3), in two stages: (beta, alpha, gamma) with beta_txt tied to beta;
+    """beta_txt searched on its own grid (docs/methods/xmadapter.md#search), in two stages: (beta, alpha, gamma) with
+    beta_txt tied to beta;
     then, at that beta, (beta_txt, alpha, gamma) over Tip-Adapter's beta grid. The second stage contains the tied
     point, so it never scores lower; it replaces the first only when strictly better. A joint 4-D search
     (``search_betas_txt: [values]``) costs n_beta times more."""
@@ -451,14 +454,16 @@ def search_beta_txt_separately(model: XMAdapter, f_val: Tensor, y_val: Tensor, b
 # selected on validation), then (beta, [beta_txt,] alpha[, gamma]) searched on validation before testing.
 # =================================================================================================================
 class XMAdapterMethod(TipAdapterFMethod):
-    """XMAdapter (spec §4) on cached features; every option of :class:`XMAdapter` is a constructor argument (a key
+    """XMAdapter (docs/methods/xmadapter.md#reconstruction) on cached features; every option of :class:`XMAdapter` is
+    a constructor argument (a key
     of ``conf/method/xmadapter.yaml``). Per-dataset search ranges and initial alpha/beta as Tip-Adapter-F.
 
     ``gamma_mode``: ``fixed`` (``gamma`` throughout), ``searched`` (trained at ``gamma``, then searched on the
     validation grid ``gamma_grid(gamma_steps)`` with beta/alpha) or ``learned`` (``sigmoid`` of a trained scalar
     starting at ``gamma``). ``search_betas_txt``: ``separate`` (default: beta_txt on its own grid after the tied
     search, :func:`search_beta_txt_separately`), ``tied``/null (beta_txt = beta), or a list searched jointly. The
-    text branch trains by default (``img2txt_proj`` and ``learn_img2txt_temp`` on; spec §4.2).
+    text branch trains by default (``img2txt_proj`` and ``learn_img2txt_temp`` on;
+    docs/methods/xmadapter.md#text-branch).
     The search runs on ``search_device`` like Tip-Adapter's (the model visits it for the search)."""
 
     def __init__(self, img2txt: str = "text_mixture", img2txt_temp: float = 100.0, learn_img2txt_temp: bool = True,
@@ -565,5 +570,5 @@ class XMAdapterMethod(TipAdapterFMethod):
             out.update(beta_txt=sr.get("beta_txt", float(m.beta_txt)),
                        gamma=float(m.gamma) if learned else sr.get("gamma", float(m.gamma)), gamma_mode=m.gamma_mode,
                        kappa=m.kappa, tau=m.tau, shots_K=m.shots, img2txt=m.img2txt_kind)
-        out["reimplementation"] = "XMAdapter has no public code; this is xmx's reconstruction (spec §4)"
+        out["reimplementation"] = "XMAdapter has no public code; this is xmx's reconstruction (docs/methods/xmadapter.md#reconstruction)"
         return out
