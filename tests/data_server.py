@@ -20,7 +20,7 @@ class FakeSources:
         self.files: dict[str, bytes] = {}  # "/host/path" -> bytes (url sources)
         self.hub: dict[tuple[str, str], bytes] = {}  # (repo, path) -> bytes
         self.hub_etag: dict[tuple[str, str], str] = {}  # overrides (a wrong published sha256)
-        self.dead: set[str] = set()  # path prefixes answered with 503
+        self.dead: set[str] = set()  # path prefixes answered with 404 (a dead link; 5xx would be retried with backoff)
         self.log: list[tuple[str, str, str | None]] = []
         self.truncate_once: set[str] = set()  # paths whose next GET sends half the body, then closes
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -51,7 +51,7 @@ class FakeSources:
                 path = self.path.split("?")[0]
                 src.log.append((self.command, path, self.headers.get("Range")))
                 if any(path.startswith(p) for p in src.dead):
-                    return 503, {}, b"down"
+                    return 404, {"X-Error-Code": "EntryNotFound"}, b"gone"
                 m = re.match(r"^/api/(models|datasets)/(.+?)/revision/([^/]+)$", path)
                 if m:
                     repo = m.group(2)

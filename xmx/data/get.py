@@ -87,8 +87,12 @@ def _fetch_url(remote: Remote, downloads: Path) -> tuple[Path, dict]:
     part = downloads / (remote.name + ".part")
     if not final.is_file():
         resume = part.stat().st_size if part.is_file() else 0
-        with open(part, "ab") as f:
-            http_get(remote.url, f, resume_size=resume, displayed_filename=remote.name)
+        try:
+            with open(part, "ab") as f:
+                http_get(remote.url, f, resume_size=resume, displayed_filename=remote.name)
+        finally:
+            if part.is_file() and part.stat().st_size == 0:
+                part.unlink()  # nothing received: no partial file to resume
         os.replace(part, final)
     _check_sums(final, remote, remote.url)
     return final, {"name": remote.name, "url": remote.url, "bytes": final.stat().st_size,
@@ -119,12 +123,35 @@ def _fetch_hub(remote: Remote, hub_cache: Path) -> tuple[Path, dict]:
     published = etag if len(etag) == 64 and all(c in "0123456789abcdef" for c in etag) else None
     for want, what in ((published, "the Hub's LFS sha256"), (remote.sha256, "the pinned sha256")):
         if want and sha != want:
-            blob.unlink(missing_ok=True)
-            link.unlink(missing_ok=True)
+            _drop_hub_copy(hub_cache, remote.repo_type, remote.repo)
             raise SourceError(f"{remote.name} from {remote.describe()}: sha256 {sha} differs from {what} {want}; "
                               "the file was deleted (a changed or corrupted source)")
     return link, {"name": remote.name, "repo": remote.repo, "repo_type": remote.repo_type, "path": remote.path,
                   "revision": commit or remote.revision, "bytes": blob.stat().st_size, "sha256": sha}
+
+
+def _drop_hub_copy(hub_cache: Path, repo_type: str, repo: str) -> None:
+    folder = f"{repo_type}s--{repo.replace('/', '--')}"
+    for d in (hub_cache / folder, hub_cache / ".locks" / folder):
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def prune_empty(top: Path) -> None:
+    """Remove empty folders under (and including) ``top``: failed attempts leave only resumable partial files."""
+    if not top.is_dir():
+        return
+    hub = top / "hub"
+    if hub.is_dir() and not [p for p in hub.iterdir() if p.name not in ("CACHEDIR.TAG", ".locks")]:
+        shutil.rmtree(hub, ignore_errors=True)  # only huggingface_hub's cache marker and lock folders left
+    for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        try:
+            d.rmdir()
+        except OSError:
+            pass
+    try:
+        top.rmdir()
+    except OSError:
+        pass
 
 
 # ---- unpack, verify, install ----------------------------------------------------------------------------------
@@ -169,9 +196,19 @@ def verify(name: str, parent: Path) -> dict:
 
 def install(name: str, root: Path, recipe: Recipe, keep_downloads: bool = False, replace_existing: bool = False
             ) -> dict:
-    """Fetch, unpack, verify and move ``name`` into ``root/<dir>`` from one source; returns the manifest."""
-    info = get_info(name)
+    """Fetch, unpack, verify and move ``name`` into ``root/<dir>`` from one source; returns the manifest. On failure
+    the staged files are removed (downloads stay, to be resumed or reused) and :class:`SourceError` is raised."""
     work = root / WORK / name
+    try:
+        return _install(name, root, recipe, work, keep_downloads, replace_existing)
+    finally:
+        for d in ("stage", "verified"):
+            shutil.rmtree(work / d, ignore_errors=True)
+        prune_empty(root / WORK)
+
+
+def _install(name: str, root: Path, recipe: Recipe, work: Path, keep_downloads: bool, replace_existing: bool) -> dict:
+    info = get_info(name)
     stage, done = work / "stage", work / "verified"
     for d in (stage, done):
         shutil.rmtree(d, ignore_errors=True)
@@ -219,8 +256,7 @@ def install(name: str, root: Path, recipe: Recipe, keep_downloads: bool = False,
         shutil.rmtree(work, ignore_errors=True)
         for f in files:
             if "repo" in f:
-                shutil.rmtree(root / WORK / "hub" / f"{f['repo_type']}s--{f['repo'].replace('/', '--')}",
-                              ignore_errors=True)
+                _drop_hub_copy(root / WORK / "hub", f["repo_type"], f["repo"])
     return manifest
 
 

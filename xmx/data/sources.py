@@ -50,7 +50,7 @@ class Remote:
     def describe(self) -> str:
         if self.kind == "hub":
             kind = "" if self.repo_type == "model" else f"{self.repo_type}s/"
-            return f"https://huggingface.co/{kind}{self.repo}/resolve/{self.revision}/{self.path}"
+            return f"{os.environ.get('HF_ENDPOINT') or 'https://huggingface.co'}/{kind}{self.repo}/resolve/{self.revision}/{self.path}"
         if self.kind == "gdrive":
             return f"https://drive.google.com/file/d/{self.file_id}"
         return self.url
