@@ -118,3 +118,27 @@ def test_configs_offer_both_sources_with_pinned_hub_revisions(make_cfg):
         cfg = make_cfg([f"data={data}", "plm=tiny", "backbone=tiny"])
         assert cfg.data.source == "files" and cfg.data.hf.path == repo
     assert len(make_cfg(["data=glue"]).data.hf.revision) == 40
+
+
+def test_a_glue_run_sees_the_same_examples_from_either_source(make_cfg, tmp_path, one_thread):
+    """MNLI written once as the GLUE script's TSVs and once as nyu-mll/glue's parquet files: the two runs record the
+    same example digests for every split (labels remapped from the Hub's ClassLabel order)."""
+    from test_xadapter_run import _sentence, tiny
+    from xmx.run import run
+    tsv_names, hub_names = ("contradiction", "entailment", "neutral"), ("entailment", "neutral", "contradiction")
+    (tmp_path / "glue" / "MNLI").mkdir(parents=True)
+    for split, hf_split, n in (("train", "train", 12), ("dev_matched", "validation_matched", 6),
+                               ("dev_mismatched", "validation_mismatched", 5)):
+        a, b = [_sentence(i) for i in range(n)], [_sentence(i + 2) for i in range(n)]
+        gold = [tsv_names[(i * 5) % 3] for i in range(n)]
+        (tmp_path / "glue" / "MNLI" / f"{split}.tsv").write_text("\n".join(
+            ["index\tsentence1\tsentence2\tgold_label"] + [f"{i}\t{a[i]}\t{b[i]}\t{gold[i]}" for i in range(n)]) + "\n")
+        _parquet(tmp_path / "hub" / "mnli" / f"{hf_split}-00000-of-00001.parquet",
+                 {"premise": a, "hypothesis": b, "label": [hub_names.index(g) for g in gold], "idx": list(range(n))})
+    common = ["experiment=xadapter_glue", "glue_task=mnli", *tiny(tmp_path, "debug=fdr", "method.batch_size=4")]
+    files = run(make_cfg(common, output_dir=tmp_path / "files"))
+    hub = run(make_cfg(common + ["data.source=hf", f"data.hf.path={tmp_path / 'hub'}"], output_dir=tmp_path / "hf"))
+    assert files["data"]["source"] == "files" and hub["data"]["source"] == "hf"
+    assert hub["data"]["hf"]["path"] == str(tmp_path / "hub")
+    for k in ("train", "test_matched", "test_mismatched"):
+        assert hub["data"]["splits"][k] == files["data"]["splits"][k], k
