@@ -273,3 +273,27 @@ def test_get_then_run_end_to_end(server, dtd_files, tmp_path, make_cfg, one_thre
                         "trainer.accelerator=cpu"]))
     assert res["dataset"] == "dtd" and res["data"]["splits"]["test"]["n"] == 1692
     assert res["data"]["synthetic"] is True  # the fake archive carries fake.py's marker
+
+
+def test_a_connection_dropped_mid_file_is_resumed_and_a_hub_partial_too(server, dtd_files, tmp_path, monkeypatch):
+    import huggingface_hub.constants as hc
+    monkeypatch.setattr(hc, "DOWNLOAD_CHUNK_SIZE", 4096)  # written to disk in small chunks, as a large file would be
+    root = tmp_path / "DATA"
+    data = tgz_of(dtd_files)
+    recipe = url_recipe(server, "/host/dtd.tar.gz", data)
+    server.truncate_once.add("/host/dtd.tar.gz")  # the server sends half the body and closes the connection
+    assert G.get_one("dtd", root, DatasetSources((recipe,), ""), out=print)
+    gets = [r for m, p, r in server.log if p == "/host/dtd.tar.gz" and m == "GET"]
+    assert gets[0] is None and len(gets) == 2 and gets[1].startswith("bytes=")
+    assert len(data) // 4 < int(gets[1][6:-1]) <= len(data) // 2  # only what had not arrived was asked for again
+    # a Hub file killed half-way is resumed the same way by the next run
+    root2 = tmp_path / "DATA2"
+    z = zip_of(dtd_files)
+    server.hub[("org/mirror", "dtd.zip")] = z
+    blob = root2 / G.WORK / "dtd" / "downloads" / "hub" / "dtd.zip.part"
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(z[:1000])
+    n = len(server.log)
+    recipe = Recipe("hub", (Remote("hub", "dtd.zip", repo="org/mirror", revision=HUB_REVISION, path="dtd.zip"),))
+    assert G.get_one("dtd", root2, DatasetSources((recipe,), ""), out=print)
+    assert [r for m, p, r in server.log[n:] if m == "GET" and p.endswith("/dtd.zip")] == ["bytes=1000-"]

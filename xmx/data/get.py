@@ -3,10 +3,11 @@
 For each dataset the sources of :mod:`xmx.data.sources` are tried in order (Hub mirror, torchvision's sources, the
 original URLs) until one gives a complete tree:
 
-1. every file is downloaded (``hf_hub_download`` for Hub files, which honours ``HF_ENDPOINT`` and resumes its
-   ``.incomplete`` file; ``huggingface_hub``'s resumable ``http_get`` for URLs, into ``<name>.part``, resumed after an
-   interruption; torchvision's Google Drive helper), each with a progress bar, and checked against the checksum its
-   source publishes: a mismatch deletes the file and names both hashes;
+1. every file is downloaded with ``huggingface_hub``'s resumable ``http_get`` into ``<name>.part`` under
+   ``$DATA/.xmx-get/<dataset>/downloads/`` (Hub files located with ``hf_hub_url`` / ``get_hf_file_metadata``, which
+   honour ``HF_ENDPOINT``), resumed where it stopped when ``get`` runs again, with a progress bar; Google Drive files
+   through torchvision's helper. Each is checked against the checksum its source publishes (the Hub's LFS sha256,
+   torchvision's md5): a mismatch deletes the file and names both hashes;
 2. archives are unpacked into a staging folder under ``$DATA/.xmx-get/`` (never into ``$DATA/<dir>/`` itself);
 3. the staged tree is verified with the checker (:func:`xmx.data.check.check_dataset`): every image the split files
    list is present and the split / class counts are the published ones; a missing image is named;
@@ -63,12 +64,12 @@ def _check_sums(path: Path, remote: Remote, where: str) -> None:
 
 
 # ---- downloads ------------------------------------------------------------------------------------------------
-def fetch(remote: Remote, downloads: Path, hub_cache: Path) -> tuple[Path, dict]:
+def fetch(remote: Remote, downloads: Path) -> tuple[Path, dict]:
     """Download ``remote`` (resuming a partial download) and check it; returns its path and its manifest row."""
     downloads.mkdir(parents=True, exist_ok=True)
     try:
         if remote.kind == "hub":
-            return _fetch_hub(remote, hub_cache)
+            return _fetch_hub(remote, downloads)
         if remote.kind == "url":
             return _fetch_url(remote, downloads)
         if remote.kind == "gdrive":
@@ -108,41 +109,50 @@ def _fetch_gdrive(remote: Remote, downloads: Path) -> tuple[Path, dict]:
                    "sha256": file_hash(final)}
 
 
-def _fetch_hub(remote: Remote, hub_cache: Path) -> tuple[Path, dict]:
-    from huggingface_hub import hf_hub_download
-    link = Path(hf_hub_download(remote.repo, remote.path, repo_type=remote.repo_type, revision=remote.revision,
-                                cache_dir=str(hub_cache), endpoint=os.environ.get("HF_ENDPOINT") or None))
-    blob = link.resolve()
-    commit = link.parent.name if len(link.parent.name) == 40 else None
-    for p in link.parents:  # snapshots/<commit>/<path>
-        if p.parent.name == "snapshots":
-            commit = p.name
-            break
-    sha = file_hash(blob)
-    etag = blob.name
+def _fetch_hub(remote: Remote, downloads: Path) -> tuple[Path, dict]:
+    """A Hub file through huggingface_hub: ``hf_hub_url`` + ``get_hf_file_metadata`` (commit, the LFS sha256 the
+    Hub publishes as the ETag, the size; ``HF_ENDPOINT`` honoured) and its resumable ``http_get`` into our own
+    ``<name>.part``. (``hf_hub_download`` resumes only within one call: it downloads into a fresh per-process file,
+    so a killed download of a 30 GB zip would start again from zero.)"""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.file_download import http_get
+    endpoint = os.environ.get("HF_ENDPOINT") or None
+    url = hf_hub_url(remote.repo, remote.path, repo_type=remote.repo_type, revision=remote.revision,
+                     endpoint=endpoint)
+    meta = get_hf_file_metadata(url, endpoint=endpoint)
+    etag = (meta.etag or "").strip('"')
     published = etag if len(etag) == 64 and all(c in "0123456789abcdef" for c in etag) else None
+    final = downloads / remote.name
+    part = downloads / (remote.name + ".part")
+    if final.is_file() and published and file_hash(final) != published:
+        final.unlink()  # a finished download of another version of the file
+    if not final.is_file():
+        resume = part.stat().st_size if part.is_file() else 0
+        if meta.size is not None and resume > meta.size:
+            part.unlink()
+            resume = 0
+        try:
+            with open(part, "ab") as f:
+                http_get(meta.location, f, resume_size=resume, expected_size=meta.size,
+                         displayed_filename=remote.name)
+        finally:
+            if part.is_file() and part.stat().st_size == 0:
+                part.unlink()
+        os.replace(part, final)
+    sha = file_hash(final)
     for want, what in ((published, "the Hub's LFS sha256"), (remote.sha256, "the pinned sha256")):
         if want and sha != want:
-            _drop_hub_copy(hub_cache, remote.repo_type, remote.repo)
+            final.unlink(missing_ok=True)
             raise SourceError(f"{remote.name} from {remote.describe()}: sha256 {sha} differs from {what} {want}; "
                               "the file was deleted (a changed or corrupted source)")
-    return link, {"name": remote.name, "repo": remote.repo, "repo_type": remote.repo_type, "path": remote.path,
-                  "revision": commit or remote.revision, "bytes": blob.stat().st_size, "sha256": sha}
-
-
-def _drop_hub_copy(hub_cache: Path, repo_type: str, repo: str) -> None:
-    folder = f"{repo_type}s--{repo.replace('/', '--')}"
-    for d in (hub_cache / folder, hub_cache / ".locks" / folder):
-        shutil.rmtree(d, ignore_errors=True)
+    return final, {"name": remote.name, "repo": remote.repo, "repo_type": remote.repo_type, "path": remote.path,
+                   "revision": meta.commit_hash or remote.revision, "bytes": final.stat().st_size, "sha256": sha}
 
 
 def prune_empty(top: Path) -> None:
     """Remove empty folders under (and including) ``top``: failed attempts leave only resumable partial files."""
     if not top.is_dir():
         return
-    hub = top / "hub"
-    if hub.is_dir() and not [p for p in hub.iterdir() if p.name not in ("CACHEDIR.TAG", ".locks")]:
-        shutil.rmtree(hub, ignore_errors=True)  # only huggingface_hub's cache marker and lock folders left
     for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
         try:
             d.rmdir()
@@ -215,7 +225,7 @@ def _install(name: str, root: Path, recipe: Recipe, work: Path, keep_downloads: 
     stage.mkdir(parents=True)
     files, plain = [], []
     for remote in recipe.files:
-        path, row = fetch(remote, work / "downloads" / recipe.kind, root / WORK / "hub")
+        path, row = fetch(remote, work / "downloads" / recipe.kind)
         files.append(row)
         if remote.unpack is None:
             plain.append((path, remote.dest))
@@ -254,9 +264,6 @@ def _install(name: str, root: Path, recipe: Recipe, work: Path, keep_downloads: 
     os.rename(done / info.dir, final)  # last step: the complete, verified tree appears at once
     if not keep_downloads:
         shutil.rmtree(work, ignore_errors=True)
-        for f in files:
-            if "repo" in f:
-                _drop_hub_copy(root / WORK / "hub", f["repo_type"], f["repo"])
     return manifest
 
 
