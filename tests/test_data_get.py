@@ -199,6 +199,13 @@ def test_bad_requests_are_one_line_errors(tmp_path, capsys):
     assert err.count("\n") == 1 and err.startswith("error: get: unknown dataset 'dtdx'")
     assert G.main(["dtd", "--root", str(tmp_path), "--from", str(tmp_path)]) == 2
     assert "--from is for 'get imagenet'" in capsys.readouterr().err
+    from filelock import FileLock
+    (tmp_path / G.WORK).mkdir()
+    with FileLock(str(tmp_path / G.WORK / "dtd.lock")):  # another get at work on the same dataset
+        lines: list[str] = []
+        assert not G.get_one("dtd", tmp_path, DatasetSources((), ""), out=lines.append)
+    assert lines == [f"dtd: another 'xmx.data get' is fetching it into {tmp_path} ({tmp_path / G.WORK / 'dtd.lock'}); "
+                     "let it finish"]
 
 
 # ---- ImageNet from the ILSVRC2012 archives ----------------------------------------------------------------------

@@ -365,6 +365,25 @@ def get_one(name: str, root: Path, sources: DatasetSources, keep: bool = False, 
         if not replace_existing:
             out(f"{name}: {final} exists but is incomplete ({r['message'][:200]}); move it away or pass --replace")
             return False
+    from filelock import FileLock, Timeout
+    lock_path = root / WORK / f"{name}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        out(f"{name}: another 'xmx.data get' is fetching it into {root} ({lock_path}); let it finish")
+        return False
+    try:
+        return _try_sources(name, root, sources, keep, replace_existing, out)
+    finally:
+        lock_path.unlink(missing_ok=True)  # while still held: no other process can be holding this file
+        lock.release()
+        prune_empty(root / WORK)
+
+
+def _try_sources(name: str, root: Path, sources: DatasetSources, keep: bool, replace_existing: bool, out) -> bool:
+    final = root / get_info(name).dir
     errors = []
     for recipe in sources.recipes:
         try:
