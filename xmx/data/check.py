@@ -46,7 +46,7 @@ def check_dataset(name: str, root: str | Path) -> dict:
     if expected:
         diff = [f"{k} {out[k]} (expected {v})" for k, v in expected.items() if out[k] != v]
         if diff:
-            problems.append("counts differ from docs/protocols.md#dataset-sizes: " + ", ".join(diff))
+            problems.append("counts differ from the published sizes (docs/protocols.md#dataset-sizes): " + ", ".join(diff))
     out["status"] = "incomplete" if problems else "found"
     out["message"] = "; ".join(problems)
     out["manifest"] = _manifest_note(root / info.dir)
