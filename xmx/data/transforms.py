@@ -1,4 +1,5 @@
-"""Image transforms (spec §0): augmentation presets on top of CLIP's own resize and mean/std normalisation.
+"""Image transforms (docs/methods/shared.md#image-preprocessing): augmentation presets on top of CLIP's own resize and
+mean/std normalisation.
 
 - ``none``: the backbone's eval transform (``resize_mode``: ``shortest`` = resize the short side to ``size`` and centre
   crop, as OpenAI's CLIP; ``squash`` = resize to ``size`` x ``size``, as SigLIP; ``longest`` = fit and pad with zeros)
@@ -7,7 +8,8 @@
 - ``tpt_crop``: RandomResizedCrop(size, scale 0.08-1, **bilinear**: torchvision's default, as TPT's/TDA's
   ``get_preaugment``) + flip; ``augmix``: the same crop, then AugMix mixing (:mod:`xmx.data.augmix`). Both are
   drawn per (seed, view, image) for the feature store's test-time views only (TPT, TDA).
-``noise_std`` adds Gaussian noise to the normalised image (MMA's robustness study, spec §3.8).
+``noise_std`` adds Gaussian noise to the normalised image (MMA's robustness study,
+docs/methods/mma.md#ablations-and-noise).
 """
 
 from __future__ import annotations
