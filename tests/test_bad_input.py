@@ -47,6 +47,8 @@ RUN_CASES = [
     ("negative DataLoader workers", ["data.num_workers=-1"], "data.num_workers=-1: must be at least 0", True),
     ("unknown image decode", ["data.decode=nvjpeg"], "data.decode='nvjpeg'; valid choices: pil, auto, gpu, tensor",
      True),
+    ("unknown text data source", ["experiment=xadapter_glue", "data.source=web"],
+     "data.source='web'; valid choices: files, hf", True),
     ("threads not a number", ["threads=many"], "threads='many': must be auto or a whole number", True),
     ("trainer=gpu without a GPU", ["trainer=gpu"], "trainer.accelerator=gpu but this machine has no CUDA GPU",
      True),
@@ -85,6 +87,11 @@ RUN_CASES = [
      "is not open_clip's VisionTransformer", False),
     ("MMRL layers beyond the tower", [*DEEP, "method=mmrl"],
      "method.rep_layers=[6, 7, 8, 9, 10, 11, 12] go beyond the 2 layers", False),
+    ("TDA outside protocol=test_time", ["method=tda"], "method=tda runs on protocol=test_time", False),
+    ("TDA views that keep no confident view", ["method=tda", "protocol=test_time", "method.views=5"],
+     "method.views=5 keeps int(5 x 0.1) = 0 confident views", False),
+    ("TPT outside protocol=test_time", ["method=tpt"], "method=tpt runs on protocol=test_time", False),
+    ("TPT with no step", ["method=tpt", "protocol=test_time", "method.steps=0"], "method.steps=0", False),
 ]
 FEATURE_CASES = [
     ("xmx.features: unknown command", ["lst"], "'lst' is neither a command (list, verify, prune)"),
