@@ -93,7 +93,10 @@ class ProLIPMethod(XmxModule):
 
     def __init__(self, epochs: int = 300, search: bool = True, lr_grid=LR_GRID, lambda_grid=LAMBDA_GRID,
                  lr: float = 1e-5, lambda_rule: str = "inv_shots", lam: float = 0.1, adam_eps: float = 1e-4,
-                 zs_scale: float = ZS_SCALE, feature_output: str = "pre_projection", device: str = "auto", **kwargs):
+                 zs_scale: float = ZS_SCALE, feature_output: str = "pre_projection", device: str = "auto",
+                 precision: str = "fp32", val_shots=None, dataset_templates: dict | None = None, **kwargs):
+        """``val_shots`` / ``dataset_templates``: the recipe's data choices (``data.val_shots`` / ``data.templates``
+        read them). ``precision``: fp32 (default) | fp16 (the release: projection and Adam state in half)."""
         super().__init__(epochs=epochs, **kwargs)
         if feature_output != "pre_projection":
             raise XmxError("prolip trains the image projection: it needs method.feature_output=pre_projection")
