@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from xmx.config import (build, check_config, check_devices, check_paths, check_targets, config_dir,
                         hydra_error_line, plan_run_threads)
 from xmx.errors import XmxError
+from xmx.recipes import recipe_record
 from xmx.utils import apply_threads, atomic_write_bytes, atomic_write_text, code_version, package_versions
 
 # torch and Lightning load inside the run (first use), after the config is checked and the thread count is set:
@@ -361,7 +362,7 @@ def _run_job(cfg: DictConfig) -> tuple[dict, str]:
         "experiment": cfg.get("task_name"), "method": cfg.method.get("name"), "dataset": datamodule.name,
         "protocol": datamodule.protocol.name, "shots": datamodule.shots, "seed": int(cfg.seed),
         "selection": selection,
-        "metrics": metrics, "extra": method.extra_results(),
+        "metrics": metrics, "extra": method.extra_results(), "recipe": recipe_record(cfg),
         "parameters": method.parameter_counts(*encoders.values()),
         "data": {**datamodule.data_record(), "subset_file": "subset.json"},
         "weights": encoders["backbone"].describe(),

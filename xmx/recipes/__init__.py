@@ -19,7 +19,8 @@ resolved value differs from its row; a run records its preset's deviations in ``
         note: "..."                    # optional: anything a reader should know
 
 A row without ``when`` holds for every case of every preset. The expected value of a row is ``xmx`` when given,
-else ``release``; numbers compare as numbers (1e-9 relative), lists element-wise.
+else ``release``; numbers compare as numbers (1e-9 relative), lists element-wise; a value ``"${key}"`` is that key of
+the same resolved config (``"${shots}"``: K per class).
 """
 
 from __future__ import annotations
@@ -126,6 +127,14 @@ def _resolved(cfg, key: str):
     return OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
 
 
+def _expand(value, cfg):
+    """A row value ``"${key}"`` stands for that key of the case's resolved config (``"${shots}"``: K validation
+    images per class; ``"${method.epochs}"``: one cached view per epoch)."""
+    if isinstance(value, str) and value.startswith("${") and value.endswith("}") and value.count("$") == 1:
+        return _resolved(cfg, value[2:-1])
+    return value
+
+
 def check(cfg, table: dict, preset: str | None = None) -> tuple[list[dict], list[dict]]:
     """(drift, deviations) of one composed config against one table: ``drift`` lists rows whose resolved value is not
     the expected one (``xmx`` if given, else ``release``); ``deviations`` the matching rows that name a deviation."""
@@ -136,7 +145,7 @@ def check(cfg, table: dict, preset: str | None = None) -> tuple[list[dict], list
             devs.append({k: row[k] for k in ("key", "release", "xmx", "deviation") if k in row})
         if row["key"] is None:
             continue
-        want = row["xmx"] if "xmx" in row else row["release"]
+        want = _expand(row["xmx"] if "xmx" in row else row["release"], cfg)
         got = _resolved(cfg, row["key"])
         if not equal(got, want):
             drift.append({"key": row["key"], "expected": want, "resolved": got, "release": row["release"],
