@@ -123,7 +123,7 @@ class ProLIPMethod(XmxModule):
         self.fit_info: dict = {}
 
     @property
-    def _dtype(self) -> torch.dtype:
+    def train_dtype(self) -> torch.dtype:
         return torch.float16 if self.precision == "fp16" else torch.float32
 
     def lambda_for(self, shots: int) -> float:
@@ -157,7 +157,7 @@ class ProLIPMethod(XmxModule):
             for lr in lr_grid:
                 for lam in lambda_grid:
                     P, _ = fit_projection(views, y, P0, bias, W, lr, lam, epochs, self.adam_eps, self.zs_scale,
-                                          self._dtype)
+                                          self.train_dtype)
                     acc = accuracy(zv, yv, P, bias, W)
                     self.search_curve.append({"lr": lr, "lambda": lam, "val_acc": acc})
                     if best is None or acc > best[0]:  # the release: strictly better replaces (first max kept)
@@ -168,7 +168,7 @@ class ProLIPMethod(XmxModule):
         else:
             lr, lam = self.lr, self.lambda_for(shots)
             P, info = fit_projection(views, y, P0, bias, W, lr, lam, epochs, self.adam_eps, self.zs_scale,
-                                          self._dtype)
+                                          self.train_dtype)
             self.chosen = {"lr": lr, "lambda": lam, "by": f"lambda_rule={self.lambda_rule} (no validation)"}
             self.fit_info = info
         self.P, self.bias = P, bias

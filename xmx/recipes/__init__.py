@@ -18,7 +18,8 @@ resolved value differs from its row; a run records its preset's deviations in ``
         test: tests/test_x.py::name    # optional: the test that holds a behaviour (key: null)
         note: "..."                    # optional: anything a reader should know
 
-A row without ``when`` holds for every case of every preset. The expected value of a row is ``xmx`` when given,
+A row without ``when`` holds for every case of every preset; where several rows of one key hold, the most specific
+(most ``when`` keys) wins. The expected value of a row is ``xmx`` when given,
 else ``release``; numbers compare as numbers (1e-9 relative), lists element-wise; a value ``"${key}"`` is that key of
 the same resolved config (``"${shots}"``: K per class).
 """
@@ -104,7 +105,14 @@ def _matches(when: dict | None, ctx: dict) -> bool:
 
 
 def rows_for(table: dict, ctx: dict) -> list[dict]:
-    return [r for r in table["settings"] if _matches(r.get("when"), ctx)]
+    """The rows that hold for ``ctx``: of several rows of one key, the most specific (most ``when`` keys) wins, so a
+    row ``when: {dataset: imagenet}`` overrides the key's general row on ImageNet."""
+    rows = [r for r in table["settings"] if _matches(r.get("when"), ctx)]
+    best: dict = {}
+    for r in rows:
+        if r["key"] is not None:
+            best[r["key"]] = max(best.get(r["key"], 0), len(r.get("when") or {}))
+    return [r for r in rows if r["key"] is None or len(r.get("when") or {}) == best[r["key"]]]
 
 
 def equal(a: Any, b: Any) -> bool:
