@@ -258,8 +258,14 @@ def test_every_paper_table_has_reference_rows_for_the_methods_its_presets_run(pr
 
 # ---- issue 21, item by item --------------------------------------------------------------------------------------
 def test_clip_lora_prompt_is_the_release_s_on_every_dataset(presets):
-    for ds in DATASETS:
-        assert presets.case("clip_lora_16shot", ds).method.prompt == "a photo of a {}."
+    """lora.py formats dataset.template[0], which every datasets/*.py of the release rebinds to 'a photo of a {}.'."""
+    from hydra.utils import instantiate
+    for preset in ("clip_lora_16shot", "clip_lora_b2n"):
+        for ds in DATASETS:
+            assert presets.case(preset, ds).method.prompt == "a photo of a {}.", (preset, ds)
+    m = instantiate(presets.case("clip_lora_16shot", "dtd").method, _convert_="partial")
+    assert m.train_text_prompts(["banded", "water_lilly"], ["{} texture."]) == [["a photo of a banded."],
+                                                                               ["a photo of a water lilly."]]
 
 
 @pytest.mark.parametrize("preset", ["mma_yang_b2n", "mma_yang_16shot"])
