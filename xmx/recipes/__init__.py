@@ -179,12 +179,12 @@ def recipe_record(cfg) -> dict | None:
     preset = OmegaConf.select(cfg, "task_name", default=None)
     try:
         found = table_for(method, preset)
-    except XmxError as e:  # a broken table must not lose a finished run
-        return {"error": str(e)}
-    if found is None:
-        return None
-    name, table = found
-    drift, devs = check(cfg, table, preset)
+        if found is None:
+            return None
+        name, table = found
+        drift, devs = check(cfg, table, preset)
+    except Exception as e:  # noqa: BLE001 - a broken table must not lose a finished run: the record says so
+        return {"error": f"{type(e).__name__}: {e}"}
     return {"table": f"xmx/recipes/{name}.yaml", "release": table["release"],
             "preset_covered": preset in table["presets"], "deviations": devs,
             "changed": [{k: d[k] for k in ("key", "expected", "resolved", "release")} for d in drift]}
