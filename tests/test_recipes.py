@@ -23,7 +23,14 @@ from omegaconf import OmegaConf, open_dict
 
 from xmx.config import config_dir
 from xmx.errors import XmxError
-from xmx.recipes import check, load_recipes, preset_deviations, recipe_record, rows_for, context
+from xmx.recipes import (
+    check,
+    context,
+    load_recipes,
+    preset_deviations,
+    recipe_record,
+    rows_for,
+)
 
 DATASETS = ["caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft", "sun397", "dtd",
             "eurosat", "ucf101", "imagenet"]
@@ -293,7 +300,9 @@ def test_imagenet_templates_per_method(presets):
             assert presets.case(preset, "dtd", 4, *sweep).data.templates is None
         tr = presets.case("taskres_16shot", "imagenet", 4, *sweep).data.templates
         assert list(tr) == TIP7 + ["a photo of a {}."]
-    from xmx.data.templates import resolve_templates  # the name tip7 is Tip-Adapter's list
+    from xmx.data.templates import (
+        resolve_templates,  # the name tip7 is Tip-Adapter's list
+    )
     assert resolve_templates("tip7", []) == TIP7
 
 
@@ -385,12 +394,11 @@ def _dassl_lrs(base: float, epochs: int, warmup: int = 1, cons: float = 1e-5) ->
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=base)
     succ = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-    last, lrs = 0, []
-    for _ in range(epochs):
+    lrs = []
+    for last in range(epochs):  # the warm-up scheduler's last_epoch
         lrs.append(cons if last < warmup else succ.get_last_lr()[0])
         if last >= warmup:
             succ.step()
-        last += 1
     return lrs
 
 

@@ -35,8 +35,17 @@ import yaml
 
 from xmx.errors import XmxError
 
-__all__ = ["WHEN_KEYS", "load_recipes", "context", "rows_for", "check", "recipe_record", "preset_deviations",
-           "equal", "table_for"]
+__all__ = [
+    "WHEN_KEYS",
+    "check",
+    "context",
+    "equal",
+    "load_recipes",
+    "preset_deviations",
+    "recipe_record",
+    "rows_for",
+    "table_for",
+]
 
 WHEN_KEYS = ("dataset", "protocol", "shots", "preset")
 _ROW_KEYS = {"key", "release", "source", "when", "xmx", "deviation", "test", "note"}
