@@ -46,6 +46,8 @@ RUN_CASES = [
     ("negative DataLoader workers", ["data.num_workers=-1"], "data.num_workers=-1: must be at least 0", True),
     ("unknown image decode", ["data.decode=nvjpeg"], "data.decode='nvjpeg'; valid choices: pil, auto, gpu, tensor",
      True),
+    ("unknown text data source", ["experiment=xadapter_glue", "data.source=web"],
+     "data.source='web'; valid choices: files, hf", True),
     ("threads not a number", ["threads=many"], "threads='many': must be auto or a whole number", True),
     ("trainer=gpu without a GPU", ["trainer=gpu"], "trainer.accelerator=gpu but this machine has no CUDA GPU",
      True),

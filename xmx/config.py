@@ -204,6 +204,9 @@ def check_config(cfg) -> None:
             _whole(cfg, "data.num_workers", 0)
         if "decode" in cfg.data:
             check_decode(_select(cfg, "data.decode"), "data.decode")
+        if "source" in cfg.data and _select(cfg, "data.source") not in ("files", "hf"):
+            raise XmxError(f"data.source={_select(cfg, 'data.source')!r}; valid choices: files, hf (files: data.root; "
+                           "hf: the Hugging Face Hub repository data.hf.path at data.hf.revision)")
     if "features" in cfg:
         for k, lo in (("batch_size", 1), ("num_workers", 0)):
             if k in cfg.features:
