@@ -433,3 +433,17 @@ def test_one_dassl_scheduler_for_coop_taskres_clip_adapter(presets):
     assert lrs == pytest.approx(_dassl_lrs(2e-3, E), rel=1e-9)
     assert [warmup_cosine(e, E, 2e-3) * 2e-3 for e in range(E)] == pytest.approx(_dassl_lrs(2e-3, E), rel=1e-9)
     assert math.isclose(lrs[1], 2e-3)  # the first epoch after the warm-up runs at the full lr (Dassl's recount)
+
+
+def test_k_shot_validation_keeps_small_classes_whole():
+    """Dassl's generate_fewshot_dataset(repeat=False), which LP++'s and ProLIP's K-shot validation subsets use: a class
+    with fewer than K images keeps all of them; classes with K or more are sampled as before (same draws)."""
+    from xmx.data.datasets import Datum
+    from xmx.data.fewshot import sample_fewshot
+    items = [Datum(f"a{i}.jpg", 0, "a") for i in range(20)] + [Datum(f"b{i}.jpg", 1, "b") for i in range(5)]
+    got = sample_fewshot(items, 16, 1, "val", short="all")
+    assert sum(d.label == 0 for d in got) == 16 and [d.path for d in got if d.label == 1] == [f"b{i}.jpg" for i in range(5)]
+    alone = sample_fewshot(items[:20], 16, 1, "val")
+    assert [d.path for d in got if d.label == 0] == [d.path for d in alone]
+    with pytest.raises(XmxError, match="has only 5 val images"):
+        sample_fewshot(items, 16, 1, "val")
