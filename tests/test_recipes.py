@@ -245,7 +245,7 @@ def test_cocoop_domain_shift_average_and_inferred_backbones_are_labelled():
 
 
 def test_every_paper_table_has_reference_rows_for_the_methods_its_presets_run(presets):
-    from xmx.report.gather import _norm
+    from xmx.report.gather import norm_name as _norm
     from xmx.tables import load_tables, reference_rows
     for name, t in load_tables().items():
         refs = reference_rows(t)

@@ -163,7 +163,8 @@ def select_fewshot(dataset: str, splits, shots: int, seed: int, subset_seed: int
         else:
             taken = {d.path for d in train_subset}
             pool = [d for d in splits.train if d.path not in taken]
-        return _sample(pool, vshots, sseed, "val", short="all") if vshots else []
+        # the val split (Dassl's K-shot val keeps small classes whole); train images outside the subset: an error
+        return _sample(pool, vshots, sseed, "val", short="all" if has_val else "error") if vshots else []
 
     def _sample(items: list[Datum], k: int, s: int, tag: str, short: str = "error") -> list[Datum]:
         try:
