@@ -14,7 +14,8 @@ resolved value differs from its row; a run records its preset's deviations in ``
         source: "file.py:41 ..."       # where (file:line of the release)
         when: {dataset: imagenet}      # optional: dataset | protocol | shots | preset (a value or a list of values)
         xmx: <value>                   # optional: xmx's default where it differs from the release ...
-        deviation: "<reason>"          # ... and then the reason (required with xmx)
+        deviation: "<reason>"          # ... and then the reason (required with xmx; a behaviour row, key null,
+                                       # may name a deviation without an xmx value)
         test: tests/test_x.py::name    # optional: the test that holds a behaviour (key: null)
         note: "..."                    # optional: anything a reader should know
 
@@ -68,8 +69,10 @@ def _validate(name: str, t: dict) -> dict:
         bad = set(row) - _ROW_KEYS
         if bad:
             raise XmxError(f"{where}: unknown field(s) {sorted(bad)}; valid: {sorted(_ROW_KEYS)}")
-        if ("xmx" in row) != ("deviation" in row):
+        if "xmx" in row and not row.get("deviation"):
             raise XmxError(f"{where}: 'xmx' and 'deviation' go together (xmx's value and the reason it differs)")
+        if row.get("deviation") and "xmx" not in row and row["key"] is not None:
+            raise XmxError(f"{where}: a deviation of a config key names xmx's value ('xmx') beside the reason")
         if bad := set(row.get("when") or {}) - set(WHEN_KEYS):
             raise XmxError(f"{where}: when: unknown key(s) {sorted(bad)}; valid: {', '.join(WHEN_KEYS)}")
     return t
