@@ -152,6 +152,15 @@ def svd_targets(model: nn.Module, encoder: str = "both", layers="all", params=PA
     return found, notes
 
 
+def singular_value_count(targets) -> int:
+    """How many singular values ``targets`` (from :func:`svd_targets`) train: full rank per chunk, no SVD needed."""
+    n = 0
+    for mod, attr, _, roles, train in targets:
+        m, k = getattr(mod, attr).shape
+        n += min(m // len(roles), k) * sum(train)
+    return n
+
+
 def weights_digest(tensors: list[torch.Tensor]) -> str:
     h = hashlib.sha256()
     for w in tensors:
