@@ -72,6 +72,14 @@ RUN_CASES = [
     ("$DATA folder missing", ["data=dtd", "paths.data_dir={tmp}/no_data"], "data root {tmp}/no_data does not exist",
      True),
     ("resume: bad choice", ["resume=sometimes"], "resume='sometimes'; valid choices: auto, never", True),
+    ("CLIP-SVD: unknown projection", ["backbone=tiny", "method=clip_svd", "method.params=[q,x]"],
+     "method.params=['q', 'x']: entries must be distinct items of q, k, v, o, mlp", False),
+    ("CLIP-SVD: unknown layers", ["backbone=tiny", "method=clip_svd", "method.layers=upper"],
+     "method.layers='upper' is unknown", False),
+    ("2SFS: stage split outside (0, 1)", ["backbone=tiny", "method=twosfs", "method.stage1_fraction=1.0"],
+     "method.stage1_fraction=1.0: the share of the steps given to stage 1 must be in (0, 1)", False),
+    ("2SFS: unknown stage-1 tuning", ["backbone=tiny", "method=twosfs", "method.peft=lora"],
+     "method.peft='lora': only ln", False),
 ]
 FEATURE_CASES = [
     ("xmx.features: unknown command", ["lst"], "'lst' is neither a command (list, verify, prune)"),
