@@ -374,3 +374,32 @@ def test_towers_are_found_in_every_family(tmp_path_factory):
         bb = _backbone(family, tmp_path_factory)
         tw = towers(bb.model)
         assert len(tw["text"].blocks) == 2 and len(tw["vision"].blocks) in (2, 4), family
+
+
+@pytest.mark.parametrize("method", ["clip_svd", "twosfs"])
+def test_recipe_tables_match_the_presets(method):
+    """Every row of xmx/recipes/<method>.yaml holds in every preset it covers (the 11 datasets)."""
+    import yaml
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+    from xmx.config import config_dir
+    table = yaml.safe_load((Path(__file__).parents[1] / "xmx" / "recipes" / f"{method}.yaml").read_text())
+    datasets = ["caltech101", "dtd", "eurosat", "fgvc_aircraft", "food101", "imagenet", "oxford_flowers",
+                "oxford_pets", "stanford_cars", "sun397", "ucf101"]
+    GlobalHydra.instance().clear()
+    checked = 0
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        for preset in table["presets"]:
+            for ds in (["imagenet"] if preset.endswith("domain_shift") else datasets):
+                cfg = compose("config", overrides=[f"experiment={preset}", f"data={ds}"])
+                case = {"preset": preset, "dataset": ds, "protocol": cfg.protocol.name, "shots": cfg.shots}
+                for row in table["settings"]:
+                    if row["key"] is None or any(case.get(k) != v for k, v in (row.get("when") or {}).items()):
+                        continue
+                    got = OmegaConf.select(cfg, row["key"])
+                    got = OmegaConf.to_container(got) if OmegaConf.is_config(got) else got
+                    assert got == row.get("xmx", row["release"]), (preset, ds, row["key"], got)
+                    checked += 1
+    GlobalHydra.instance().clear()
+    assert checked > 50
