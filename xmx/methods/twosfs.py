@@ -159,23 +159,28 @@ class TwoSFSMethod(EncoderMethod):
             self.classifier.copy_(self._encode_classes(self.backbone, *self.label_sets["train"], grad=False))
         log.info("2SFS: stage 2 from step %d: classifier initialised from the stage-1 text tower", self.global_step)
 
+    def stage_loss(self, x, y, stage: int) -> torch.Tensor:
+        """The cross-entropy of one batch in stage 1 (through both adapted towers) or 2 (the classifier on image
+        features computed without gradients)."""
+        if stage == 1:
+            logits = self.scale() * self.image_features(x) @ self.text_features("train").T
+        else:
+            with torch.no_grad():
+                v = self.image_features(x)
+            logits = self.scale() * v @ F.normalize(self.classifier, dim=-1).T
+        return F.cross_entropy(logits, y)
+
     def training_step(self, batch, batch_idx):
         if batch is None:
             return None
         x, y = batch
         opts, scheds = self.optimizers(), self.lr_schedulers()
         scheds = scheds if isinstance(scheds, list) else [scheds] if scheds is not None else [None, None]
-        if self.stage() == 1:
-            logits = self.scale() * self.image_features(x) @ self.text_features("train").T
-            k = 0
-        else:
-            if self.global_step == self.stage1_steps:
-                self.start_stage2()
-            with torch.no_grad():
-                v = self.image_features(x)
-            logits = self.scale() * v @ F.normalize(self.classifier, dim=-1).T
-            k = 1
-        loss = F.cross_entropy(logits, y)
+        stage = self.stage()
+        if stage == 2 and self.global_step == self.stage1_steps:
+            self.start_stage2()
+        loss = self.stage_loss(x, y, stage)
+        k = stage - 1
         opt = opts[k]
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
