@@ -1,4 +1,4 @@
-"""Evaluation protocols (spec §6): which images train, which select, and which label sets are tested.
+"""Evaluation protocols (docs/protocols.md): which images train, which select, and which label sets are tested.
 
 - ``fewshot``: K shots per class of every class; test on the dataset's test split.
 - ``base2new``: sorted label ids, base = first ceil(N·ratio) (or floor, or the MMA release's rule), new = the rest,

@@ -1,10 +1,12 @@
-"""Image transforms (spec §0): augmentation presets on top of CLIP's own resize and mean/std normalisation.
+"""Image transforms (docs/methods/shared.md#image-preprocessing): augmentation presets on top of CLIP's own resize and
+mean/std normalisation.
 
 - ``none``: the backbone's eval transform (``resize_mode``: ``shortest`` = resize the short side to ``size`` and centre
   crop, as OpenAI's CLIP; ``squash`` = resize to ``size`` x ``size``, as SigLIP; ``longest`` = fit and pad with zeros)
 - ``tip``:  RandomResizedCrop(size, scale 0.5-1, bicubic) + horizontal flip (Tip-Adapter's cache views)
 - ``coop``: RandomResizedCrop(size, scale 0.08-1, bicubic) + horizontal flip (CoOp)
-``noise_std`` adds Gaussian noise to the normalised image (MMA's robustness study, spec §3.8).
+``noise_std`` adds Gaussian noise to the normalised image (MMA's robustness study,
+docs/methods/mma.md#ablations-and-noise).
 """
 
 from __future__ import annotations

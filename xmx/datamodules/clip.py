@@ -278,7 +278,8 @@ class CLIPDataModule(L.LightningDataModule):
 
     def text_classifier(self, classnames: list[str], templates: list[str] | None = None,
                         normalize: bool = True) -> torch.Tensor:
-        """The zero-shot classifier W [C,N] for ``classnames`` (spec §0), computed once and cached.
+        """The zero-shot classifier W [C,N] for ``classnames`` (docs/methods/shared.md#zero-shot-classifier), computed
+        once and cached.
         ``normalize=False``: the mean of the raw prompt embeddings instead (TaskRes's base; its own store key)."""
         templates = list(templates or self.templates)
         memo = (tuple(classnames), tuple(templates), bool(normalize))
