@@ -297,6 +297,11 @@ class CLIPDataModule(L.LightningDataModule):
     def features_of(self, eval_set: EvalSet) -> torch.Tensor:
         return self._eval_features[eval_set.name]
 
+    def view_features_of(self, eval_set: EvalSet, preset: str, views: int) -> torch.Tensor:
+        """Raw features [V,N,C] of an eval set under ``views`` draws of the augmentation ``preset``, through the
+        feature store like every other view (test-time methods: TDA's and TPT's AugMix views)."""
+        return self._image_features(eval_set.items, eval_set.name, preset, int(views), 0.0)
+
     # ---- loaders ----------------------------------------------------------------------------------------------
     def _loader_device(self) -> torch.device:
         """Where the batches go: the trainer's device when attached to one, else ``features.device``."""
@@ -377,8 +382,11 @@ class CLIPDataModule(L.LightningDataModule):
 
     def subset_record(self) -> dict:
         """The exact images used, as portable JSON (paths relative to $DATA)."""
-        return {"dataset": self.name, "shots": self.shots, "seed": self.seed, "source": self.protocol.subset_source,
-                **subset_to_json({"train": self.protocol.train, "val": self.val_set.items})}
+        rec = {"dataset": self.name, "shots": self.shots, "seed": self.seed, "source": self.protocol.subset_source,
+               **subset_to_json({"train": self.protocol.train, "val": self.val_set.items})}
+        streams = {s.name: {"dataset": s.dataset, "seed": self.seed, "order": s.order, **subset_to_json(
+            {"items": s.items})} for s in self.eval_sets if s.order is not None}
+        return {**rec, "streams": streams} if streams else rec
 
     def data_record(self) -> dict:
         sets = {"train": (self.protocol.train, self.classnames), "val": (self.val_set.items, self.val_set.classnames)}

@@ -42,7 +42,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from xmx.backbones.weights import RESIZE_MODES  # the one list of resize modes (open_clip's names)
 from xmx.data.images import open_rgb
-from xmx.data.transforms import PRESETS  # preset -> RandomResizedCrop scale (None: CLIP eval transform)
+from xmx.data.transforms import PRESET_INTERPOLATION, PRESETS  # preset -> RandomResizedCrop scale (None: eval)
 from xmx.errors import XmxError
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class Preprocess:
 
     @property
     def _interp(self) -> InterpolationMode:
-        return InterpolationMode(self.interpolation)
+        return InterpolationMode(PRESET_INTERPOLATION.get(self.preset, self.interpolation))
 
     def view_params(self, index: int, view: int, height: int, width: int) -> tuple | None:
         """Crop box ``(top, left, h, w)`` and flip for view ``view`` of item ``index`` of an ``height x width``
@@ -138,7 +138,14 @@ class Preprocess:
     # ---- the two single-image reference paths (the tests compare them) ------------------------------------------
     def pil_view(self, img: Image.Image, index: int, view: int) -> torch.Tensor:
         """PIL RGB image -> normalised float [3,S,S] (+ noise): the reference path."""
-        x = self.normalise(TF.pil_to_tensor(self.geometry(img, self.view_params(index, view, img.height, img.width))))
+        crop = self.geometry(img, self.view_params(index, view, img.height, img.width))
+        if self.preset == "augmix":  # the releases' AugMix mixing on the crop (xmx.data.augmix), seeded per view
+            import numpy as np
+            from xmx.data.augmix import augmix_view
+            rng = np.random.default_rng(_seed(self.seed, view, index, "augmix"))
+            x = augmix_view(crop, lambda im: self.normalise(TF.pil_to_tensor(im)), rng)
+        else:
+            x = self.normalise(TF.pil_to_tensor(crop))
         n = self.noise(index, view)
         return x if n is None else x + n
 

@@ -119,7 +119,7 @@ def extract_image_features(backbone, images: Sequence, root: str | os.PathLike |
     pp = Preprocess.from_backbone(backbone, preset, noise_std, seed)
     paths = _as_paths(images, root)
     device = _default_device(device)
-    decode = resolve_decode(decode, device)
+    decode = "pil" if preset == "augmix" else resolve_decode(decode, device)  # AugMix's ops are PIL's
     v_run = 1 if pp.deterministic else views  # identical views are encoded once and repeated
     per_batch = max(1, batch_size // v_run)
     if num_workers is None:
@@ -270,7 +270,7 @@ def cached_image_features(store: FeatureStore, backbone, items: Sequence, root: 
         content = fingerprint_files(root if root is not None else "/", rel, mode=fingerprint,
                                     cache_dir=fingerprint_cache)["digest"]
     device = _default_device(device)
-    decode = resolve_decode(decode, device)
+    decode = "pil" if preset == "augmix" else resolve_decode(decode, device)
     key = image_feature_key(backbone, dataset=dataset, split=split, subset_digest=digest, n=len(items),
                             preset=preset, views=views, seed=seed, noise_std=noise_std, precision=precision,
                             decode=decode, amp=amp, device_type=device.type, output=output, content=content)
