@@ -29,7 +29,7 @@ SELECTION_MODES = ("val", "paper")
 # Every top-level field of results.json, in the order written (``record``); optional ones at the end.
 FIELDS = ("schema", "status", "job_id", "resumed", "experiment", "method", "dataset", "protocol", "shots", "seed",
           "selection", "metrics", "extra", "parameters", "data", "weights", "code", "packages", "cost", "trainer",
-          "predictions", "init_from", "checkpoint", "config")
+          "predictions", "init_from", "checkpoint", "recipe", "config")
 OPTIONAL_FIELDS = ("weights_plm",)  # the language track: the PLM's weights
 
 
@@ -68,7 +68,7 @@ def best_score(ckpt_cb, best: str) -> float | None:
 
 
 def record(cfg, *, jid: str, outcome: str, metrics: dict, method, datamodule, encoders: dict, trainer, t0: float,
-           best: str, out: Path, resolved: dict) -> dict:
+           best: str, out: Path, resolved: dict, recipe: dict | None = None) -> dict:
     """The results dict of a finished run (every field of :data:`FIELDS`, plus ``weights_plm`` with a PLM)."""
     results = {
         "schema": SCHEMA, "status": "complete", "job_id": jid, "resumed": outcome == "resumed",
@@ -86,6 +86,7 @@ def record(cfg, *, jid: str, outcome: str, metrics: dict, method, datamodule, en
         "predictions": "predictions.safetensors" if method.predictions else None,
         "init_from": getattr(method, "init_record", None),
         "checkpoint": str(Path(best).relative_to(out)) if best and Path(best).is_relative_to(out) else best or None,
+        "recipe": recipe,  # the preset's recipe table and its named deviations (xmx.recipes.recipe_record)
         "config": resolved,
     }
     assert tuple(results) == FIELDS, "results.FIELDS lists every field record() writes, in order"

@@ -146,8 +146,8 @@ def _run_job(cfg: DictConfig) -> tuple[dict, str]:
         metrics.update(datamodule.summarize(metrics))
 
     results = record.record(cfg, jid=jid, outcome=outcome, metrics=metrics, method=method, datamodule=datamodule,
-                            encoders=encoders, trainer=trainer, t0=t0, best=best, out=out, resolved=resolved)
-    results["recipe"] = recipe_record(cfg)  # the preset's deviations from its release (xmx/recipes/<method>.yaml)
+                            encoders=encoders, trainer=trainer, t0=t0, best=best, out=out, resolved=resolved,
+                            recipe=recipe_record(cfg))  # the preset's deviations from its release (xmx/recipes/)
     if not trainer.is_global_zero:  # DDP: rank 0 writes
         return results, outcome
     record.write(out, results, datamodule, method)
