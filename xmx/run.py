@@ -37,6 +37,7 @@ from xmx.config import (build, check_config, check_devices, check_paths, check_t
                         hydra_error_line, plan_run_threads)
 from xmx.errors import XmxError
 from xmx.utils import apply_threads, atomic_write_bytes, atomic_write_text, code_version, package_versions
+from xmx.validate import check_values, missing_line
 
 # torch and Lightning load inside the run (first use), after the config is checked and the thread count is set:
 # ``--help``, ``--cfg`` and config errors answer in about a second, and OpenMP/BLAS pools start with the right size.
@@ -111,7 +112,8 @@ def job_identity(cfg: DictConfig) -> dict:
     try:
         resolved = OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
     except Exception as e:  # noqa: BLE001 - any resolver failure is a config problem
-        raise XmxError(f"cannot resolve the config to identify the job: {str(e).splitlines()[0]}") from None
+        raise XmxError(missing_line(e) or f"cannot resolve the config to identify the job: {str(e).splitlines()[0]}") \
+            from None
     for k in _VOLATILE_TOP:
         resolved.pop(k, None)
     cbs = resolved.get("callbacks") or {}
@@ -292,6 +294,7 @@ def _run_job(cfg: DictConfig) -> tuple[dict, str]:
     from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
     apply_threads(threads)
     check_targets(cfg)
+    check_values(cfg)  # every declared domain (booleans, choices, ranges), before data or models
     check_devices(cfg)
     _check_selection(cfg, selection)
     if cfg.get("init_from"):

@@ -23,6 +23,7 @@ from torch import nn
 
 from xmx.backbones.clip import ClipLikeBackbone, _offline, _one_line, sha256_file
 from xmx.errors import XmxError
+from xmx.validate import Precision
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def preprocess_from_config(folder: Path, image_size: int) -> dict:
 class HFCLIPBackbone(ClipLikeBackbone):
     """A frozen transformers ``CLIPModel`` / ``SiglipModel`` in eval mode; raw (unnormalised) outputs."""
 
-    def __init__(self, name_or_path: str, name: str | None = None, precision: str = "fp32",
+    def __init__(self, name_or_path: str, name: str | None = None, precision: Precision = "fp32",
                  cache_dir: str | None = None):
         super().__init__()
         if precision not in _PRECISION:

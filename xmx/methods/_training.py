@@ -13,12 +13,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from xmx.errors import XmxError
+from xmx.validate import PosFloat, PosInt
 from xmx.methods.base import XmxModule
 
 log = logging.getLogger(__name__)
@@ -184,8 +186,8 @@ class EncoderMethod(XmxModule):
     label = "encoder method"
     adapts_text: bool = True  # subclasses: whether the text tower changes (else its features are cached once)
 
-    def __init__(self, amp: str = "auto", grad_checkpointing: bool = False, logit_scale: float | None = None,
-                 prompt: str | None = None, iters_per_shot: int | None = None, keep: str = "final",
+    def __init__(self, amp: Literal[AMP] = "auto", grad_checkpointing: bool = False, logit_scale: PosFloat | None = None,
+                 prompt: str | None = None, iters_per_shot: PosInt | None = None, keep: Literal[KEEP] = "final",
                  trim_text: bool = True, **kwargs):
         kwargs.setdefault("inputs", "images")
         super().__init__(**kwargs)

@@ -11,6 +11,7 @@ import inspect
 import logging
 import math
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassStatScores
 
 from xmx.errors import XmxError
+from xmx.validate import PosInt
 
 log = logging.getLogger(__name__)
 
@@ -165,9 +167,10 @@ class XmxModule(L.LightningModule):
     selection_modes: tuple[str, ...] = ("val",)
     frozen_prefixes: tuple[str, ...] = ("backbone.", "plm.")  # never written into checkpoints
 
-    def __init__(self, name: str | None = None, inputs: str = "features", batch_size: int | None = 256,
-                 epochs: int | None = None, view_sampling: str = "random", optimizer=None, scheduler=None,
-                 scheduler_interval: str = "epoch"):
+    def __init__(self, name: str | None = None, inputs: Literal["features", "images", "text"] = "features",
+                 batch_size: PosInt | None = 256, epochs: PosInt | None = None,
+                 view_sampling: Literal["random", "cycle"] = "random", optimizer=None, scheduler=None,
+                 scheduler_interval: Literal["step", "epoch"] = "epoch"):
         """``name``/``inputs``/``batch_size``/``epochs``/``view_sampling`` describe what the method asks of the run
         (the datamodule and trainer configs read them); ``optimizer``/``scheduler`` are partials
         (``_partial_: true``); ``scheduler_interval`` is ``epoch`` or ``step``."""

@@ -34,16 +34,18 @@ that trains and all that checkpoints hold), ``WarmupCosineLR`` (Dassl's schedule
 
 from __future__ import annotations
 
-import logging
-import math
 from collections import OrderedDict
 from contextlib import nullcontext
+import logging
+import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from xmx.errors import XmxError
+from xmx.validate import PosFloat, PosInt
 from xmx.methods.base import XmxModule
 
 log = logging.getLogger(__name__)
@@ -240,10 +242,11 @@ class PromptLearningMethod(XmxModule):
     label = "CoOp"
     conditional = False  # CoCoOp: per-image context from the Meta-Net
 
-    def __init__(self, n_ctx: int = 16, ctx_init: str | None = None, position: str = "end", csc: bool = False,
-                 init_std: float = 0.02, trim_context: bool = True, amp: str | None = "bf16",
-                 text_batch: int | None = None, grad_checkpoint: bool = False, protocol: str | None = None,
-                 test_epoch: str = "best_val", epochs_by_shots: dict | None = None, epochs_by_dataset: dict | None = None,
+    def __init__(self, n_ctx: PosInt = 16, ctx_init: str | None = None, position: Literal[POSITIONS] = "end",
+                 csc: bool = False, init_std: PosFloat = 0.02, trim_context: bool = True,
+                 amp: Literal["bf16", "fp16"] | None = "bf16", text_batch: PosInt | None = None,
+                 grad_checkpoint: bool = False, protocol: str | None = None,
+                 test_epoch: Literal["best_val", "last"] = "best_val", epochs_by_shots: dict | None = None, epochs_by_dataset: dict | None = None,
                  **kwargs):
         super().__init__(**kwargs)
         if test_epoch not in ("best_val", "last"):
@@ -437,7 +440,7 @@ class CoCoOpMethod(PromptLearningMethod):
     label = "CoCoOp"
     conditional = True
 
-    def __init__(self, meta_reduction: int = 16, **kwargs):
+    def __init__(self, meta_reduction: PosInt = 16, **kwargs):
         super().__init__(**kwargs)
         self.meta_reduction = int(meta_reduction)
 

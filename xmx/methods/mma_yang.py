@@ -30,6 +30,7 @@ from torch import nn
 
 from xmx.backbones.lora import tower_blocks
 from xmx.errors import XmxError
+from xmx.validate import PosInt
 from xmx.methods._training import EncoderMethod
 
 
@@ -104,7 +105,7 @@ class MMAYangMethod(EncoderMethod):
     label = "MMA-Yang"
     adapts_text = True
 
-    def __init__(self, layers=(5, 12), dim: int = 32, scale: float = 0.001, **kwargs):
+    def __init__(self, layers=(5, 12), dim: PosInt = 32, scale: float = 0.001, **kwargs):
         layers = list(layers)
         if len(layers) != 2 or not all(isinstance(v, int) for v in layers) or not 1 <= layers[0] <= layers[1]:
             raise XmxError(f"method.layers={layers}: give [first, last] 1-based block numbers, first ≥ 1 (the "

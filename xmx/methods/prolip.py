@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from xmx.errors import XmxError
+from xmx.validate import NonNegFloat, PosFloat, PosInt
 from xmx.methods.base import XmxModule, eval_labels, fast_dev_run, fit_device
 
 log = logging.getLogger(__name__)
@@ -91,9 +93,10 @@ class ProLIPMethod(XmxModule):
 
     needs_fit = False
 
-    def __init__(self, epochs: int = 300, search: bool = True, lr_grid=LR_GRID, lambda_grid=LAMBDA_GRID,
-                 lr: float = 1e-5, lambda_rule: str = "inv_shots", lam: float = 0.1, adam_eps: float = 1e-4,
-                 zs_scale: float = ZS_SCALE, feature_output: str = "pre_projection", device: str = "auto", **kwargs):
+    def __init__(self, epochs: PosInt = 300, search: bool = True, lr_grid=LR_GRID, lambda_grid=LAMBDA_GRID,
+                 lr: PosFloat = 1e-5, lambda_rule: Literal["inv_shots", "inv_shots2", "fixed"] = "inv_shots",
+                 lam: NonNegFloat = 0.1, adam_eps: PosFloat = 1e-4, zs_scale: PosFloat = ZS_SCALE,
+                 feature_output: Literal["pre_projection"] = "pre_projection", device: str = "auto", **kwargs):
         super().__init__(epochs=epochs, **kwargs)
         if feature_output != "pre_projection":
             raise XmxError("prolip trains the image projection: it needs method.feature_output=pre_projection")

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xmx.errors import XmxError
+from xmx.validate import NonNegFloat, NonNegInt
 from xmx.methods.base import XmxModule, class_columns
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def warmup_cosine(epoch: int, epochs: int, lr: float, warmup_epochs: int = 1, wa
 class TaskResMethod(XmxModule):
     """TaskRes trained through Lightning on cached features (mini-batches, ``view_sampling: random``)."""
 
-    def __init__(self, alpha: float = 0.5, warmup_epochs: int = 1, warmup_lr: float = 1e-5,
+    def __init__(self, alpha: NonNegFloat = 0.5, warmup_epochs: NonNegInt = 1, warmup_lr: NonNegFloat = 1e-5,
                  epochs_by_shots: dict | None = None, lr_by_dataset: dict | None = None,
                  alpha_by_dataset: dict | None = None, **kwargs):
         """``epochs_by_shots`` / ``lr_by_dataset`` / ``alpha_by_dataset``: the release's tables; the config

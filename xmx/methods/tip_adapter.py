@@ -19,15 +19,17 @@ searched on validation before testing); the equations above them are plain PyTor
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 import hashlib
 import logging
-from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xmx.errors import XmxError
+from xmx.validate import NonNegFloat, PosFloat, PosInt
 from xmx.methods.base import XmxModule, resolve_checkpoint
 from xmx.utils import Heartbeat
 
@@ -361,10 +363,11 @@ class TipAdapterMethod(XmxModule):
     needs_fit = False
     selection_modes = SELECTION_MODES
 
-    def __init__(self, datasets: dict | None = None, beta_max: float | None = None, alpha_max: float | None = None,
-                 init_alpha: float | None = None, init_beta: float | None = None, n_beta: int | None = None,
-                 n_alpha: int | None = None, search: bool = True, search_device: str = "auto",
-                 results_grid: str | bool = "auto", selection: str = "val", val_shots=None,
+    def __init__(self, datasets: dict | None = None, beta_max: PosFloat | None = None, alpha_max: PosFloat | None = None,
+                 init_alpha: NonNegFloat | None = None, init_beta: NonNegFloat | None = None,
+                 n_beta: PosInt | None = None, n_alpha: PosInt | None = None, search: bool = True,
+                 search_device: str = "auto", results_grid: Literal["auto"] | bool = "auto",
+                 selection: Literal[SELECTION_MODES] = "val", val_shots=None,
                  dataset_templates: dict | None = None, **kwargs):
         """``val_shots`` / ``dataset_templates`` are the recipe's data choices (read by ``data.val_shots`` /
         ``data.templates``); ``selection``: ``val`` or ``paper`` (see :data:`PAPER_EPOCH_MONITOR`)."""
