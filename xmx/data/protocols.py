@@ -93,14 +93,16 @@ def build_protocol(cfg: dict, splits: DatasetSplits, shots: int, seed: int, temp
     name = cfg.get("name", "fewshot")
     if name not in ("fewshot", "base2new", "cross_dataset", "domain_shift"):
         raise XmxError(f"protocol.name={name!r}; valid choices: fewshot, base2new, cross_dataset, domain_shift")
-    train, val, source = select_fewshot(splits.name, splits, shots, seed, subset_seed=subset_seed,
-                                        subset_file=subset_file, val_shots=val_shots)
     classnames = list(splits.classnames)
     ds = splits.name
+    if name == "base2new":  # a user's subset file needs only the base classes (the only ones trained on)
+        nb = n_base_classes(len(classnames), cfg.get("base_split", "ceil"), float(cfg.get("base_ratio", 0.5)))
+    train, val, source = select_fewshot(splits.name, splits, shots, seed, subset_seed=subset_seed,
+                                        subset_file=subset_file, val_shots=val_shots,
+                                        required_classes=list(range(nb)) if name == "base2new" else None)
 
     if name == "base2new":
         n = len(classnames)
-        nb = n_base_classes(n, cfg.get("base_split", "ceil"), float(cfg.get("base_ratio", 0.5)))
         base, new = list(range(nb)), list(range(nb, n))
         base_names, new_names = [classnames[i] for i in base], [classnames[i] for i in new]
         val_set = EvalSet("val", _relabel(val, base), base_names, ds, templates, list(range(nb)))
