@@ -298,8 +298,8 @@ def _run_job(cfg: DictConfig) -> tuple[dict, str]:
     check_devices(cfg)
     _check_selection(cfg, selection)
     if cfg.get("init_from"):
-        from xmx.methods.base import check_checkpoint
-        check_checkpoint(cfg.init_from, OmegaConf.select(cfg, "method._target_"))
+        from xmx.methods.base import backbone_identity, check_checkpoint
+        check_checkpoint(cfg.init_from, OmegaConf.select(cfg, "method._target_"), backbone_identity(cfg.backbone))
     out = _output_dir(cfg)
     _resume_mode(cfg)  # refused before the data is listed and fingerprinted
     datamodule, data_fp = _early_datamodule(cfg)  # lists + one stat per image (content hashes cached)
@@ -332,6 +332,8 @@ def _run_job(cfg: DictConfig) -> tuple[dict, str]:
         datamodule.backbone, datamodule.plm = encoders["backbone"], encoders.get("plm")
     method = build(cfg.method, _convert_="partial")  # before any extraction: a bad method config costs nothing
     method.init_from = cfg.get("init_from")
+    from xmx.methods.base import backbone_identity
+    method.backbone_identity = backbone_identity(cfg.backbone)  # recorded in its checkpoints (init_from checks it)
     # Set the data up now (feature extraction on a cold cache draws from the global RNG: loader seeds) and put the
     # RNG back, so that training sees the same random numbers whether the features were cached or not.
     devices = cfg.trainer.get("devices") if "trainer" in cfg else None

@@ -248,6 +248,11 @@ class EncoderMethod(XmxModule):
             self._check_trainer(t)
         super().setup(stage)
         self.step_budget = None
+        if self.total_steps and stage == "fit" and t is not None and not t.fast_dev_run and t.max_steps != -1:
+            # an explicit trainer.max_steps wins over the method's budget: recorded (and scheduled) as what runs
+            log.warning("%s: trainer.max_steps=%d replaces the method's budget of %d steps (iters_per_shot x shots)",
+                        self.label, t.max_steps, self.total_steps)
+            self.total_steps = int(t.max_steps)
         if self.total_steps and stage == "fit" and t is not None and not t.fast_dev_run and t.max_steps == -1:
             # an iteration budget instead of epochs (CLIP-LoRA: 500 × K steps), kept by the method rather than by
             # trainer.max_steps: Lightning resumes an iteration-based run from an epoch-end checkpoint by replaying
