@@ -82,6 +82,9 @@ def check_dataset(cfg: DictConfig) -> None:
     from xmx.data.datasets import get_info
     info = get_info(name)
     root = Path(str(OmegaConf.select(cfg, "data.root"))).expanduser()
+    if root.exists() and not root.is_dir():
+        raise XmxError(f"data root {root} is a file, not a folder; point paths.data_dir (or $DATA) at the folder that "
+                       f"holds the datasets in CoOp layout, e.g. {root.parent}/data with {info.dir}/ inside")
     if not root.is_dir() and not info.extra.get("generated"):
         raise XmxError(f"data root {root} does not exist; point paths.data_dir (or $DATA) at the folder that holds "
                        f"the datasets in CoOp layout, e.g. {root}/{info.dir}/")
