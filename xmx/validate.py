@@ -104,14 +104,14 @@ def _ok_bounds(v, meta) -> bool:
     return True
 
 
-def _members(ann) -> list:
+def union_members(ann) -> list:
     origin = typing.get_origin(ann)
     if origin is Union or (sys.version_info >= (3, 10) and isinstance(ann, types.UnionType)):
-        return [m for a in typing.get_args(ann) for m in _members(a)]
+        return [m for a in typing.get_args(ann) for m in union_members(a)]
     return [ann]
 
 
-def _kind(ann):
+def member_kind(ann):
     """-> ("bool"|"int"|"float"|"literal"|"none", payload) for a checkable member, None for one that is not."""
     meta: tuple = ()
     if typing.get_origin(ann) is Annotated:
@@ -133,7 +133,7 @@ def _kind(ann):
 def domain(ann) -> list | None:
     """The checkable members of an annotation, or None when any member is unchecked (``str``, ``dict``, ...):
     then the value is left to the code that uses it."""
-    kinds = [_kind(m) for m in _members(ann)]
+    kinds = [member_kind(m) for m in union_members(ann)]
     if not kinds or any(k is None for k in kinds):
         return None
     return kinds

@@ -17,6 +17,7 @@ from pathlib import Path
 from xmx.data.datasets import Datum, DatasetSplits, load_dataset
 from xmx.data.fewshot import select_fewshot
 from xmx.errors import XmxError
+from xmx.validate import BaseSplit, choices
 
 
 @dataclass
@@ -65,7 +66,7 @@ def _index_in(keys: list[str], train_keys: list[str]) -> list[int | None]:
     return [pos.get(c) for c in keys]
 
 
-BASE_SPLITS = ("ceil", "floor", "release")
+BASE_SPLITS = choices(BaseSplit)  # ceil | floor | release (declared in xmx.validate)
 RELEASE_RATIOS = (0.5, 0.8)
 
 
