@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xmx.errors import XmxError
-from xmx.validate import PosFloat, PosInt
+from xmx.validate import NonNegFloat, PosFloat, PosInt
 from xmx.methods.base import XmxModule
 
 log = logging.getLogger(__name__)
@@ -459,7 +459,7 @@ class KgCoOpMethod(PromptLearningMethod):
 
     label = "KgCoOp"
 
-    def __init__(self, kg_weight: float = 8.0, kg_templates: list[str] | str | None = None,
+    def __init__(self, kg_weight: NonNegFloat = 8.0, kg_templates: list[str] | str | None = None,
                  kg_template_by_dataset: dict | None = None, **kwargs):
         super().__init__(**kwargs)
         if float(kg_weight) < 0:
