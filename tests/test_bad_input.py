@@ -97,6 +97,8 @@ RUN_CASES = [
      "method.new_topk=2.5: must be a whole number >= 2", True),
     ("zero augmented views", ["augment.views=0"], "augment.views=0: must be a whole number >= 1", True),
     ("negative noise", ["augment.noise_std=-1"], "augment.noise_std=-1: must be a number >= 0", True),
+    ("a method's own check (its constructor)", ["method=clip_lora", "method.params=[q,x]"],
+     "method.params=['q', 'x']: entries must be distinct items of q, k, v, o", True),
     ("required key left unset", ["backbone=hf_clip"], "backbone.name_or_path is required and has no value", True),
     ("GDA topk above the training features", ["method=gda", "protocol=base2new", "method.new_topk=100000"],
      "method.new_topk=100000 is more than the", False),

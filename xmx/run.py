@@ -33,8 +33,8 @@ from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from xmx.config import (build, check_config, check_devices, check_paths, check_targets, config_dir,
-                        hydra_error_line, plan_run_threads)
+from xmx.config import (build, check_config, check_devices, check_method, check_paths, check_targets,
+                        config_dir, hydra_error_line, plan_run_threads)
 from xmx.errors import XmxError
 from xmx.utils import apply_threads, atomic_write_bytes, atomic_write_text, code_version, package_versions
 from xmx.validate import check_values, missing_line
@@ -305,6 +305,7 @@ def _run_job(cfg: DictConfig) -> tuple[dict, str]:
         check_checkpoint(cfg.init_from, OmegaConf.select(cfg, "method._target_"), backbone_identity(cfg.backbone))
     out = _output_dir(cfg)
     _resume_mode(cfg)  # refused before the data is listed and fingerprinted
+    check_method(cfg)  # the method's constructor checks too: every method key before the data or a model
     datamodule, data_fp = _early_datamodule(cfg)  # lists + one stat per image (content hashes cached)
     jid = job_id(cfg, data_fp)
     _JOB["id"] = jid  # a job that fails from here on is recorded under its real identity (config + data)
