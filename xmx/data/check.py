@@ -48,7 +48,18 @@ def check_dataset(name: str, root: str | Path) -> dict:
             problems.append("counts differ from spec §6: " + ", ".join(diff))
     out["status"] = "incomplete" if problems else "found"
     out["message"] = "; ".join(problems)
+    out["manifest"] = _manifest_note(root / info.dir)
     return out
+
+
+def _manifest_note(folder: Path) -> str:
+    """Where ``python -m xmx.data get`` fetched this dataset from (its ``xmx_manifest.json``), or ""."""
+    try:
+        m = json.loads((folder / "xmx_manifest.json").read_text())
+        return f"from {m['source']}" + (f" rev {str(m['revision'])[:12]}" if m.get("revision") else "") + \
+            f", {len(m.get('files', []))} file(s) hashed in {folder.name}/xmx_manifest.json"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def check_all(root: str | Path, names: list[str] | None = None) -> dict[str, dict]:
@@ -64,7 +75,8 @@ def _fmt(name: str, r: dict) -> str:
     exp = r["expected"] or {}
     counts = "  ".join(f"{k} {r[k]}/{exp[k]}" if k in exp else f"{k} {r[k]}" for k in SPLITS + ("classes",))
     line = f"{name:<16} {r['status']:<11} {counts}"
-    return line + (f"  -- {r['message']}" if r["message"] else "")
+    line += f"  -- {r['message']}" if r["message"] else ""
+    return line + (f"  [{r['manifest']}]" if r.get("manifest") else "")
 
 
 def exit_code(results: dict[str, dict]) -> int:
