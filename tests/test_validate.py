@@ -16,6 +16,7 @@ from xmx.validate import CONFIG_KEYS, check_value, check_values, domain, member_
 CONF = config_dir()
 TARGETS = sorted({str(v) for f in CONF.rglob("*.yaml") for v in
                   [(yaml.safe_load(f.read_text()) or {}).get("_target_")] if isinstance(v, str) and v.startswith("xmx.")})
+# (library targets are checked too - test_library_classes_are_read_too - but their parameters are not enumerated here)
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml") if not p.stem.startswith("_"))
 
 
@@ -103,6 +104,14 @@ def _compose(overrides):
 def test_no_shipped_preset_is_refused():
     for exp in EXPERIMENTS:
         check_values(_compose([f"experiment={exp}", "paths.cache_dir=/nonexistent"]))
+
+
+def test_library_classes_are_read_too():
+    """Lightning's Trainer and torch's optimisers declare their booleans and choices the same way."""
+    doms = target_domains("lightning.pytorch.Trainer")
+    assert domain(doms["deterministic"]) is not None and domain(doms["max_epochs"]) is not None
+    with pytest.raises(XmxError, match=r"^method\.optimizer\.nesterov='yes': must be true or false"):
+        check_values(_compose(["method=coop", "method.optimizer.nesterov=yes"]))
 
 
 def test_the_method_key_is_named_when_the_data_reads_it():

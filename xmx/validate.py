@@ -41,7 +41,7 @@ Decode = Literal["pil", "auto", "gpu", "tensor"]
 # keys of nodes without a ``_target_`` (a ``_target_`` node's keys are declared by its class's ``__init__``)
 CONFIG_KEYS: dict[str, object] = {
     "train": bool, "test": bool, "skip_done": bool,
-    "resume": Union[Literal["auto", "never"], None],
+    "resume": Union[Literal["auto", "never", False], None],  # false and null: never
     "selection": Literal["val", "paper"],
     "shots": PosInt, "seed": NonNegInt,
     "features.enabled": bool, "features.precision": Literal["fp16", "fp32"], "features.batch_size": PosInt,
@@ -183,10 +183,9 @@ def check_value(key: str, value, ann) -> None:
 # ---- the annotations of a ``_target_`` ----------------------------------------------------------------------------
 def target_domains(target: str) -> dict[str, object]:
     """{keyword: annotation} of what a ``_target_`` accepts, following ``**kwargs`` up the class hierarchy (the
-    subclass's annotation wins). Only xmx's own classes are read: others validate their own arguments."""
+    subclass's annotation wins). Library classes count too (Lightning's ``Trainer`` and callbacks, torch's optimisers
+    declare ``bool``/``Optional[int]``/``Literal`` settings the same way)."""
     from hydra._internal.utils import _locate
-    if not str(target).startswith("xmx."):
-        return {}
     try:
         obj = _locate(target)
     except Exception:  # noqa: BLE001 - Hydra reports a missing target itself
