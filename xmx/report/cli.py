@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from xmx.config import check_writable_dir
 from xmx.errors import XmxError
 from xmx.report.gather import (CAVEAT_NOTE, TABLES, _assign_variants, find_results, load_runs, observations,
                                swept_keys)
@@ -213,10 +212,12 @@ def main(argv=None) -> int:
     ap.add_argument("--format", choices=("report", "clip_benchmark"), default="report",
                     help="clip_benchmark: one CLIP_benchmark JSON per run and eval set + their merged benchmark.csv")
     args = ap.parse_args(argv)
-    try:  # the output folder first: a file or a read-only place is one line, not a traceback after the work
-        check_writable_dir("--out", args.out)
-    except XmxError as e:
-        print(f"xmx.report: error: {e}", file=sys.stderr)
+    existing = Path(args.out).expanduser()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():  # a file where the folder should be: one line before the work, nothing created
+        print(f"xmx.report: error: --out={args.out}: {existing} is a file, not a folder; point --out at a folder",
+              file=sys.stderr)
         return 2
     if args.format == "clip_benchmark":
         from xmx.report.clip_benchmark import export_clip_benchmark
