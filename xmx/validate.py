@@ -33,7 +33,7 @@ OpenFraction = Annotated[float, Interval(gt=0, lt=1)]
 
 # enumerations shared by code below the methods (the modules that use them take their tuples from here)
 AugmentPreset = Literal["none", "coop", "tip"]
-ProtocolName = Literal["fewshot", "base2new", "cross_dataset", "domain_shift"]
+ProtocolName = Literal["fewshot", "base2new", "cross_dataset", "domain_shift", "test_time"]
 BaseSplit = Literal["ceil", "floor", "release"]
 Precision = Literal["fp32", "fp16", "bf16"]
 Decode = Literal["pil", "auto", "gpu", "tensor"]

@@ -1,6 +1,7 @@
 """``python -m xmx.data check <root>``: which CoOp datasets are under ``$DATA``, and are they complete?
 
-One line per dataset: ``found`` (every listed image present and the counts equal spec §6), ``missing`` (no dataset
+One line per dataset: ``found`` (every listed image present and the counts equal docs/protocols.md#dataset-sizes),
+``missing`` (no dataset
 folder) or ``incomplete`` (anything else, with the reason and the first few missing paths). Exit status 0 only when
 every dataset that was found is complete (and at least one was found).
 """
@@ -45,7 +46,7 @@ def check_dataset(name: str, root: str | Path) -> dict:
     if expected:
         diff = [f"{k} {out[k]} (expected {v})" for k, v in expected.items() if out[k] != v]
         if diff:
-            problems.append("counts differ from spec §6: " + ", ".join(diff))
+            problems.append("counts differ from the published sizes (docs/protocols.md#dataset-sizes): " + ", ".join(diff))
     out["status"] = "incomplete" if problems else "found"
     out["message"] = "; ".join(problems)
     out["manifest"] = _manifest_note(root / info.dir)

@@ -47,6 +47,7 @@ from torch import Tensor
 from xmx.errors import XmxError
 from xmx.validate import Ge, NonNegInt, PosFloat, PosInt
 from xmx.methods.base import XmxModule, class_columns, eval_labels, fit_device
+from xmx.results import SELECTION_MODES
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,7 @@ class GDAMethod(XmxModule):
     are synthesised from their text embeddings when ``new_classes: synthesize`` (base-to-new)."""
 
     needs_fit = False
-    selection_modes = ("val", "paper")  # paper: the release searches alpha on ImageNet's test set
+    selection_modes = SELECTION_MODES  # paper: the release searches alpha on ImageNet's test set
 
     def __init__(self, covariance: Literal[COVARIANCES] = "ks", alphas=ALPHAS, zs_scale: PosFloat = 100.0,
                  selection: Literal["val", "paper"] = "val", new_classes: Literal["synthesize", "refuse"] = "synthesize",
@@ -193,8 +194,8 @@ class GDAMethod(XmxModule):
         super().__init__(**kwargs)
         if covariance not in COVARIANCES:
             raise XmxError(f"method.covariance={covariance!r}; valid choices: {', '.join(COVARIANCES)}")
-        if selection not in ("val", "paper"):
-            raise XmxError(f"selection={selection!r}; valid choices: val, paper")
+        if selection not in SELECTION_MODES:
+            raise XmxError(f"selection={selection!r}; valid choices: {', '.join(SELECTION_MODES)}")
         if new_classes not in ("synthesize", "refuse"):
             raise XmxError(f"method.new_classes={new_classes!r}; valid choices: synthesize, refuse")
         if solve_dtype not in ("float32", "float64"):
