@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from xmx.errors import XmxError
-from xmx.validate import Ge, NonNegInt, PosFloat, PosInt
+from xmx.validate import Ge, NonNegInt, PosFloat
 from xmx.methods.base import XmxModule, class_columns, eval_labels, fit_device
 from xmx.results import SELECTION_MODES
 
