@@ -32,7 +32,7 @@ Fraction = Annotated[float, Interval(ge=0, le=1)]  # probabilities, mixing weigh
 OpenFraction = Annotated[float, Interval(gt=0, lt=1)]
 
 # enumerations shared by code below the methods (the modules that use them take their tuples from here)
-AugmentPreset = Literal["none", "coop", "tip"]
+AugmentPreset = Literal["none", "coop", "tip", "tpt_crop", "augmix"]  # = xmx.data.transforms.PRESETS (a test holds it)
 ProtocolName = Literal["fewshot", "base2new", "cross_dataset", "domain_shift", "test_time"]
 BaseSplit = Literal["ceil", "floor", "release"]
 Precision = Literal["fp32", "fp16", "bf16"]
