@@ -76,6 +76,60 @@ RUN_CASES = [
     ("$DATA folder missing", ["data=dtd", "paths.data_dir={tmp}/no_data"], "data root {tmp}/no_data does not exist",
      True),
     ("resume: bad choice", ["resume=sometimes"], "resume='sometimes'; valid choices: auto, never", True),
+    # declared domains (xmx/validate.py): every boolean, choice and numeric range, named by its key, before work
+    ("boolean as a word: train", ["train=no"], "train='no': must be true or false", True),
+    ("boolean as a word: test", ["test=no"], "test='no': must be true or false", True),
+    ("boolean of the backbone", ["backbone.quick_gelu=sometimes"],
+     "backbone.quick_gelu='sometimes': must be true or false, auto", True),
+    ("boolean of a method", ["method=tip_adapter", "method.search=maybe"], "method.search='maybe': must be true or",
+     True),
+    ("boolean of the optimiser (a library class)", ["method=coop", "method.optimizer.nesterov=yes"],
+     "method.optimizer.nesterov='yes': must be true or false", True),
+    ("choice of the trainer (a library class)", ["trainer.precision=8"], "trainer.precision=8; valid choices:", True),
+    ("choice of a method that the data reads", ["method=coop", "method.view_sampling=sometimes"],
+     "method.view_sampling='sometimes'; valid choices: random, cycle", True),
+    ("choice of the feature store", ["features.precision=int8"], "features.precision='int8'; valid choices: fp16",
+     True),
+    ("choice of the protocol", ["protocol=base2new", "protocol.base_split=round"],
+     "protocol.base_split='round'; valid choices:", True),
+    ("negative search maximum", ["method=tip_adapter", "method.beta_max=-1"],
+     "method.beta_max=-1: must be a number > 0, null", True),
+    ("grid of no points", ["method=tip_adapter", "method.n_beta=0"], "method.n_beta=0: must be a whole number >= 1",
+     True),
+    ("zero Meta-Net reduction", ["method=cocoop", "method.meta_reduction=0"],
+     "method.meta_reduction=0: must be a whole number >= 1", True),
+    ("weight outside [0, 1]", ["method=mma", "method.lam=1.5"], "method.lam=1.5: must be a number >= 0 and <= 1",
+     True),
+    ("whole number given a fraction", ["method=gda", "method.new_topk=2.5"],
+     "method.new_topk=2.5: must be a whole number >= 2", True),
+    ("zero augmented views", ["augment.views=0"], "augment.views=0: must be a whole number >= 1", True),
+    ("negative noise", ["augment.noise_std=-1"], "augment.noise_std=-1: must be a number >= 0", True),
+    ("a method's own check (its constructor)", ["method=clip_lora", "method.params=[q,x]"],
+     "method.params=['q', 'x']: entries must be distinct items of q, k, v, o", True),
+    ("required key left unset", ["backbone=hf_clip"], "backbone.name_or_path is required and has no value", True),
+    ("GDA topk above the training features", ["method=gda", "protocol=base2new", "method.new_topk=100000"],
+     "method.new_topk=100000 is more than the", False),
+    # subset files, checked against the dataset when it is listed
+    ("subset file: a JSON list", ["data.subset_file={subset_list}"], "the file holds a JSON list, not an object",
+     False),
+    ("subset file: empty training list", ["data.subset_file={subset_empty}"], 'the "train" list is empty', False),
+    ("subset file: an image twice", ["data.subset_file={subset_dup}"], 'is listed twice in "train"', False),
+    ("subset file: a float label", ["data.subset_file={subset_float}"],
+     "the label must be a whole number (a class index), not 0.0", False),
+    ("subset file: a label out of range", ["data.subset_file={subset_range}"], "is out of range: the dataset has",
+     False),
+    ("subset file: a path outside $DATA", ["data.subset_file={subset_outside}"], "the path leaves the dataset folder",
+     False),
+    ("subset file: a class missing", ["data.subset_file={subset_missing}", "shots=1"],
+     "1 of the 10 classes this protocol trains on have no training image", False),
+    ("subset file: 5 images of one class for shots=16", ["data.subset_file={subset_five}", "shots=16"],
+     "has 5 training images but shots=16", False),
+    # checkpoints and weights of another model
+    ("init_from: another backbone", ["TINY", "train=false", "init_from={other_backbone}"],
+     "the checkpoint was trained on backbone ViT-B-16 with weights openai, this run uses xmx-tiny", True),
+    ("backbone weights of another architecture", ["backbone.weights={siglip_bin}"],
+     "holds the weights of another architecture", False),
+    ("$DATA is a file", ["data=dtd", "paths.data_dir={file}"], "data root {file} is a file, not a folder", True),
     ("deep prompts: zero tokens", [*DEEP, "method=ivlp", "method.n_ctx_text=0"],
      "method.n_ctx_text=0: at least one prompt token", False),
     ("deep prompts: depth beyond the tower", [*DEEP, "method=maple"],
@@ -106,11 +160,41 @@ FEATURE_CASES = [
     ("xmx.features: unknown option", ["list", "--bogus"], "unrecognized arguments: --bogus"),
     ("xmx.features: unknown experiment", ["experiment=no_such"], "unknown experiment 'no_such'"),
     ("xmx.features: shots = 0", ["shots=0"], "shots=0: must be at least 1"),
+    ("xmx.features: prune --before a word", ["prune", "--before", "yesterday"], "--before yesterday: not an ISO date"),
+]
+# other command lines: (case, module, arguments, phrase)
+TOOL_CASES = [
+    ("xmx.data fake onto a file", "xmx.data", ["fake", "{file}"], "{file} is a file, not a folder"),
+    ("xmx.report --out a file", "xmx.report", ["{tmp}", "--out", "{file}", "--no-plots"],
+     "--out={file}: {file} is a file, not a folder"),
 ]
 
 
+def _subset_files(tmp_path: Path, xmx_cache: Path) -> dict:
+    """One file per class of bad subset file, against the synthetic dataset the cases run on (10 classes)."""
+    import json
+
+    from xmx.data.datasets import load_dataset
+    train = load_dataset("synthetic", xmx_cache / "data").train
+    one = {}
+    for d in train:
+        one.setdefault(d.label, d)
+    rows = [[d.path, d.label, d.classname] for _, d in sorted(one.items())]
+    five = [[d.path, d.label, d.classname] for d in train if d.label == 0][:5]
+    files = {"subset_list": rows, "subset_empty": {"train": []}, "subset_dup": {"train": rows + rows[:1]},
+             "subset_float": {"train": [[rows[0][0], 0.0, rows[0][2]]] + rows[1:]},
+             "subset_range": {"train": rows + [["synthetic/images/x.jpg", 10, "x"]]},
+             "subset_outside": {"train": [["../etc/passwd", 0, rows[0][2]]] + rows[1:]},
+             "subset_missing": {"train": rows[1:]}, "subset_five": {"train": five + rows[1:]}}
+    out = {}
+    for name, raw in files.items():
+        out[name] = tmp_path / f"{name}.json"
+        out[name].write_text(json.dumps(raw))
+    return out
+
+
 @pytest.fixture
-def places(tmp_path, monkeypatch):
+def places(tmp_path, monkeypatch, xmx_cache):
     """The files and folders the cases point at; W&B with no key and no offline mode."""
     torch.save({"a": torch.zeros(2)}, tmp_path / "plain.ckpt")
     (tmp_path / "garbage.pt").write_bytes(b"this is not a checkpoint\n" * 40)
@@ -120,6 +204,13 @@ def places(tmp_path, monkeypatch):
     torch.save({"state_dict": {"head.weight": torch.zeros(3, 32), "head.bias": torch.zeros(3)}},
                tmp_path / "other_shapes.ckpt")
     torch.save({"state_dict": {"prompt.ctx": torch.zeros(4, 8)}}, tmp_path / "nothing.ckpt")
+    torch.save({"state_dict": {"head.weight": torch.zeros(10, 32)},
+                "xmx_backbone": {"loader": "CLIPBackbone", "arch": "ViT-B-16", "weights": "openai"}},
+               tmp_path / "other_backbone.ckpt")
+    from hf_tiny import save_tiny
+    siglip = save_tiny(tmp_path / "siglip", kind="siglip")
+    from safetensors.torch import load_file
+    torch.save(load_file(siglip / "model.safetensors"), tmp_path / "pytorch_model.bin")  # a transformers .bin
     readonly = tmp_path / "readonly"
     readonly.mkdir()
     if os.geteuid() == 0:  # root writes through permission bits: use a folder the kernel refuses to everyone
@@ -132,7 +223,9 @@ def places(tmp_path, monkeypatch):
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
     yield {"tmp": tmp_path, "file": tmp_path / "a_file", "readonly": readonly, "garbage": tmp_path / "garbage.pt",
            "plain": tmp_path / "plain.ckpt", "other_family": tmp_path / "other_family.ckpt",
-           "other_shapes": tmp_path / "other_shapes.ckpt", "nothing": tmp_path / "nothing.ckpt"}
+           "other_shapes": tmp_path / "other_shapes.ckpt", "nothing": tmp_path / "nothing.ckpt",
+           "other_backbone": tmp_path / "other_backbone.ckpt", "siglip_bin": tmp_path / "pytorch_model.bin",
+           **_subset_files(tmp_path, xmx_cache)}
     os.chmod(tmp_path / "readonly", 0o700)
 
 
@@ -214,6 +307,20 @@ def test_every_bad_input_is_one_line_exit_2_and_the_table_is_current(places, mak
             failures.append(f"{case}: exit {code}, stderr {err[-600:]!r}")
             continue
         rows.append((case, f"python -m xmx.features {' '.join(args)}", _shown(errors[0], places, tmp_path), "yes"))
+    import importlib
+    for case, module, args, needle in TOOL_CASES:
+        argv = [a.format(**places) for a in args]
+        main = importlib.import_module(f"{module}.__main__" if module == "xmx.data" else "xmx.report.cli").main
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code
+        err = capsys.readouterr().err
+        errors = [l for l in err.splitlines() if "error:" in l]
+        if not (code == 2 and len(errors) == 1 and needle.format(**places) in errors[0] and "Traceback" not in err):
+            failures.append(f"{case}: exit {code}, stderr {err[-600:]!r}")
+            continue
+        rows.append((case, f"python -m {module} {' '.join(args)}", _shown(errors[0], places, tmp_path), "yes"))
     assert not failures, "\n".join(failures)
     if gpu:
         pytest.skip("a GPU is present: the GPU rows cannot be produced here, so docs/errors.md is not compared")

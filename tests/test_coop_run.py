@@ -37,7 +37,9 @@ def test_coop_learns_beyond_its_zero_shot_start_and_checkpoints_only_the_context
     dm = capture_dm[-1]
     ex, m = res["extra"], res["metrics"]
     assert res["method"] == "coop" and ex["test_epoch"] == "last" and ex["selected_epoch"] == 11
-    assert ex["epochs_trained"] == 12 and ex["epochs_run"] == 1  # validation ran once, after the last epoch
+    # validation ran once, after the last epoch; the record says what ran: 12 epochs, and the schedule's 12
+    assert ex["epochs_trained"] == 12 and ex["epochs_run"] == 12 and len(ex["epoch_curve"]) == 1
+    assert ex["schedule_length"] == {"T_max": 12, "unit": "epoch"} and ex["steps_run"] >= 12
     assert ex["amp"] == "bf16" and ex["amp_applied"] is False  # CPU: fp32
     assert ex["n_ctx"] == 4 and ex["ctx_init"] == "a photo of a" and ex["params"] == 4 * dm.backbone.text_width
     # only the context is saved; the final epoch is what was tested

@@ -195,6 +195,15 @@ def test_what_is_recorded_is_what_runs(make_cfg, overrides, needles):
     one_line_error(lambda: run(make_cfg([*TINY, "method=clip_lora", *overrides])), *needles)
 
 
+def test_trainer_max_steps_is_what_is_recorded_and_scheduled(make_cfg, tmp_path):
+    """An explicit trainer.max_steps replaces the method's budget (iters_per_shot x shots): results.json records and
+    the cosine schedule spans the steps that ran, not the budget."""
+    res = run(make_cfg([*TINY, "method=clip_lora", "+trainer.max_steps=3"], output_dir=tmp_path / "r"))
+    ex = res["extra"]
+    assert ex["total_steps"] == 3 and ex["steps_run"] == 3
+    assert ex["schedule_length"] == {"T_max": 3, "unit": "step"}
+
+
 def test_activation_checkpointing_gives_the_same_gradients(tiny_clip):
     from types import SimpleNamespace
     names = ["cat", "dog", "bird"]

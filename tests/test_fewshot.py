@@ -94,12 +94,13 @@ def test_val_shots_override_keeps_shipped_train(pets):
 
 
 def test_user_subset_file_wins(pets, tmp_path):
-    train = pets.train[5:7] + pets.train[100:102]
+    train = sample_fewshot(pets.train, 2, 7)  # 2 images of every class: not what seed 1 samples
     val = pets.val[:3]
     path = tmp_path / "my_subset.json"
     write_json_atomic(path, subset_to_json({"train": train, "val": val}))
-    got_train, got_val, source = select_fewshot("oxford_pets", pets, 16, 1, subset_file=path)
+    got_train, got_val, source = select_fewshot("oxford_pets", pets, 2, 1, subset_file=path)
     assert got_train == train and got_val == val and source == f"file:{path}"
+    assert got_train != select_fewshot("oxford_pets", pets, 2, 1)[0]
     # without "val", validation is sampled
     write_json_atomic(path, subset_to_json({"train": train}))
     got_train, got_val, source = select_fewshot("oxford_pets", pets, 2, 1, subset_file=path)
@@ -121,6 +122,82 @@ def test_bad_subset_files(pets, tmp_path):
     write_json_atomic(bad, {"val": []})
     with pytest.raises(XmxError, match=r'has no "train" list'):
         select_fewshot("oxford_pets", pets, 1, 1, subset_file=bad)
+
+
+def _subset_case(pets, case):
+    """(file contents, shots, required classes) of one class of bad subset file."""
+    one = sample_fewshot(pets.train, 1, 3)  # one image of each of the 37 classes
+    rows = [[d.path, d.label, d.classname] for d in one]
+    return {
+        "a JSON list": (rows, 1, None),
+        "an empty train list": ({"train": []}, 1, None),
+        "a duplicated image": ({"train": rows + rows[:1]}, 1, None),
+        "a class missing": ({"train": rows[1:]}, 1, None),
+        "a float label": ({"train": [[rows[0][0], 0.0, rows[0][2]]] + rows[1:]}, 1, None),
+        "a bool label": ({"train": [[rows[0][0], True, rows[0][2]]] + rows[1:]}, 1, None),
+        "a label out of range": ({"train": rows + [[rows[0][0] + "x", 37, "x"]]}, 1, None),
+        "a negative label": ({"train": [[rows[0][0], -1, rows[0][2]]] + rows[1:]}, 1, None),
+        "an absolute path": ({"train": [["/etc/passwd", 0, "abyssinian"]] + rows[1:]}, 1, None),
+        "a path leaving $DATA": ({"train": [["oxford_pets/../../x.jpg", 0, "abyssinian"]] + rows[1:]}, 1, None),
+        "5 images of one class for shots=16": (
+            {"train": [[d.path, d.label, d.classname] for d in pets.train if d.label == 0][:5]}, 16, [0]),
+        "fewer images than shots in every class": ({"train": rows}, 16, None),
+        "another dataset's subset": ({"dataset": "dtd", "train": rows}, 1, None),
+        "an unknown key": ({"train": rows, "tain": []}, 1, None),
+        "an entry that is not a triple": ({"train": [[rows[0][0], 0]] + rows[1:]}, 1, None),
+    }[case]
+
+
+SUBSET_CASES = {  # case -> what the one line says
+    "a JSON list": "the file holds a JSON list, not an object",
+    "an empty train list": 'the "train" list is empty',
+    "a duplicated image": 'is listed twice in "train"',
+    "a class missing": "1 of the 37 classes this protocol trains on have no training image (e.g. 0 'abyssinian')",
+    "a float label": "the label must be a whole number (a class index), not 0.0",
+    "a bool label": "the label must be a whole number (a class index), not True",
+    "a label out of range": "label 37 of oxford_pets/",
+    "a negative label": "the label -1 is negative",
+    "an absolute path": "the path leaves the dataset folder",
+    "a path leaving $DATA": "the path leaves the dataset folder",
+    "5 images of one class for shots=16": "class 0 'abyssinian' has 5 training images but shots=16 (1 classes differ); "
+                                          "set shots=5 to match the file",
+    "fewer images than shots in every class": "set shots=1 to match the file",
+    "another dataset's subset": "the file is a subset of 'dtd', this run's dataset is 'oxford_pets'",
+    "an unknown key": "unknown key(s) 'tain'",
+    "an entry that is not a triple": "is not [path, label, classname]",
+}
+
+
+@pytest.mark.parametrize("case", sorted(SUBSET_CASES))
+def test_every_class_of_bad_subset_file_is_one_line(pets, tmp_path, case):
+    raw, shots, required = _subset_case(pets, case)
+    path = tmp_path / "subset.json"
+    write_json_atomic(path, raw)
+    with pytest.raises(XmxError) as e:
+        select_fewshot("oxford_pets", pets, shots, 1, subset_file=path, required_classes=required)
+    msg = str(e.value)
+    assert SUBSET_CASES[case] in msg and "\n" not in msg and str(path) in msg, msg
+
+
+def test_a_protocol_that_trains_on_some_classes_needs_only_those(pets, tmp_path):
+    base = [d for d in sample_fewshot(pets.train, 2, 3) if d.label < 19]
+    path = tmp_path / "base.json"
+    write_json_atomic(path, subset_to_json({"train": base}))
+    train, _, _ = select_fewshot("oxford_pets", pets, 2, 1, subset_file=path, required_classes=list(range(19)))
+    assert train == base
+    with pytest.raises(XmxError, match="18 of the 37 classes"):
+        select_fewshot("oxford_pets", pets, 2, 1, subset_file=path)
+
+
+def test_a_runs_own_subset_record_is_accepted_as_a_subset_file(pets, tmp_path):
+    """The format a run writes (``subset.json``: metadata + lists) round-trips as ``data.subset_file``."""
+    train, val, source = select_fewshot("oxford_pets", pets, 4, 1)
+    record = {"dataset": "oxford_pets", "shots": 4, "seed": 1, "source": source,
+              **subset_to_json({"train": train, "val": val})}
+    path = tmp_path / "subset.json"
+    write_json_atomic(path, record)
+    got_train, got_val, got_source = select_fewshot("oxford_pets", pets, 4, 9, subset_file=path)
+    assert got_train == train and got_val == val and got_source == f"file:{path}"
 
 
 def test_too_many_shots_is_one_line(pets):

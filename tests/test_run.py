@@ -41,6 +41,16 @@ def test_zeroshot_writes_complete_traceable_results(make_cfg):
     assert res["metrics"] == disk["metrics"]
 
 
+def test_a_runs_own_subset_json_is_a_valid_subset_file(make_cfg, tmp_path):
+    """The subset.json a run writes, fed back as data.subset_file (with another seed), gives the same images."""
+    run(make_cfg(["method=zeroshot", "seed=3"], output_dir=tmp_path / "a"))
+    res = run(make_cfg(["method=zeroshot", "seed=4", f"data.subset_file={tmp_path / 'a' / 'subset.json'}"],
+                       output_dir=tmp_path / "b"))
+    a, b = (json.loads((tmp_path / n / "subset.json").read_text()) for n in ("a", "b"))
+    assert a["train"] == b["train"] and a["val"] == b["val"] and res["shots"] == 16
+    assert res["data"]["subset_source"].startswith("file:")
+
+
 def test_linear_probe_learns_and_reuses_its_checkpoint(make_cfg, tmp_path):
     cfg = make_cfg(["method=linear_probe", "method.refine_steps=2", "method.max_iter=200"],
                    output_dir=tmp_path / "lp")

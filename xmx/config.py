@@ -323,6 +323,21 @@ def check_targets(cfg) -> None:
                 walk(child, str(top))
 
 
+def check_method(cfg) -> None:
+    """The method's own checks (its constructor: lists, strings and combinations no annotation declares) before the
+    data is listed or fingerprinted and before any model is built: constructing a method touches no data and is
+    cheap. The random state is put back, so the run's real construction later draws the same numbers."""
+    method = cfg.get("method") if "method" in cfg else None
+    if method is None or "_target_" not in method:
+        return
+    from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+    states = _collect_rng_states(include_cuda=False)
+    try:
+        build(method, _convert_="partial")
+    finally:
+        _set_rng_states(states)
+
+
 def check_devices(cfg) -> None:
     """A GPU asked for on a machine without one is one line, not Lightning's MisconfigurationException."""
     import torch

@@ -32,6 +32,7 @@ from xmx.config import build
 from xmx.errors import XmxError
 from xmx.results import read_complete
 from xmx.utils import atomic_write_text
+from xmx.validate import missing_line
 
 log = logging.getLogger("xmx")
 RESUME_MODES = ("auto", "never")
@@ -61,7 +62,8 @@ def job_identity(cfg: DictConfig) -> dict:
     try:
         resolved = OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
     except Exception as e:  # noqa: BLE001 - any resolver failure is a config problem
-        raise XmxError(f"cannot resolve the config to identify the job: {str(e).splitlines()[0]}") from None
+        raise XmxError(missing_line(e) or f"cannot resolve the config to identify the job: {str(e).splitlines()[0]}") \
+            from None
     for k in _VOLATILE_TOP:
         resolved.pop(k, None)
     cbs = resolved.get("callbacks") or {}

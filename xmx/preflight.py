@@ -7,7 +7,8 @@ Used by ``xmx.run`` (before a job is identified), ``python -m xmx.features`` (be
 The order, cheapest first: the config's numbers and switches (no torch: ``check_config``), the folders a run writes,
 the selection and resume modes, the thread plan (OpenMP/BLAS variables set before torch loads), the dataset's
 folder; then torch loads and the checks that need classes or devices run: every ``_target_`` key, the devices, the
-method's selection modes, ``init_from``'s checkpoint.
+method's selection modes, ``init_from``'s checkpoint,
+the declared domains of every value (``xmx.validate``) and the method's own constructor checks.
 
 Why a module of its own and not a function in ``config.py``: two checks read rooms above the core (the dataset
 registry in ``xmx.data``, the checkpoint reader in ``xmx.methods.base``); the core imports nothing above it. The
@@ -21,10 +22,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from xmx.config import check_config, check_devices, check_paths, check_targets, plan_run_threads
+from xmx.config import (check_config, check_devices, check_method, check_paths, check_targets,
+                        plan_run_threads)
 from xmx.errors import XmxError
 from xmx.jobs import check_resume
 from xmx.results import check_selection_mode
+from xmx.validate import check_values
 
 
 def check_dataset(cfg: DictConfig) -> None:
@@ -36,6 +39,9 @@ def check_dataset(cfg: DictConfig) -> None:
     from xmx.data.datasets import get_info
     info = get_info(name)
     root = Path(str(OmegaConf.select(cfg, "data.root"))).expanduser()
+    if root.exists() and not root.is_dir():
+        raise XmxError(f"data root {root} is a file, not a folder; point paths.data_dir (or $DATA) at the folder that "
+                       f"holds the datasets in CoOp layout, e.g. {root.parent}/data with {info.dir}/ inside")
     if not root.is_dir() and not info.extra.get("generated"):
         raise XmxError(f"data root {root} does not exist; point paths.data_dir (or $DATA) at the folder that holds "
                        f"the datasets in CoOp layout, e.g. {root}/{info.dir}/")
@@ -60,8 +66,8 @@ def check_method_selection(cfg: DictConfig) -> None:
 
 def check_init_from(cfg: DictConfig) -> None:
     if cfg.get("init_from"):
-        from xmx.methods.base import check_checkpoint
-        check_checkpoint(cfg.init_from, OmegaConf.select(cfg, "method._target_"))
+        from xmx.methods.base import backbone_identity, check_checkpoint
+        check_checkpoint(cfg.init_from, OmegaConf.select(cfg, "method._target_"), backbone_identity(cfg.backbone))
 
 
 def preflight(cfg: DictConfig, plan_only: bool = False) -> int | None:
@@ -76,6 +82,7 @@ def preflight(cfg: DictConfig, plan_only: bool = False) -> int | None:
     check_resume(cfg)
     if plan_only:
         check_targets(cfg)
+        check_values(cfg)
         check_method_selection(cfg)
         return None
     threads = plan_run_threads(cfg)  # sets OMP_NUM_THREADS & co. before torch and numpy load
@@ -83,7 +90,9 @@ def preflight(cfg: DictConfig, plan_only: bool = False) -> int | None:
     from xmx.utils import apply_threads
     apply_threads(threads)  # torch loads here
     check_targets(cfg)
+    check_values(cfg)  # every declared domain (booleans, choices, ranges), before data or models
     check_devices(cfg)
     check_method_selection(cfg)
     check_init_from(cfg)
+    check_method(cfg)  # the method's constructor checks too: every method key before the data or a model
     return threads

@@ -118,6 +118,8 @@ def _run_job(cfg: DictConfig) -> tuple[dict, str]:
         datamodule.backbone, datamodule.plm = encoders["backbone"], encoders.get("plm")
     method = build(cfg.method, _convert_="partial")  # before any extraction: a bad method config costs nothing
     method.init_from = cfg.get("init_from")
+    from xmx.methods.base import backbone_identity
+    method.backbone_identity = backbone_identity(cfg.backbone)  # recorded in its checkpoints (init_from checks it)
     # Set the data up now (feature extraction on a cold cache draws from the global RNG: loader seeds) and put the
     # RNG back, so that training sees the same random numbers whether the features were cached or not.
     devices = cfg.trainer.get("devices") if "trainer" in cfg else None

@@ -30,7 +30,7 @@ import logging
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import open_clip
 import torch
@@ -41,6 +41,7 @@ from xmx.backbones.weights import (INTERPOLATIONS, RESIZE_MODES, error_line, off
                                    resolve_clip_weights, resolve_model_name, resolve_preprocess, sha256_file,
                                    unreadable_weights)
 from xmx.errors import XmxError
+from xmx.validate import Precision
 
 log = logging.getLogger(__name__)
 
@@ -194,10 +195,11 @@ class CLIPBackbone(ClipLikeBackbone):
     Every encoder output is *raw* (before L2 normalisation): methods normalise where their equations say so.
     """
 
-    def __init__(self, model: str, weights: str | None = None, precision: str = "fp32",
-                 quick_gelu: bool | str = "auto", cache_dir: str | None = None, name: str | None = None,
-                 preprocess_tag: str | None = "auto", image_mean=None, image_std=None, interpolation: str | None = None,
-                 resize_mode: str | None = None, tokenizer: str | None = None):
+    def __init__(self, model: str, weights: str | None = None, precision: Precision = "fp32",
+                 quick_gelu: bool | Literal["auto"] = "auto", cache_dir: str | None = None, name: str | None = None,
+                 preprocess_tag: str | None = "auto", image_mean=None, image_std=None,
+                 interpolation: Literal[INTERPOLATIONS] | None = None, resize_mode: Literal[RESIZE_MODES] | None = None,
+                 tokenizer: str | None = None):
         super().__init__()
         if precision not in ("fp32", "fp16", "bf16"):
             raise XmxError(f"backbone.precision={precision!r}; valid choices: fp32, fp16, bf16")

@@ -24,6 +24,7 @@ from torch import nn
 from xmx.backbones.clip import ClipLikeBackbone
 from xmx.backbones.weights import error_line, offline, sha256_file
 from xmx.errors import XmxError
+from xmx.validate import Precision
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def preprocess_from_config(folder: Path, image_size: int) -> dict:
 class HFCLIPBackbone(ClipLikeBackbone):
     """A frozen transformers ``CLIPModel`` / ``SiglipModel`` in eval mode; raw (unnormalised) outputs."""
 
-    def __init__(self, name_or_path: str, name: str | None = None, precision: str = "fp32",
+    def __init__(self, name_or_path: str, name: str | None = None, precision: Precision = "fp32",
                  cache_dir: str | None = None):
         super().__init__()
         if precision not in _PRECISION:

@@ -14,11 +14,13 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
 
 from xmx.errors import XmxError
+from xmx.validate import NonNegInt, PosInt
 
 log = logging.getLogger(__name__)
 
@@ -204,8 +206,9 @@ class PLM(nn.Module):
                 "vocab_size": len(self.tokenizer)}
 
 
-def build_plm(name_or_path: str, kind: str = "auto", freeze: bool = True, cache_dir: str | None = None,
-              tiny_hidden: int = 64, tiny_layers: int = 3, tiny_heads: int = 4, seed: int = 0) -> PLM:
+def build_plm(name_or_path: str, kind: Literal["auto", "bert", "roberta"] = "auto", freeze: bool = True,
+              cache_dir: str | None = None, tiny_hidden: PosInt = 64, tiny_layers: PosInt = 3, tiny_heads: PosInt = 4,
+              seed: NonNegInt = 0) -> PLM:
     """Build a frozen PLM. ``name_or_path``: a hub name (``bert-base-uncased``, ``roberta-base``), a local folder,
     or ``tiny`` (random init; ``kind`` picks BERT or RoBERTa, default BERT). ``kind="auto"`` takes the model's type
     from its config; anything but BERT/RoBERTa is refused."""

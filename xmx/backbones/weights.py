@@ -175,7 +175,29 @@ def resolve_clip_weights(model: str, weights: str | None, cache_dir: str | None 
     return info
 
 
+def _tensor_keys(file) -> list[str] | None:
+    """The tensor names of a file that torch reads as a dict of tensors (a state_dict, maybe under "state_dict"),
+    else None."""
+    import torch
+    try:
+        sd = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - not a torch file at all
+        return None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        return None
+    return [str(k) for k in sd]
+
+
 def unreadable_weights(file, model: str, e: BaseException) -> XmxError:
+    keys = _tensor_keys(file)
+    if keys:  # readable weights whose names are not this model's: another architecture, not a broken file
+        hf = any(k.startswith(("text_model.", "vision_model.")) for k in keys)
+        fix = ("it is a Hugging Face transformers model: use backbone=hf_clip backbone.name_or_path=<its folder>"
+               if hf else "pick the backbone.model the file was trained as")
+        return XmxError(f"backbone.weights: {file} holds the weights of another architecture ({len(keys)} tensors, "
+                        f"e.g. {keys[0]}), not of {model}; {fix}")
     why = (str(e).splitlines() or [""])[0][:100]
     why = "" if "weights_only" in why or not why else f": {why}"  # torch's advice to unpickle anything: not ours
     return XmxError(f"backbone.weights: {file} is not a readable {model} checkpoint ({type(e).__name__}{why}); "

@@ -160,12 +160,20 @@ def main(argv: list[str] | None = None) -> int:
             if n not in fakeable():
                 raise XmxError(f"cannot fake {n!r}: xmx does not ship its split file; fakeable datasets: "
                                f"{', '.join(fakeable())}")
+        root = Path(args.root).expanduser()
+        if root.exists() and not root.is_dir():
+            raise XmxError(f"{root} is a file, not a folder; pass the $DATA folder to write the fake tree into "
+                           "(python -m xmx.data fake <folder>)")
         for n in names:
             r = write_fake_dataset(args.root, n, args.size, args.per_class)
             print(f"{n:<16} wrote train {r['train']}  val {r['val']}  test {r['test']}  classes {r['classes']}  "
                   f"({r['seconds']:.1f}s) -> {r['folder']}")
     except XmxError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a folder that cannot be written (permissions, a full disk)
+        print(f"error: cannot write the fake tree under {args.root} ({e.strerror}: {e.filename}); pass a writable "
+              "folder", file=sys.stderr)
         return 2
     root = Path(args.root).expanduser()
     print(f"fake data (not the real images) under {root}; try: python -m xmx.data check {root} --datasets "

@@ -58,17 +58,93 @@ def subset_to_json(splits: dict[str, list[Datum]]) -> dict:
     return {name: [[d.path, d.label, d.classname] for d in items] for name, items in splits.items()}
 
 
-def read_subset_file(path: str | Path) -> dict[str, list[Datum]]:
+SUBSET_FORMAT = ('{"train": [[path, label, classname], ...], "val": [...]} with paths relative to $DATA (the '
+                 'subset.json a run writes)')
+SUBSET_META = ("dataset", "shots", "seed", "source")  # what a run's own subset.json records beside its lists
+
+
+def read_subset_file(path: str | Path, dataset: str | None = None) -> dict[str, list[Datum]]:
+    """A user's subset file -> {"train": [...], "val": [...]} (the lists it has). Accepts the format xmx writes (a
+    run's ``subset.json``, whose ``dataset``/``shots``/``seed``/``source`` are metadata); anything else is one line:
+    not an object, an unknown key, an entry that is not ``[path, label, classname]`` with a whole-number label, a path
+    outside ``$DATA`` (absolute or with ``..``), an empty ``train`` list, an image listed twice."""
     from xmx.data.datasets import read_json
     path = Path(path).expanduser()
+    key = f"data.subset_file={path}"
     if not path.is_file():
-        raise XmxError(f"subset file not found: {path}; expected JSON {{\"train\": [[path, label, classname], ...], "
-                       "\"val\": [...]}} with paths relative to $DATA")
+        raise XmxError(f"subset file not found: {path}; expected JSON {SUBSET_FORMAT}")
     try:
         raw = read_json(path)
-        return {k: [Datum(str(p), int(y), str(c)) for p, y, c in v] for k, v in raw.items()}
-    except (ValueError, TypeError, EOFError) as e:
-        raise XmxError(f"subset file {path} is malformed ({e}); expected {{split: [[path, label, classname], ...]}}") from None
+    except (OSError, ValueError, EOFError) as e:
+        raise XmxError(f"{key}: not readable JSON ({str(e).splitlines()[0][:100]}); expected {SUBSET_FORMAT}") \
+            from None
+    if not isinstance(raw, dict):
+        raise XmxError(f"{key}: the file holds a JSON {type(raw).__name__}, not an object; expected {SUBSET_FORMAT}")
+    unknown = sorted(k for k in raw if k not in ("train", "val", *SUBSET_META))
+    if unknown:
+        raise XmxError(f"{key}: unknown key(s) {', '.join(map(repr, unknown))}; expected {SUBSET_FORMAT}")
+    if "train" not in raw:
+        raise XmxError(f"subset file {path} has no \"train\" list; expected {SUBSET_FORMAT}")
+    if dataset is not None and raw.get("dataset") not in (None, dataset):
+        raise XmxError(f"{key}: the file is a subset of {raw['dataset']!r}, this run's dataset is {dataset!r}; pass "
+                       "a subset file of this dataset (or set data to its dataset)")
+    out = {}
+    for split in ("train", "val"):
+        if split not in raw:
+            continue
+        items = raw[split]
+        if not isinstance(items, list):
+            raise XmxError(f"{key}: \"{split}\" is a JSON {type(items).__name__}, not a list; expected {SUBSET_FORMAT}")
+        data, seen = [], set()
+        for i, e in enumerate(items):
+            where = f"{key}: {split}[{i}]={json.dumps(e)[:80]}"
+            if not (isinstance(e, list) and len(e) == 3 and isinstance(e[0], str) and isinstance(e[2], str)):
+                raise XmxError(f"{where} is not [path, label, classname]; expected {SUBSET_FORMAT}")
+            p, y, c = e
+            if isinstance(y, bool) or not isinstance(y, int):
+                raise XmxError(f"{where}: the label must be a whole number (a class index), not {y!r}")
+            if y < 0:
+                raise XmxError(f"{where}: the label {y} is negative; labels are class indices 0..N-1")
+            if p.startswith(("/", "~", "\\")) or ".." in Path(p).parts or (len(p) > 1 and p[1] == ":"):
+                raise XmxError(f"{where}: the path leaves the dataset folder; paths are relative to $DATA, e.g. "
+                               "dtd/images/banded/banded_0001.jpg")
+            if p in seen:
+                raise XmxError(f"{where}: the image is listed twice in \"{split}\"; list each image once")
+            seen.add(p)
+            data.append(Datum(p, y, c))
+        out[split] = data
+    if not out["train"]:
+        raise XmxError(f"{key}: the \"train\" list is empty; list the training images ({SUBSET_FORMAT})")
+    return out
+
+
+def check_subset_classes(items: list[Datum], shots: int, classnames: list[str], required: list[int] | None,
+                         source: str) -> None:
+    """A user's training subset has labels in range, every ``required`` class (default: all) and exactly ``shots``
+    images of each: ``results.json``'s ``shots`` is then the true count (a file that contradicts ``shots`` is refused,
+    never recorded as something it is not)."""
+    from collections import Counter
+    n = len(classnames)
+    key = f"data.subset_file={source}"
+    out = [d for d in items if d.label >= n]
+    if out:
+        raise XmxError(f"{key}: label {out[0].label} of {out[0].path} is out of range: the dataset has {n} classes "
+                       f"(labels 0..{n - 1})")
+    counts = Counter(d.label for d in items)
+    need = list(range(n)) if required is None else list(required)
+    missing = [i for i in need if i not in counts]
+    if missing:
+        names = ", ".join(f"{i} {classnames[i]!r}" for i in missing[:3])
+        raise XmxError(f"{key}: {len(missing)} of the {len(need)} classes this protocol trains on have no training "
+                       f"image (e.g. {names}); list shots={shots} images of every class")
+    wrong = {y: k for y, k in sorted(counts.items()) if k != shots}
+    if wrong:
+        y, k = next(iter(wrong.items()))
+        per = set(counts.values())
+        fix = f"set shots={per.pop()} to match the file" if len(per) == 1 else \
+            f"list shots={shots} images of every class"
+        raise XmxError(f"{key}: class {y} {classnames[y]!r} has {k} training images but shots={shots} "
+                       f"({len(wrong)} classes differ); {fix}")
 
 
 def write_json_atomic(path: str | Path, obj) -> None:
@@ -137,8 +213,8 @@ def _match(items: list[Datum], pool: dict[str, Datum], what: str, source: str, f
 
 
 def select_fewshot(dataset: str, splits, shots: int, seed: int, subset_seed: int | None = None,
-                   subset_file: str | Path | None = None,
-                   val_shots: int | None = None) -> tuple[list[Datum], list[Datum], str]:
+                   subset_file: str | Path | None = None, val_shots: int | None = None,
+                   required_classes: list[int] | None = None) -> tuple[list[Datum], list[Datum], str]:
     """The K-shot training subset and the validation subset of a run, and where they came from.
 
     Order of precedence: ``subset_file`` (a user's ``{"train": [...], "val": [...]}``) wins; else the CoOp-protocol
@@ -174,12 +250,16 @@ def select_fewshot(dataset: str, splits, shots: int, seed: int, subset_seed: int
 
     if subset_file is not None:
         source = str(Path(subset_file).expanduser())
-        raw = read_subset_file(subset_file)
-        if "train" not in raw:
-            raise XmxError(f"subset file {source} has no \"train\" list; expected {{\"train\": [[path, label, "
-                           "classname], ...], \"val\": [...]}} with paths relative to $DATA")
+        raw = read_subset_file(subset_file, dataset)
         fix = f"the subset file was written for another dataset or split file; check data.subset_file={source}"
+        n_cls = len(splits.classnames)
+        for split in ("train", "val"):  # a label out of range is named as such, before "not in the split lists"
+            out = [d for d in raw.get(split, []) if d.label >= n_cls]
+            if out:
+                raise XmxError(f"data.subset_file={source}: {split} label {out[0].label} of {out[0].path} is out of "
+                               f"range: the dataset has {n_cls} classes (labels 0..{n_cls - 1})")
         train = _match(raw["train"], train_pool, "train", source, fix)
+        check_subset_classes(train, shots, list(splits.classnames), required_classes, source)
         if "val" in raw:
             val = _match(raw["val"], val_pool if has_val else train_pool, "val" if has_val else "train", source, fix)
             overlap = {d.path for d in val} & {d.path for d in train}

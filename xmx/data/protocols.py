@@ -19,6 +19,7 @@ from pathlib import Path
 from xmx.data.datasets import Datum, DatasetSplits, load_dataset
 from xmx.data.fewshot import select_fewshot
 from xmx.errors import XmxError
+from xmx.validate import BaseSplit, ProtocolName, choices
 
 
 @dataclass
@@ -69,7 +70,7 @@ def _index_in(keys: list[str], train_keys: list[str]) -> list[int | None]:
     return [pos.get(c) for c in keys]
 
 
-BASE_SPLITS = ("ceil", "floor", "release")
+BASE_SPLITS = choices(BaseSplit)  # ceil | floor | release (declared in xmx.validate)
 RELEASE_RATIOS = (0.5, 0.8)
 
 
@@ -103,7 +104,7 @@ def _stream(s: EvalSet, seed: int) -> EvalSet:
     return s
 
 
-PROTOCOLS = ("fewshot", "base2new", "cross_dataset", "domain_shift", "test_time")
+PROTOCOLS = choices(ProtocolName)  # fewshot, base2new, cross_dataset, domain_shift, test_time (xmx.validate)
 
 
 def build_protocol(cfg: dict, splits: DatasetSplits, shots: int, seed: int, templates: list[str],
@@ -115,14 +116,16 @@ def build_protocol(cfg: dict, splits: DatasetSplits, shots: int, seed: int, temp
         raise XmxError(f"protocol.name={name!r}; valid choices: {', '.join(PROTOCOLS)}")
     if name == "test_time":
         return _test_time(cfg, splits, seed, templates, root, target_templates)
-    train, val, source = select_fewshot(splits.name, splits, shots, seed, subset_seed=subset_seed,
-                                        subset_file=subset_file, val_shots=val_shots)
     classnames = list(splits.classnames)
     ds = splits.name
+    if name == "base2new":  # a user's subset file needs only the base classes (the only ones trained on)
+        nb = n_base_classes(len(classnames), cfg.get("base_split", "ceil"), float(cfg.get("base_ratio", 0.5)))
+    train, val, source = select_fewshot(splits.name, splits, shots, seed, subset_seed=subset_seed,
+                                        subset_file=subset_file, val_shots=val_shots,
+                                        required_classes=list(range(nb)) if name == "base2new" else None)
 
     if name == "base2new":
         n = len(classnames)
-        nb = n_base_classes(n, cfg.get("base_split", "ceil"), float(cfg.get("base_ratio", 0.5)))
         base, new = list(range(nb)), list(range(nb, n))
         base_names, new_names = [classnames[i] for i in base], [classnames[i] for i in new]
         val_set = EvalSet("val", _relabel(val, base), base_names, ds, templates, list(range(nb)))

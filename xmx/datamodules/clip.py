@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -27,6 +28,7 @@ from xmx.data.images import check_unreadable, find_unreadable
 from xmx.data.protocols import EvalSet, build_protocol
 from xmx.data.templates import resolve_templates
 from xmx.errors import XmxError
+from xmx.validate import Decode, NonNegInt, PosInt
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +115,15 @@ class FeatureBatches(Dataset):
 
 
 class CLIPDataModule(L.LightningDataModule):
-    def __init__(self, name: str, root: str, backbone, protocol: dict | None = None, shots: int = 16, seed: int = 1,
-                 subset_seed: int | None = None, subset_file: str | None = None, val_shots: int | None = None,
-                 templates=None, augment: dict | None = None, inputs: str = "features",
-                 features: dict | None = None, batch_size: int | None = 256, eval_batch_size: int = 1024,
-                 num_workers: int = 2, unreadable: str = "error", view_sampling: str = "random", plm=None,
-                 feature_output: str = "raw", fingerprint: str = "content", fingerprint_cache: str | None = None,
-                 decode: str = "pil", drop_last: bool = False):
+    def __init__(self, name: str, root: str, backbone, protocol: dict | None = None, shots: PosInt = 16,
+                 seed: NonNegInt = 1, subset_seed: NonNegInt | None = None, subset_file: str | None = None,
+                 val_shots: NonNegInt | Literal["all"] | None = None, templates=None, augment: dict | None = None,
+                 inputs: Literal["features", "images"] = "features", features: dict | None = None,
+                 batch_size: PosInt | None = 256, eval_batch_size: PosInt = 1024, num_workers: NonNegInt = 2,
+                 unreadable: Literal["error", "skip"] = "error", view_sampling: Literal["random", "cycle"] = "random",
+                 plm=None, feature_output: Literal["raw", "pre_projection"] = "raw",
+                 fingerprint: Literal["content", "stat"] = "content", fingerprint_cache: str | None = None,
+                 decode: Decode = "pil", drop_last: bool = False):
         super().__init__()
         self.drop_last = bool(drop_last)  # training: no last partial batch when the set holds >= 1 batch (Dassl)
         if inputs not in ("features", "images"):

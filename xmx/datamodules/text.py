@@ -26,7 +26,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import lightning as L
 import torch
@@ -37,6 +37,7 @@ from xmx.data.text import (ColorDataset, glue_task, read_coco_captions, read_col
                            read_wikitext)
 from xmx.data.images import check_unreadable
 from xmx.errors import XmxError
+from xmx.validate import Fraction, NonNegInt, PosInt
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +120,10 @@ class TextDataModule(L.LightningDataModule):
 
     protocol_name = "text"
 
-    def __init__(self, name: str, root: str, backbone, plm=None, seed: int = 1, batch_size: int | None = 32,
-                 eval_batch_size: int = 64, max_length: int = 128, num_workers: int = 2, index: dict | None = None,
-                 features: dict | None = None, query_masked: str = "mask_word", source: str = "files",
+    def __init__(self, name: str, root: str, backbone, plm=None, seed: NonNegInt = 1, batch_size: PosInt | None = 32,
+                 eval_batch_size: PosInt = 64, max_length: PosInt = 128, num_workers: NonNegInt = 2,
+                 index: dict | None = None, features: dict | None = None,
+                 query_masked: Literal["mask_word", "remove"] = "mask_word", source: Literal["files", "hf"] = "files",
                  hf: dict | None = None):
         super().__init__()
         if source not in ("files", "hf"):
@@ -298,8 +300,8 @@ class MLMDataModule(TextDataModule):
 
     protocol_name = "mlm_pretrain"
 
-    def __init__(self, *args, mask_ratio: float = 0.15, mask_prob: float = 0.8, random_prob: float = 0.1,
-                 val_size: int | None = 2000, test_size: int | None = 5000, **kw):
+    def __init__(self, *args, mask_ratio: Fraction = 0.15, mask_prob: Fraction = 0.8, random_prob: Fraction = 0.1,
+                 val_size: PosInt | None = 2000, test_size: PosInt | None = 5000, **kw):
         super().__init__(*args, **kw)
         from xmx.data.mlm import MLMMasker
         self.masker = MLMMasker(self.tokenizer, mask_ratio, mask_prob, random_prob, seed=self.seed)

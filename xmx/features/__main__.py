@@ -68,7 +68,12 @@ def housekeeping(argv: list[str]) -> int:
         return 1 if bad and not a.remove else 0
     if not a.before:
         raise XmxError("prune needs --before DATE (ISO, e.g. 2026-10-01): entries not used since then are removed")
-    removed = store.prune(datetime.fromisoformat(a.before))
+    try:
+        before = datetime.fromisoformat(a.before)
+    except ValueError:
+        raise XmxError(f"--before {a.before}: not an ISO date; give the day entries must have been used since, e.g. "
+                       "--before 2026-10-01 (or 2026-10-01T12:00)") from None
+    removed = store.prune(before)
     print(f"removed {len(removed)} entries not used since {a.before} from {root}")
     return 0
 

@@ -13,12 +13,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from xmx.errors import XmxError
+from xmx.validate import PosFloat, PosInt
 from xmx.methods.base import XmxModule
 
 log = logging.getLogger(__name__)
@@ -186,8 +188,8 @@ class EncoderMethod(XmxModule):
     label = "encoder method"
     adapts_text: bool = True  # subclasses: whether the text tower changes (else its features are cached once)
 
-    def __init__(self, amp: str = "auto", grad_checkpointing: bool = False, logit_scale: float | None = None,
-                 prompt: str | None = None, iters_per_shot: int | None = None, keep: str = "final",
+    def __init__(self, amp: Literal[AMP] = "auto", grad_checkpointing: bool = False, logit_scale: PosFloat | None = None,
+                 prompt: str | None = None, iters_per_shot: PosInt | None = None, keep: Literal[KEEP] = "final",
                  trim_text: bool = True, **kwargs):
         kwargs.setdefault("inputs", "images")
         super().__init__(**kwargs)
@@ -249,6 +251,11 @@ class EncoderMethod(XmxModule):
             self._check_trainer(t)
         super().setup(stage)
         self.step_budget = None
+        if self.total_steps and stage == "fit" and t is not None and not t.fast_dev_run and t.max_steps != -1:
+            # an explicit trainer.max_steps wins over the method's budget: recorded (and scheduled) as what runs
+            log.warning("%s: trainer.max_steps=%d replaces the method's budget of %d steps (iters_per_shot x shots)",
+                        self.label, t.max_steps, self.total_steps)
+            self.total_steps = int(t.max_steps)
         if self.total_steps and stage == "fit" and t is not None and not t.fast_dev_run and t.max_steps == -1:
             # an iteration budget instead of epochs (CLIP-LoRA: 500 × K steps), kept by the method rather than by
             # trainer.max_steps: Lightning resumes an iteration-based run from an epoch-end checkpoint by replaying

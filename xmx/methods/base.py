@@ -11,6 +11,7 @@ import inspect
 import logging
 import math
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassStatScores
 
 from xmx.errors import XmxError
+from xmx.validate import PosInt
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +54,38 @@ def read_checkpoint(path: str | Path) -> tuple[Path, dict]:
     return ckpt, raw
 
 
-def check_checkpoint(path: str | Path, target: str | None = None) -> Path:
-    """``init_from`` is checked before any data is read: the file exists, is an xmx checkpoint, and (when it says)
-    comes from the family of the method ``target`` (the method config's ``_target_``)."""
+def backbone_identity(node) -> dict:
+    """What a checkpoint's tensors were trained against, from the backbone's config (so that it can be compared before
+    anything is built): its loader, architecture and weights (a tag, or a file's name; None: random init)."""
+    def get(k):
+        return node.get(k) if node is not None and k in node else None
+    loader = str(get("_target_") or "").rsplit(".", 1)[-1]
+    if get("model") is not None:  # open_clip: an architecture + a tag, file or folder
+        arch, weights = str(get("model")), get("weights")
+    else:  # Hugging Face: one folder / hub name holds both
+        arch = weights = get("name_or_path")
+    if isinstance(weights, str) and ("/" in weights or "\\" in weights):
+        weights = Path(weights).name or weights  # a file may move: its name identifies it
+    return {"loader": loader, "arch": None if arch is None else str(arch),
+            "weights": None if weights is None else str(weights)}
+
+
+def _shown_backbone(b: dict) -> str:
+    return f"{b.get('arch')} with weights {b.get('weights') or 'none (random init)'}"
+
+
+def check_checkpoint(path: str | Path, target: str | None = None, backbone: dict | None = None) -> Path:
+    """``init_from`` is checked before any data is read: the file exists, is an xmx checkpoint, (when it says)
+    comes from the family of the method ``target`` (the method config's ``_target_``) and was trained on the
+    ``backbone`` of this run (:func:`backbone_identity`; checkpoints written before it was recorded are not
+    compared)."""
     ckpt, raw = read_checkpoint(path)
+    theirs_b = raw.get("xmx_backbone")
+    if backbone and isinstance(theirs_b, dict) and (theirs_b.get("arch"), theirs_b.get("weights")) != (
+            backbone.get("arch"), backbone.get("weights")):
+        raise XmxError(f"init_from={path}: the checkpoint was trained on backbone {_shown_backbone(theirs_b)}, this "
+                       f"run uses {_shown_backbone(backbone)}; initialise from a run on the same backbone (or set "
+                       "backbone.model / backbone.weights to the checkpoint's)")
     theirs = raw.get("xmx_method") or {}
     if target and theirs.get("family"):
         parts = str(target).split(".")
@@ -191,9 +221,10 @@ class XmxModule(L.LightningModule):
     selection_modes: tuple[str, ...] = ("val",)
     frozen_prefixes: tuple[str, ...] = ("backbone.", "plm.")  # never written into checkpoints
 
-    def __init__(self, name: str | None = None, inputs: str = "features", batch_size: int | None = 256,
-                 epochs: int | None = None, view_sampling: str = "random", optimizer=None, scheduler=None,
-                 scheduler_interval: str = "epoch", drop_last: bool = False):
+    def __init__(self, name: str | None = None, inputs: Literal["features", "images", "text"] = "features",
+                 batch_size: PosInt | None = 256, epochs: PosInt | None = None,
+                 view_sampling: Literal["random", "cycle"] = "random", optimizer=None, scheduler=None,
+                 scheduler_interval: Literal["step", "epoch"] = "epoch", drop_last: bool = False):
         """``drop_last``: the training loader leaves out the last partial batch when the set holds at least one batch
         (Dassl's loaders; ``data.drop_last`` reads it). ``name``/``inputs``/``batch_size``/``epochs``/``view_sampling`` describe what the method asks of the run
         (the datamodule and trainer configs read them); ``optimizer``/``scheduler`` are partials
@@ -204,10 +235,15 @@ class XmxModule(L.LightningModule):
         self.scheduler_interval = scheduler_interval
         self.epoch_curve: list[dict] = []  # validation accuracy after every training epoch
         self.selected_epoch: int | None = None  # the epoch of the checkpoint restored before testing
+        # what training did (results.json): epochs and optimiser steps completed (a resumed run counts the epochs
+        # before the interruption too), and the scheduler's length (T_max) in its unit
+        self.fit_progress: dict | None = None
+        self.schedule_length: dict | None = None
         self.method_name, self.inputs, self.batch_size, self.epochs = name, inputs, batch_size, epochs
         self.view_sampling, self.drop_last = view_sampling, bool(drop_last)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.init_from: str | None = None
+        self.backbone_identity: dict | None = None  # set by the run (backbone_identity): written into checkpoints
         self.init_record: dict | None = None  # what init_from loaded (results.json "init_from")
         self.strict_loading = False  # checkpoints omit the frozen encoders
         self.predictions: dict[str, dict[str, torch.Tensor]] = {}
@@ -317,10 +353,15 @@ class XmxModule(L.LightningModule):
         cb = getattr(self._trainer, "checkpoint_callback", None) if self._trainer is not None else None
         if sel is not None and cb is not None and getattr(cb, "monitor", "") is None:
             selected_by = "last epoch (the restored checkpoint monitors nothing: no validation selection)"
-        return {"epochs": self.epochs, "epochs_run": len(self.epoch_curve), "epoch_curve": self.epoch_curve,
+        ran = self.fit_progress or {}
+        return {"epochs": self.epochs, "epochs_run": ran.get("epochs", len(self.epoch_curve)),
+                "steps_run": ran.get("steps"), "schedule_length": self.schedule_length, "epoch_curve": self.epoch_curve,
                 "selected_epoch": sel,
                 "selected_by": selected_by if sel is not None else
                 ("last epoch (no checkpoint restored)" if self.epoch_curve else None)}
+
+    def on_train_end(self) -> None:
+        self.fit_progress = {"epochs": int(self.trainer.current_epoch), "steps": int(self.global_step)}
 
     def on_test_epoch_start(self) -> None:
         self._test_out = {s.name: ([], []) for s in self.dm.eval_sets}
@@ -364,6 +405,8 @@ class XmxModule(L.LightningModule):
                 raise XmxError(f"cosine schedule needs a finite number of {self.scheduler_interval}s; set "
                                "method.epochs (trainer.max_epochs) or method.scheduler.T_max")
             kw["T_max"] = int(total)
+        T_max = kw.get("T_max", bound.get("T_max"))
+        self.schedule_length = {"T_max": int(T_max), "unit": self.scheduler_interval} if T_max is not None else None
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=opt, **kw),
                                                    "interval": self.scheduler_interval}}
 
@@ -374,6 +417,8 @@ class XmxModule(L.LightningModule):
         for k in [k for k in sd if k.startswith(self.frozen_prefixes) and k not in trainable]:
             del sd[k]
         checkpoint["xmx_epoch_curve"] = list(self.epoch_curve)  # a resumed run keeps the whole curve
+        if self.backbone_identity:
+            checkpoint["xmx_backbone"] = dict(self.backbone_identity)
         checkpoint["xmx_method"] = {"name": self.method_name, "family": method_family(type(self)),
                                     "class": f"{type(self).__module__}.{type(self).__qualname__}"}
 

@@ -14,13 +14,13 @@ Below the math: `ClipAdapterMethod`, on the shared feature-adapter training loop
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from xmx.errors import XmxError
+from xmx.validate import Fraction, PosInt
 from xmx.methods._training import AdapterMethod
 from xmx.methods.base import WarmupCosineLR
 
@@ -84,7 +84,7 @@ class ClipAdapterMethod(AdapterMethod):
 
     label = "CLIP-Adapter"
 
-    def __init__(self, reduction: int = 4, ratio: float = 0.2, **kwargs):
+    def __init__(self, reduction: PosInt = 4, ratio: Fraction = 0.2, **kwargs):
         super().__init__(**kwargs)
         if not 0.0 <= float(ratio) <= 1.0:  # fail before any features are extracted
             raise XmxError(f"CLIP-Adapter: ratio={ratio} is outside [0, 1]; the residual ratio must be a fraction "

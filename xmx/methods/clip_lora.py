@@ -19,8 +19,11 @@ ViT-B/16 with the defaults: 12 × 3 × 2·2·512 (text) + 12 × 3 × 2·2·768 (
 
 from __future__ import annotations
 
-from xmx.backbones.lora import check_lora_config, inject_lora
+from typing import Annotated, Literal
+
+from xmx.backbones.lora import ENCODERS, POSITIONS, check_lora_config, inject_lora
 from xmx.methods._training import EncoderMethod
+from xmx.validate import Interval, PosFloat, PosInt
 
 
 class ClipLoRAMethod(EncoderMethod):
@@ -28,8 +31,8 @@ class ClipLoRAMethod(EncoderMethod):
 
     label = "CLIP-LoRA"
 
-    def __init__(self, encoder: str = "both", position: str = "all", params=("q", "k", "v"), r: int = 2,
-                 alpha: float = 1.0, dropout: float = 0.25, **kwargs):
+    def __init__(self, encoder: Literal[ENCODERS] = "both", position: Literal[POSITIONS] = "all", params=("q", "k", "v"),
+                 r: PosInt = 2, alpha: PosFloat = 1.0, dropout: Annotated[float, Interval(ge=0, lt=1)] = 0.25, **kwargs):
         # bad LoRA keys fail here, before the datamodule reads a single image
         params = check_lora_config(encoder, position, params, r, alpha, dropout)
         super().__init__(**kwargs)

@@ -37,17 +37,19 @@ short and extends the one above it.
 
 from __future__ import annotations
 
-import logging
-import math
 from collections import OrderedDict
 from contextlib import nullcontext
+import logging
+import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from xmx.errors import XmxError
-from xmx.methods.base import WarmupCosineLR, XmxModule
+from xmx.methods.base import WarmupCosineLR, XmxModule  # noqa: F401 - older configs name xmx.methods.coop.WarmupCosineLR
+from xmx.validate import NonNegFloat, PosFloat, PosInt
 
 log = logging.getLogger(__name__)
 
@@ -224,10 +226,11 @@ class PromptLearningMethod(XmxModule):
     label = "CoOp"
     conditional = False  # CoCoOp: per-image context from the Meta-Net
 
-    def __init__(self, n_ctx: int = 16, ctx_init: str | None = None, position: str = "end", csc: bool = False,
-                 init_std: float = 0.02, trim_context: bool = True, amp: str | None = "bf16",
-                 text_batch: int | None = None, grad_checkpoint: bool = False, protocol: str | None = None,
-                 test_epoch: str = "best_val", epochs_by_shots: dict | None = None, epochs_by_dataset: dict | None = None,
+    def __init__(self, n_ctx: PosInt = 16, ctx_init: str | None = None, position: Literal[POSITIONS] = "end",
+                 csc: bool = False, init_std: PosFloat = 0.02, trim_context: bool = True,
+                 amp: Literal["bf16", "fp16"] | None = "bf16", text_batch: PosInt | None = None,
+                 grad_checkpoint: bool = False, protocol: str | None = None,
+                 test_epoch: Literal["best_val", "last"] = "best_val", epochs_by_shots: dict | None = None, epochs_by_dataset: dict | None = None,
                  **kwargs):
         super().__init__(**kwargs)
         if test_epoch not in ("best_val", "last"):
@@ -421,7 +424,7 @@ class CoCoOpMethod(PromptLearningMethod):
     label = "CoCoOp"
     conditional = True
 
-    def __init__(self, meta_reduction: int = 16, **kwargs):
+    def __init__(self, meta_reduction: PosInt = 16, **kwargs):
         super().__init__(**kwargs)
         self.meta_reduction = int(meta_reduction)
 
@@ -440,7 +443,7 @@ class KgCoOpMethod(PromptLearningMethod):
 
     label = "KgCoOp"
 
-    def __init__(self, kg_weight: float = 8.0, kg_templates: list[str] | str | None = None,
+    def __init__(self, kg_weight: NonNegFloat = 8.0, kg_templates: list[str] | str | None = None,
                  kg_template_by_dataset: dict | None = None, **kwargs):
         super().__init__(**kwargs)
         if float(kg_weight) < 0:

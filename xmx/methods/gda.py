@@ -38,12 +38,14 @@ first eval set, i.e. test), and results.json records where alpha was chosen.
 from __future__ import annotations
 
 import logging
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from xmx.errors import XmxError
+from xmx.validate import Ge, NonNegInt, PosFloat
 from xmx.methods.base import XmxModule, class_columns, eval_labels, fit_device
 from xmx.results import SELECTION_MODES
 
@@ -142,9 +144,12 @@ def synthesize_new_classes(x: Tensor, text_new: Tensor, topk: int = 64, text_rep
     """The release's Gaussians for classes without images. x [n,d] normalised training features, text_new [d,M]
     normalised text embeddings -> (mu [M,d], the averaged KS precision [d,d])."""
     n, d = x.shape
-    k = min(int(topk), n)
-    if k < 2:
+    k = int(topk)
+    if n < 2:
         raise XmxError("GDA: synthesising new classes needs at least 2 training features (method.new_topk)")
+    if k > n:  # never clamped: the k used is the k recorded
+        raise XmxError(f"method.new_topk={k} is more than the {n} training features (images x cached views); set "
+                       f"method.new_topk<={n}")
     idx = torch.topk(text_new.T @ x.T, k=k, dim=1).indices           # [M,k]
     M = text_new.shape[1]
     mus, prec = [], torch.zeros(d, d, dtype=x.dtype, device=x.device)
@@ -184,10 +189,11 @@ class GDAMethod(XmxModule):
     needs_fit = False
     selection_modes = SELECTION_MODES  # paper: the release searches alpha on ImageNet's test set
 
-    def __init__(self, covariance: str = "ks", alphas=ALPHAS, zs_scale: float = 100.0, selection: str = "val",
-                 new_classes: str = "synthesize", new_topk: int = 64, new_text_repeats: int = 16,
-                 solve_dtype: str = "float32", device: str = "auto", fallback_alpha: float = 0.1, val_shots=None,
-                 dataset_templates: dict | None = None, **kwargs):
+    def __init__(self, covariance: Literal[COVARIANCES] = "ks", alphas=ALPHAS, zs_scale: PosFloat = 100.0,
+                 selection: Literal["val", "paper"] = "val", new_classes: Literal["synthesize", "refuse"] = "synthesize",
+                 new_topk: Annotated[int, Ge(2)] = 64, new_text_repeats: NonNegInt = 16,
+                 solve_dtype: Literal["float32", "float64"] = "float32", device: str = "auto",
+                 fallback_alpha: float = 0.1, val_shots=None, dataset_templates: dict | None = None, **kwargs):
         """``val_shots`` / ``dataset_templates`` are the recipe's data choices (``data.val_shots`` / ``data.templates``
         read them); ``fallback_alpha``: the alpha kept when none has validation accuracy above 0 (the release's 0.1)."""
         super().__init__(**kwargs)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xmx.errors import XmxError
+from xmx.validate import NonNegFloat, NonNegInt, PosFloat, PosInt
 from xmx.methods.base import XmxModule
 
 log = logging.getLogger(__name__)
@@ -148,9 +149,9 @@ class LinearProbe(XmxModule):
     """The probe on cached features: ``build`` reads the training and validation features, ``training_step`` runs the
     search and the final fit (one full-batch step; no further epochs), ``logits`` applies the fitted head."""
 
-    def __init__(self, coarse_grid: Sequence[float] = COARSE_GRID, refine_steps: int = 8, max_iter: int = 1000,
-                 tol: float = 1e-4, C: float | None = None, normalize: bool = False, solver: str = "auto",
-                 torch_min_elements: float = 2e9, **kwargs):
+    def __init__(self, coarse_grid: Sequence[float] = COARSE_GRID, refine_steps: NonNegInt = 8, max_iter: PosInt = 1000,
+                 tol: PosFloat = 1e-4, C: PosFloat | None = None, normalize: bool = False,
+                 solver: Literal[SOLVERS] = "auto", torch_min_elements: NonNegFloat = 2e9, **kwargs):
         super().__init__(**kwargs)
         if solver not in SOLVERS:  # refuse before any feature is extracted
             raise XmxError(f"method.solver={solver!r}; valid choices: {', '.join(SOLVERS)}")

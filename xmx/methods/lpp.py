@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from xmx.errors import XmxError
+from xmx.validate import Interval, NonNegInt, PosInt
 from xmx.methods.base import (
     XmxModule,
     class_columns,
@@ -177,9 +179,12 @@ class LPPMethod(XmxModule):
 
     needs_fit = False
 
-    def __init__(self, epochs: int = 300, alpha_every: int = 10, alpha_grad: str = "cumulative",
-                 bias_init: str = "uniform", momentum: float = 0.9, train_view: int | str = 0, device: str = "auto",
-                 precision: str = "auto", val_shots=None, dataset_templates: dict | None = None, **kwargs):
+    def __init__(self, epochs: PosInt = 300, alpha_every: PosInt = 10,
+                 alpha_grad: Literal["cumulative", "window"] = "cumulative",
+                 bias_init: Literal["uniform", "zeros"] = "uniform", momentum: Annotated[float, Interval(ge=0, lt=1)] = 0.9,
+                 train_view: NonNegInt | Literal["all"] = 0, device: str = "auto",
+                 precision: Literal[PRECISIONS] = "auto", val_shots=None, dataset_templates: dict | None = None,
+                 **kwargs):
         """``val_shots`` / ``dataset_templates``: the recipe's data choices (``data.val_shots`` / ``data.templates``
         read them)."""
         super().__init__(epochs=epochs, **kwargs)

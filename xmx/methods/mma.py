@@ -26,12 +26,14 @@ base-to-new `test_new` is scored on classes never trained on).
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from xmx.errors import XmxError
+from xmx.validate import Fraction, PosInt
 from xmx.methods._training import AdapterMethod  # the shared feature-adapter training loop
 
 MASKS = ("block", "bias", "none")
@@ -278,8 +280,9 @@ class MMAMethod(AdapterMethod):
 
     label = "MMA"
 
-    def __init__(self, reduction: int = 4, heads: int = 4, mask: str = "block", lam: float = 0.2,
-                 sampler: str = "linear", block: str = "mha", adapt_text: bool = True, **kwargs):
+    def __init__(self, reduction: PosInt = 4, heads: PosInt = 4, mask: Literal[MASKS] = "block", lam: Fraction = 0.2,
+                 sampler: Literal[SAMPLERS] = "linear", block: Literal[BLOCKS] = "mha", adapt_text: bool = True,
+                 **kwargs):
         super().__init__(**kwargs)
         # refuse bad names before any features are extracted (the sizes are checked in build, against the backbone)
         _choice("mask", mask, MASKS)

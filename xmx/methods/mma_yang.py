@@ -30,6 +30,7 @@ from torch import nn
 
 from xmx.backbones.lora import tower_blocks
 from xmx.errors import XmxError
+from xmx.validate import PosInt
 from xmx.methods._training import EncoderMethod
 
 
@@ -104,7 +105,7 @@ class MMAYangMethod(EncoderMethod):
     label = "MMA-Yang"
     adapts_text = True
 
-    def __init__(self, layers=(5, 12), dim: int = 32, scale: float = 0.001, batch_size_by_dataset: dict | None = None,
+    def __init__(self, layers=(5, 12), dim: PosInt = 32, scale: float = 0.001, batch_size_by_dataset: dict | None = None,
                  **kwargs):
         """``batch_size_by_dataset``: the release's per-dataset batch (ImageNet 128); the config resolves
         ``batch_size`` from it."""

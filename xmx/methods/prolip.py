@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from xmx.errors import XmxError
+from xmx.validate import NonNegFloat, PosFloat, PosInt
 from xmx.methods.base import XmxModule, eval_labels, fast_dev_run, fit_device
 
 log = logging.getLogger(__name__)
@@ -96,10 +98,12 @@ class ProLIPMethod(XmxModule):
 
     needs_fit = False
 
-    def __init__(self, epochs: int = 300, search: bool = True, lr_grid=LR_GRID, lambda_grid=LAMBDA_GRID,
-                 lr: float = 1e-5, lambda_rule: str = "inv_shots", lam: float = 0.1, adam_eps: float = 1e-4,
-                 zs_scale: float = ZS_SCALE, feature_output: str = "pre_projection", device: str = "auto",
-                 precision: str = "fp32", val_shots=None, dataset_templates: dict | None = None, **kwargs):
+    def __init__(self, epochs: PosInt = 300, search: bool = True, lr_grid=LR_GRID, lambda_grid=LAMBDA_GRID,
+                 lr: PosFloat = 1e-5, lambda_rule: Literal["inv_shots", "inv_shots2", "fixed"] = "inv_shots",
+                 lam: NonNegFloat = 0.1, adam_eps: PosFloat = 1e-4, zs_scale: PosFloat = ZS_SCALE,
+                 feature_output: Literal["pre_projection"] = "pre_projection", device: str = "auto",
+                 precision: Literal["fp32", "fp16"] = "fp32", val_shots=None, dataset_templates: dict | None = None,
+                 **kwargs):
         """``val_shots`` / ``dataset_templates``: the recipe's data choices (``data.val_shots`` / ``data.templates``
         read them). ``precision``: fp32 (default) | fp16 (the release: projection and Adam state in half)."""
         super().__init__(epochs=epochs, **kwargs)

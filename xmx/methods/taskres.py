@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from xmx.errors import XmxError
 from xmx.methods.base import WarmupCosineLR, XmxModule, class_columns
+from xmx.validate import NonNegFloat, NonNegInt
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def warmup_cosine(epoch: int, epochs: int, lr: float, warmup_epochs: int = 1, wa
 class TaskResMethod(XmxModule):
     """TaskRes trained through Lightning on cached features (mini-batches, ``view_sampling: random``)."""
 
-    def __init__(self, alpha: float = 0.5, warmup_epochs: int = 1, warmup_lr: float = 1e-5,
+    def __init__(self, alpha: NonNegFloat = 0.5, warmup_epochs: NonNegInt = 1, warmup_lr: NonNegFloat = 1e-5,
                  epochs_by_shots: dict | None = None, lr_by_dataset: dict | None = None,
                  alpha_by_dataset: dict | None = None, dataset_templates: dict | None = None,
                  classnames: str = "keep_underscores", **kwargs):

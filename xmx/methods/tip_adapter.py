@@ -23,9 +23,10 @@ shared pieces (labels, chunking, checkpoints) come from ``methods/base.py``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 import hashlib
 import logging
-from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,7 @@ from torch import Tensor, nn
 from xmx.errors import XmxError
 from xmx.methods.base import XmxModule, chunk_rows, eval_labels, resolve_checkpoint
 from xmx.results import SELECTION_MODES
+from xmx.validate import NonNegFloat, PosFloat, PosInt
 from xmx.utils import Heartbeat
 
 __all__ = [
@@ -359,10 +361,11 @@ class TipAdapterMethod(XmxModule):
     needs_fit = False
     selection_modes = SELECTION_MODES
 
-    def __init__(self, datasets: dict | None = None, beta_max: float | None = None, alpha_max: float | None = None,
-                 init_alpha: float | None = None, init_beta: float | None = None, n_beta: int | None = None,
-                 n_alpha: int | None = None, search: bool = True, search_device: str = "auto",
-                 results_grid: str | bool = "auto", selection: str = "val", val_shots=None,
+    def __init__(self, datasets: dict | None = None, beta_max: PosFloat | None = None, alpha_max: PosFloat | None = None,
+                 init_alpha: NonNegFloat | None = None, init_beta: NonNegFloat | None = None,
+                 n_beta: PosInt | None = None, n_alpha: PosInt | None = None, search: bool = True,
+                 search_device: str = "auto", results_grid: Literal["auto"] | bool = "auto",
+                 selection: Literal[SELECTION_MODES] = "val", val_shots=None,
                  dataset_templates: dict | None = None, **kwargs):
         """``val_shots`` / ``dataset_templates`` are the recipe's data choices (read by ``data.val_shots`` /
         ``data.templates``); ``selection``: ``val`` or ``paper`` (see :data:`PAPER_EPOCH_MONITOR`)."""

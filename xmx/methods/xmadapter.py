@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Literal, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,7 @@ from xmx.errors import XmxError
 from xmx.methods.base import chunk_rows
 from xmx.methods.tip_adapter import (FULL_GRID_CELLS, ZS_SCALE, TipAdapterFMethod, affinity, check_cache, check_feats,
                                      correct_counts, grid_summary, norm, search_grid)
+from xmx.validate import Fraction, NonNegFloat, PosFloat, PosInt
 
 __all__ = ["IMG2TXT", "GAMMA_MODES", "TXT_KEYS_FROM", "Img2TxtNet", "MetaNet", "TextMixture", "LinearImg2Txt",
            "PseudoTokenImg2Txt", "make_pseudo_token_prompt", "hard_sample_weights", "XMAdapter", "XMSearchResult",
@@ -466,13 +467,14 @@ class XMAdapterMethod(TipAdapterFMethod):
     docs/methods/xmadapter.md#text-branch).
     The search runs on ``search_device`` like Tip-Adapter's (the model visits it for the search)."""
 
-    def __init__(self, img2txt: str = "text_mixture", img2txt_temp: float = 100.0, learn_img2txt_temp: bool = True,
-                 img2txt_proj: bool = True, img2txt_bias: bool = False, txt_keys_from: str = "mean_view",
-                 txt_keys_refresh: str = "step", beta_txt: float | None = None, gamma: float = 0.5,
-                 gamma_mode: str = "searched", gamma_steps: int = 10,
+    def __init__(self, img2txt: Literal[IMG2TXT] = "text_mixture", img2txt_temp: PosFloat = 100.0,
+                 learn_img2txt_temp: bool = True, img2txt_proj: bool = True, img2txt_bias: bool = False,
+                 txt_keys_from: Literal[TXT_KEYS_FROM] = "mean_view", txt_keys_refresh: Literal[TXT_KEYS_REFRESH] = "step",
+                 beta_txt: NonNegFloat | None = None, gamma: Fraction = 0.5,
+                 gamma_mode: Literal[GAMMA_MODES] = "searched", gamma_steps: PosInt = 10,
                  search_betas_txt: str | Sequence[float] | None = "separate",
-                 kappa: float = 1.0, tau: float = 50.0, shots: float | None = None,
-                 pseudo_template: str = "a photo of a {}.", meta_hidden: int | None = None, **kwargs):
+                 kappa: float = 1.0, tau: float = 50.0, shots: PosFloat | None = None,
+                 pseudo_template: str = "a photo of a {}.", meta_hidden: PosInt | None = None, **kwargs):
         super().__init__(**kwargs)
         _choice("img2txt", img2txt, IMG2TXT)                 # refuse bad options before features are extracted
         _choice("gamma_mode", gamma_mode, GAMMA_MODES)

@@ -212,6 +212,13 @@ def main(argv=None) -> int:
     ap.add_argument("--format", choices=("report", "clip_benchmark"), default="report",
                     help="clip_benchmark: one CLIP_benchmark JSON per run and eval set + their merged benchmark.csv")
     args = ap.parse_args(argv)
+    existing = Path(args.out).expanduser()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():  # a file where the folder should be: one line before the work, nothing created
+        print(f"xmx.report: error: --out={args.out}: {existing} is a file, not a folder; point --out at a folder",
+              file=sys.stderr)
+        return 2
     if args.format == "clip_benchmark":
         from xmx.report.clip_benchmark import export_clip_benchmark
         try:

@@ -5,7 +5,7 @@ fine-tuning, as LightningModules over the blocks of :mod:`xmx.methods.xadapter.e
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Annotated, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,7 @@ from xmx.errors import XmxError
 from xmx.methods.base import XmxModule, resolve_checkpoint
 from xmx.methods.xadapter.expert import (ClassificationHead, ImageIndex, XAdapter, glue_loss)
 from xmx.methods.xadapter.glue import GlueMetrics
+from xmx.validate import Fraction, Interval, NonNegFloat, PosFloat, PosInt
 
 # Below: the xmx runs of the language track. Each keeps the CLIP ``backbone`` and the ``plm`` as submodules named
 # exactly so (checkpoints leave them out; with ``finetune_plm`` the PLM is trained and therefore kept). Batches are
@@ -62,10 +63,11 @@ class XAdapterRun(XmxModule):
     for the others). ``exclude_own``: never retrieve the caption's own image.
     """
 
-    def __init__(self, name: str | None = None, expert: str = "v", adapter: dict | None = None, k: int = 4,
-                 context: str = "retrieve", exclude_own: bool = False, batch_size: int | None = 256,
-                 max_length: int = 64, steps: int | None = None, epochs: int | None = None, lr: float = 1e-4,
-                 weight_decay: float = 0.01, warmup: float = 0.06, decay: str = "linear"):
+    def __init__(self, name: str | None = None, expert: Literal[EXPERTS] = "v", adapter: dict | None = None,
+                 k: PosInt = 4, context: Literal["retrieve", "own_image"] = "retrieve", exclude_own: bool = False,
+                 batch_size: PosInt | None = 256, max_length: PosInt = 64, steps: PosInt | None = None,
+                 epochs: PosInt | None = None, lr: PosFloat = 1e-4, weight_decay: NonNegFloat = 0.01,
+                 warmup: Fraction = 0.06, decay: Literal["linear", "constant"] = "linear"):
         super().__init__(name=name, inputs="text", batch_size=batch_size, epochs=epochs)
         if expert not in EXPERTS:
             raise XmxError(f"method.expert: {expert!r}; valid: {', '.join(EXPERTS)}")
@@ -314,7 +316,8 @@ class XAdapterGlue(XAdapterRun):
     (``test/acc``, ``test/mcc``, ``test/f1``, ``test/pearson``, ``test/spearman``; MNLI ``test_matched/acc`` and
     ``test_mismatched/acc``) and on validation (``val/<metric>``, the first dev set)."""
 
-    def __init__(self, *args, finetune_plm: bool = False, plm_lr: float = 2e-5, head_dropout: float = 0.1, **kw):
+    def __init__(self, *args, finetune_plm: bool = False, plm_lr: PosFloat = 2e-5,
+                 head_dropout: Annotated[float, Interval(ge=0, lt=1)] = 0.1, **kw):
         super().__init__(*args, **kw)
         self.finetune_plm, self.plm_lr, self.head_dropout = bool(finetune_plm), float(plm_lr), float(head_dropout)
 
