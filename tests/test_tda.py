@@ -284,3 +284,11 @@ def test_a_base_tda_cannot_compose_on_is_refused_in_one_line(make_cfg, tmp_path)
         raw["xmx_method"]["class"] = "xmx.methods.coop.CoOpMethod"
         torch.save(raw, alone / "best.ckpt")
         tda.check_base(tmp_path / "alone")
+    (tmp_path / "alone" / "results.json").write_text(json.dumps(
+        {"config": {"method": {"_target_": "xmx.methods.coop.CoOpMethod", "name": "coop"},
+                    "backbone": {"model": "xmx-tiny", "weights": None}}}))
+    assert tda.check_base(tmp_path / "alone")["base"] == "coop"
+    from omegaconf import OmegaConf
+    tda.TDA.check_init_from(tmp_path / "alone", OmegaConf.create({"backbone": {"model": "xmx-tiny", "weights": None}}))
+    with pytest.raises(XmxError, match="the base run's backbone.model is 'xmx-tiny', this run's is 'RN50'"):
+        tda.TDA.check_init_from(tmp_path / "alone", OmegaConf.create({"backbone": {"model": "RN50"}}))

@@ -70,7 +70,7 @@ def check_init_from(cfg: DictConfig) -> None:
             except Exception:  # noqa: BLE001 - a bad target is reported where the method is built
                 hook = None
         if hook is not None:
-            hook(cfg.init_from)
+            hook(cfg.init_from, cfg)
         else:
             check_checkpoint(cfg.init_from, target)
 

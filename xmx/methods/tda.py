@@ -323,7 +323,17 @@ def check_base(path) -> dict:
         raise XmxError(f"init_from={path}: {res} is missing or holds no method config: TDA rebuilds the base method "
                        "from its run; pass the folder of a finished xmx run") from None
     return {"checkpoint": ckpt, "run": folder, "class": klass, "method": meta.get("name"), "method_cfg": mcfg,
-            "base": BASES[klass]}
+            "base": BASES[klass], "weights": rec.get("weights") or {},
+            "backbone_cfg": rec["config"].get("backbone") or {}}
+
+
+def check_same_backbone(info: dict, backbone_cfg) -> None:
+    """The base was trained on this run's backbone (a context of another text tower may have the same shape)."""
+    for k in ("model", "weights"):
+        theirs, mine = info["backbone_cfg"].get(k), (backbone_cfg or {}).get(k)
+        if k in info["backbone_cfg"] and mine is not None and str(mine) != str(theirs):
+            raise XmxError(f"init_from={info['run']}: the base run's backbone.{k} is {theirs!r}, this run's is "
+                           f"{mine!r}; run TDA with the backbone the base was trained with")
 
 
 def rebuild_base(info: dict, dm, dev: torch.device):
@@ -332,6 +342,11 @@ def rebuild_base(info: dict, dm, dev: torch.device):
     from omegaconf import OmegaConf
 
     from xmx.config import build
+    mine, theirs = (dm.backbone.describe() if hasattr(dm.backbone, "describe") else {}), info["weights"]
+    for k in ("name", "arch", "sha256"):  # a context of another text tower may have the same shape: refuse by name
+        if k in mine and k in theirs and mine[k] != theirs[k]:
+            raise XmxError(f"init_from={info['run']}: the base run's backbone {k} is {theirs[k]!r}, this run's is "
+                           f"{mine[k]!r}; run TDA with the backbone the base was trained with")
     base = build(OmegaConf.create(info["method_cfg"]), _convert_="partial")
     base.dm = dm
     base.build(dm)
@@ -446,9 +461,12 @@ class TDA(XmxModule):
             st.run(chunk=self.chunk, on_chunk=save)
 
     @classmethod
-    def check_init_from(cls, path) -> None:
-        """Preflight's ``init_from`` check for TDA: a supported base method's run (:func:`check_base`)."""
-        check_base(path)
+    def check_init_from(cls, path, cfg=None) -> None:
+        """Preflight's ``init_from`` check for TDA: a supported base method's run (:func:`check_base`) on this run's
+        backbone."""
+        info = check_base(path)
+        if cfg is not None and cfg.get("backbone") is not None:
+            check_same_backbone(info, cfg.backbone)
 
     def load_weights(self, path) -> None:
         """TDA holds no weights: ``init_from`` names the base method, loaded in :meth:`build`."""
