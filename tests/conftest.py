@@ -24,7 +24,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 # ``make test-fast`` runs ``-m "not slow"``: the unit tests. Besides the tests that mark themselves (subprocesses),
 # a module is slow when it runs whole experiments (it imports xmx.run), runs a benchmark's smoke mode, or is named here.
-SLOW_MODULES = {"test_features_cli"}
+SLOW_MODULES = {"test_features_cli", "test_data_get"}  # the store through the CLI; downloads from local servers
 
 
 def pytest_collection_modifyitems(config, items):

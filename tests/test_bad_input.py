@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "errors.md"
 QUIET = ["logger=none", "callbacks.rich_progress_bar=null"]
 
+DEEP = ["backbone=tiny", "data=synthetic", "callbacks=final"]  # deep prompts / MMRL on the tiny CLIP
 # (case, command-line arguments with {placeholders}, a phrase the line must contain, answered before any build)
 RUN_CASES = [
     ("unknown experiment", ["experiment=no_such"], "unknown experiment 'no_such'", True),
@@ -75,6 +76,17 @@ RUN_CASES = [
     ("$DATA folder missing", ["data=dtd", "paths.data_dir={tmp}/no_data"], "data root {tmp}/no_data does not exist",
      True),
     ("resume: bad choice", ["resume=sometimes"], "resume='sometimes'; valid choices: auto, never", True),
+    ("deep prompts: zero tokens", [*DEEP, "method=ivlp", "method.n_ctx_text=0"],
+     "method.n_ctx_text=0: at least one prompt token", False),
+    ("deep prompts: depth beyond the tower", [*DEEP, "method=maple"],
+     "method.depth_text=9 goes beyond the 2 layers of the text tower", False),
+    ("MaPLe coupling with unequal depths", [*DEEP, "method=maple", "method.depth_vision=1"],
+     "method.coupling=true: method.depth_vision=1 must equal", False),
+    ("deep prompts on a tower without a ViT", [*DEEP, "backbone.model=xmx-tiny-rn", "method=maple",
+                                                "method.depth_text=1", "method.depth_vision=1"],
+     "is not open_clip's VisionTransformer", False),
+    ("MMRL layers beyond the tower", [*DEEP, "method=mmrl"],
+     "method.rep_layers=[6, 7, 8, 9, 10, 11, 12] go beyond the 2 layers", False),
     ("TDA outside protocol=test_time", ["method=tda"], "method=tda runs on protocol=test_time", False),
     ("TDA views that keep no confident view", ["method=tda", "protocol=test_time", "method.views=5"],
      "method.views=5 keeps int(5 x 0.1) = 0 confident views", False),

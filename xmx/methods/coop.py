@@ -30,6 +30,9 @@ end-of-text token of a label set cannot change its features: prompts are cut the
 
 Below the math: ``ClassPrompts`` (one label set's fixed embeddings), ``PromptLearner`` (the context and Meta-Net: all
 that trains and all that checkpoints hold), ``WarmupCosineLR`` (Dassl's schedule), then the LightningModules.
+
+Long file: three prompt learners (CoOp, CoCoOp, KgCoOp) on one prompt builder and one training loop; each class is
+short and extends the one above it.
 """
 
 from __future__ import annotations
