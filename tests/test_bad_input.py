@@ -92,7 +92,7 @@ RUN_CASES = [
      "method.views=5 keeps int(5 x 0.1) = 0 confident views", False),
     ("TPT outside protocol=test_time", ["method=tpt"], "method=tpt runs on protocol=test_time", False),
     ("TDA on a base not built yet", ["method=tda", "protocol=test_time", "init_from={clip_lora}"],
-     "TDA on top of clip_lora (xmx.methods.clip_lora.ClipLoRAMethod) is not built yet", True),
+     "TDA on top of clip_lora (xmx.methods.clip_lora.ClipLoRAMethod) is not built yet (its adapted image encoder", True),
     ("TDA on a base it cannot compose on", ["method=tda", "protocol=test_time", "init_from={cocoop}"],
      "TDA on top of cocoop (xmx.methods.coop.CoCoOpMethod) is not meaningful", True),
     ("TPT with no step", ["method=tpt", "protocol=test_time", "method.steps=0"], "method.steps=0", False),

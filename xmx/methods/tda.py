@@ -285,11 +285,11 @@ NOT_BASES = {  # why a trained method is no base (yet): checked by class, before
                                                 "under protocol=test_time)",
     "xmx.methods.tip_adapter.TipAdapterFMethod": "not built yet (its cache over training features is not rebuilt "
                                                  "under protocol=test_time)",
-    "xmx.methods.clip_lora.ClipLoRAMethod": "not built yet (its adapted image encoder would have to re-encode every "
-                                            "streamed view)",
     "xmx.methods.coop.CoCoOpMethod": "not meaningful (instance-conditioned prompts: no fixed classifier)",
     "xmx.methods.coop.TPTMethod": "not meaningful (another test-time method)",
 }
+NOT_FAMILIES = {"tda": "not meaningful (another test-time method)",
+                "xadapter": "not meaningful (a language-track method: no image classifier)"}
 SUPPORTED = "CoOp, KgCoOp (zero-shot CLIP: leave init_from unset)"
 
 
@@ -301,6 +301,23 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _why_not(klass: str, family: str) -> str:
+    if klass in NOT_BASES:
+        return NOT_BASES[klass]
+    if family in NOT_FAMILIES:
+        return NOT_FAMILIES[family]
+    try:
+        from hydra.utils import get_class
+
+        from xmx.methods._training import EncoderMethod
+        if issubclass(get_class(klass), EncoderMethod):
+            return ("not built yet (its adapted image encoder would have to re-encode every streamed view; the "
+                    "feature store holds the frozen encoder's)")
+    except Exception:  # noqa: BLE001 - an unknown or unrecorded class: the generic reason
+        pass
+    return "not built yet (only the prompt learners' classifier is rebuilt under protocol=test_time so far)"
+
+
 def check_base(path) -> dict:
     """``init_from`` of a TDA run: the checkpoint of a supported base method (by its recorded class) in a finished
     run folder (its ``results.json`` holds the method config the base is rebuilt from). Anything else is one line."""
@@ -310,7 +327,7 @@ def check_base(path) -> dict:
     klass = str(meta.get("class") or "")
     if klass not in BASES:
         what = f"{meta.get('name') or 'an unnamed method'} ({klass or (meta.get('family') or '?') + ' family'})"
-        why = NOT_BASES.get(klass, "not meaningful (its logits are not a fixed classifier over one image's features)")
+        why = _why_not(klass, str(meta.get("family") or ""))
         raise XmxError(f"init_from={path}: TDA on top of {what} is {why}; TDA composes on: {SUPPORTED} "
                        "(docs/methods/test_time.md#composing-with-a-trained-method)")
     folder = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
