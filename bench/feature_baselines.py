@@ -159,18 +159,30 @@ def bench_taskres(d: dict, device, epochs: int, batch: int) -> dict:
             "test_s": test_s, "test_acc_after_measured_epochs": acc}
 
 
-def bench_prolip(d: dict, device, epochs: int) -> dict:
+def _prolip_run(d: dict, device, epochs: int, dtype: torch.dtype) -> tuple[torch.Tensor, list[float]]:
     views = d["z_tr"][None]                                            # one cached view [1, n, D]
     times = []
     P = d["P0"]
     for _ in range(epochs):  # one epoch per call: the median over calls is the s/epoch
-        P, info = fit_projection(views, d["y_tr"], P, d["b0"], d["W"], lr=1e-3, lam=1.0 / 16, epochs=1)
+        P, info = fit_projection(views, d["y_tr"], P, d["b0"], d["W"], lr=1e-3, lam=1.0 / 16, epochs=1, dtype=dtype)
         times.append(info["seconds"])
+    return P, times
+
+
+def bench_prolip(d: dict, device, epochs: int) -> dict:
+    """fp32 (xmx's default) and fp16 (the release: method.precision=fp16) from the same start: s/epoch of each, and
+    how far the fp16 projection and its test accuracy land from the fp32 ones."""
+    P, times = _prolip_run(d, device, epochs, torch.float32)
+    P16, times16 = _prolip_run(d, device, epochs, torch.float16)
     with torch.no_grad():
         acc, test_s = _timed(lambda: _acc(prolip_logits(d["z_te"], P, d["b0"], d["W"]), d["y_te"]), device)
-    spe = statistics.median(times)
+        acc16 = _acc(prolip_logits(d["z_te"], P16, d["b0"], d["W"]), d["y_te"])
+        rel = float((P16 - P).norm() / (P - d["P0"]).norm().clamp_min(1e-12))
+    spe, spe16 = statistics.median(times), statistics.median(times16)
     return {"s_per_epoch": spe, "epochs_measured": epochs, "fit_300_epochs_s_est": 300 * spe,
-            "search_49_fits_s_est": 49 * 300 * spe, "test_s": test_s, "test_acc_after_measured_epochs": acc}
+            "search_49_fits_s_est": 49 * 300 * spe, "test_s": test_s, "test_acc_after_measured_epochs": acc,
+            "fp16": {"s_per_epoch": spe16, "test_acc_after_measured_epochs": acc16,
+                     "test_acc_minus_fp32": acc16 - acc, "update_rel_diff_vs_fp32": rel}}
 
 
 def main(argv=None) -> dict:
@@ -235,6 +247,9 @@ def main(argv=None) -> dict:
         q = res["prolip"]
         rows.append(("ProLIP", f"{q['s_per_epoch']:.3f} s/epoch", f"300 epochs ~{q['fit_300_epochs_s_est']:.0f} s; "
                      f"49-fit grid ~{q['search_49_fits_s_est']:.0f} s (estimates)"))
+        h = q["fp16"]
+        rows.append(("ProLIP fp16 (release)", f"{h['s_per_epoch']:.3f} s/epoch", f"test acc {h['test_acc_minus_fp32']:+.2f} "
+                     f"vs fp32; |P16 - P32| / |P32 - P0| = {h['update_rel_diff_vs_fp32']:.3f}"))
     res["load_average_1min_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print(f"feature baselines on {res['device']} ({res['device_name']}, {res['threads']} threads, load "
           f"{res['load_average_1min_at_start'] or 0:.1f} -> {res['load_average_1min_at_end'] or 0:.1f}), "

@@ -24,8 +24,9 @@ def test_coop_schedule_one_constant_warmup_epoch_then_cosine():
         opt.step()
         sched.step()
     assert lrs[0] == pytest.approx(1e-5)  # Dassl's constant warm-up
-    assert lrs[1] == pytest.approx(0.002 * (1 + math.cos(math.pi / 200)) / 2)  # the cosine's step 1 (recounted)
-    assert lrs[100] == pytest.approx(0.001) and lrs[200] == pytest.approx(0.0, abs=1e-12)
+    assert lrs[1] == pytest.approx(0.002)  # the cosine's step 0 right after the warm-up (Dassl's recount)
+    assert lrs[2] == pytest.approx(0.002 * (1 + math.cos(math.pi / 200)) / 2)
+    assert lrs[101] == pytest.approx(0.001) and lrs[199] == pytest.approx(0.001 * (1 + math.cos(math.pi * 198 / 200)))
 
 
 @pytest.mark.parametrize("overrides,epochs", [([], 200), (["shots=1"], 50), (["shots=4"], 100),

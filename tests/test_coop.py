@@ -227,8 +227,9 @@ def test_bad_input_is_one_line(bb):
 # ------------------------------------------------------------------------------------------------------- recipes
 @pytest.mark.parametrize("overrides, expect", [
     (["experiment=coop_16shot", "shots=1"], dict(epochs=50, batch_size=32, n_ctx=16, ctx_init=None, views=50)),
+    (["experiment=coop_16shot", "shots=16"], dict(epochs=200, views=200)),  # one fresh crop per epoch
     (["experiment=coop_16shot", "data=imagenet", "shots=2"], dict(epochs=50, batch_size=32, n_ctx=16, views=50)),
-    (["experiment=coop_b2n"], dict(epochs=200, batch_size=32, n_ctx=4, ctx_init="a photo of a", views=50)),
+    (["experiment=coop_b2n"], dict(epochs=200, batch_size=32, n_ctx=4, ctx_init="a photo of a", views=200)),
     (["experiment=cocoop_b2n"], dict(epochs=10, batch_size=1, n_ctx=4, ctx_init="a photo of a", views=10)),
     (["experiment=kgcoop_b2n", "data=dtd"], dict(epochs=100, batch_size=128, n_ctx=4, kg_weight=8.0,
                                                  kg_templates=["a photo of a {}, a type of texture."])),

@@ -233,8 +233,9 @@ def test_taskres_alpha_zero_is_zero_shot(make_cfg, one_thread):
 
 def test_taskres_schedule_is_dassl_warmup_then_cosine():
     assert warmup_cosine(0, 200, 2e-3) == pytest.approx(1e-5 / 2e-3)
-    assert warmup_cosine(1, 200, 2e-3) == pytest.approx(0.5 * (1 + math.cos(math.pi / 200)))
-    assert warmup_cosine(100, 200, 2e-3) == pytest.approx(0.5)
+    assert warmup_cosine(1, 200, 2e-3) == pytest.approx(1.0)  # Dassl's recount: the cosine's step 0 after the warm-up
+    assert warmup_cosine(2, 200, 2e-3) == pytest.approx(0.5 * (1 + math.cos(math.pi / 200)))
+    assert warmup_cosine(101, 200, 2e-3) == pytest.approx(0.5)
 
 
 # ---- ProLIP -------------------------------------------------------------------------------------------------------

@@ -163,18 +163,15 @@ def test_alpha_beta_are_buffers_restored_from_a_checkpoint():
     assert float(b.alpha) == 2.5 and float(b.beta) == 4.0
 
 
-def test_per_dataset_table_follows_the_spec():
+def test_per_dataset_table_is_read_from_the_method_config():
+    """The release's per-dataset values live once, in conf/method/tip_adapter.yaml (checked against the release's
+    configs by tests/test_recipes.py); the core reads that table."""
     names = {"imagenet", "caltech101", "dtd", "eurosat", "fgvc_aircraft", "food101", "oxford_flowers", "oxford_pets",
              "stanford_cars", "sun397", "ucf101"}
     assert set(TIP_DATASETS) == names
-    spec = {"imagenet": (7, 3, 1.17), "caltech101": (12, 5, 3), "dtd": (13, 13, 2), "eurosat": (12, 10, 2),
-            "fgvc_aircraft": (30, 30, 5), "food101": (10, 10, 1.17), "oxford_flowers": (50, 50, 10),
-            "oxford_pets": (7, 3, 1.17), "stanford_cars": (20, 10, 3), "sun397": (12, 10, 1.17),
-            "ucf101": (7, 3, 3)}
-    for name, (bmax, amax, a0) in spec.items():
+    for name in names:
         e = tip_dataset_config(name)
-        assert (e["beta_max"], e["alpha_max"], e["init_alpha"], e["init_beta"]) == (bmax, amax, a0, 1.0)
-        assert e["epochs"] == (100 if name == "eurosat" else 20) and (e["n_beta"], e["n_alpha"]) == (200, 20)
+        assert set(e) == {"beta_max", "alpha_max", "init_alpha", "init_beta", "n_beta", "n_alpha", "epochs"}
     assert tip_dataset_config("synthetic") == TIP_DEFAULT
     assert tip_dataset_config("imagenet_sketch") == TIP_DATASETS["imagenet"]
     tip_dataset_config("dtd")["beta_max"] = -1  # a copy: the table is not mutated

@@ -24,6 +24,7 @@ from xmx.config import build, compose, config_dir, hydra_error_line
 from xmx.errors import XmxError
 from xmx.jobs import JobIndex, job_id
 from xmx.preflight import preflight
+from xmx.recipes import recipe_record
 from xmx.results import SCHEMA, SELECTION_MODES  # noqa: F401 - the names this module always offered
 
 # torch and Lightning load inside the run (first use), after the config is checked and the thread count is set:
@@ -146,6 +147,7 @@ def _run_job(cfg: DictConfig) -> tuple[dict, str]:
 
     results = record.record(cfg, jid=jid, outcome=outcome, metrics=metrics, method=method, datamodule=datamodule,
                             encoders=encoders, trainer=trainer, t0=t0, best=best, out=out, resolved=resolved)
+    results["recipe"] = recipe_record(cfg)  # the preset's deviations from its release (xmx/recipes/<method>.yaml)
     if not trainer.is_global_zero:  # DDP: rank 0 writes
         return results, outcome
     record.write(out, results, datamodule, method)

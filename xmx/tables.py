@@ -274,10 +274,27 @@ def format_comparison(name: str, table: dict, rows: list[dict], n_results: int, 
     return "\n".join(out)
 
 
+def deviation_lines(table: dict) -> list[str]:
+    """Where each preset of the table deliberately differs from its release (xmx/recipes/<method>.yaml rows that name
+    a deviation; the same rows every run records in results.json -> recipe)."""
+    from xmx.recipes import preset_deviations
+    out = []
+    for j in table["jobs"]:
+        for d in preset_deviations(j["experiment"]):
+            when = d.get("when") or {}
+            cond = (" (" + ", ".join(f"{k}={v}" for k, v in when.items()) + ")") if when else ""
+            xmx = d["xmx"] if "xmx" in d else ""
+            out.append(f"- `{j['experiment']}` {d['key'] or '(behaviour)'}{cond}: release {d['release']!r}, xmx "
+                       f"{xmx!r} - {d['deviation']} (xmx/recipes/{d['table']}.yaml)")
+    return (["", "Deviations from the releases (named in the recipe tables; runs record them in results.json):"] + out
+            if out else [])
+
+
 def show(name: str, table: dict, user_overrides=(), p: Plan | None = None, references=()) -> str:
     p = p or plan(table, user_overrides)
     results = sorted(set(p.done.values()))
-    return format_comparison(name, table, comparison(table, results, references), len(p.done), len(p.jobs))
+    return "\n".join([format_comparison(name, table, comparison(table, results, references), len(p.done), len(p.jobs)),
+                      *deviation_lines(table)])
 
 
 def main(argv=None) -> int:

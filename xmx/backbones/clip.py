@@ -163,16 +163,17 @@ class ClipLikeBackbone(nn.Module):
 
     @torch.no_grad()
     def text_classifier(self, classnames: Sequence[str], templates: Sequence[str],
-                        batch_size: int = 256, normalize: bool = True) -> torch.Tensor:
+                        batch_size: int = 256, normalize: bool = True, underscores: bool = False) -> torch.Tensor:
         """Zero-shot classifier W [C,N] (docs/methods/shared.md#zero-shot-classifier): per class, fill every template
         with the class name
         (underscores -> spaces), encode, normalise, average over templates, normalise again.
-        ``normalize=False``: the plain mean of the *raw* prompt embeddings (TaskRes's base classifier)."""
+        ``normalize=False``: the plain mean of the *raw* prompt embeddings (TaskRes's base classifier).
+        ``underscores=True``: the class names go in as they are (TaskRes's release keeps "yin_yang")."""
         if not classnames:
             raise XmxError("text classifier: the class list is empty; check the dataset's class names")
         if not templates:
             raise XmxError("text classifier: no prompt templates; set data.templates or use the dataset default")
-        prompts = [t.format(c.replace("_", " ")) for c in classnames for t in templates]
+        prompts = [t.format(c if underscores else c.replace("_", " ")) for c in classnames for t in templates]
         feats = []
         for i in range(0, len(prompts), batch_size):
             f = self.encode_text(self.tokenize(prompts[i:i + batch_size])).float()

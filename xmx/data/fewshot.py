@@ -20,9 +20,11 @@ def _rng(seed: int, tag: str) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
-def sample_fewshot(items: list[Datum], shots: int, seed: int, tag: str = "train") -> list[Datum]:
+def sample_fewshot(items: list[Datum], shots: int, seed: int, tag: str = "train", short: str = "error") -> list[Datum]:
     """``shots`` items per class, in label order, sampled without replacement by a generator seeded from
-    ``(seed, tag)``. ``shots <= 0`` means all items."""
+    ``(seed, tag)``. ``shots <= 0`` means all items. A class with fewer than ``shots`` items: ``short="error"`` stops
+    with one line; ``short="all"`` keeps all of its items, drawing nothing (Dassl's ``generate_fewshot_dataset`` with
+    ``repeat=False``, which the releases' K-shot validation subsets use)."""
     if shots is None or shots <= 0:
         return list(items)
     by_class: dict[int, list[Datum]] = defaultdict(list)
@@ -32,6 +34,9 @@ def sample_fewshot(items: list[Datum], shots: int, seed: int, tag: str = "train"
     out = []
     for label in sorted(by_class):
         pool = by_class[label]
+        if len(pool) < shots and short == "all":
+            out.extend(pool)
+            continue
         if len(pool) < shots:
             raise XmxError(f"shots={shots} but class {label} ({pool[0].classname!r}) has only {len(pool)} "
                            f"{tag} images; use shots<={min(len(v) for v in by_class.values())}")
@@ -158,11 +163,12 @@ def select_fewshot(dataset: str, splits, shots: int, seed: int, subset_seed: int
         else:
             taken = {d.path for d in train_subset}
             pool = [d for d in splits.train if d.path not in taken]
-        return _sample(pool, vshots, sseed, "val") if vshots else []
+        # the val split (Dassl's K-shot val keeps small classes whole); train images outside the subset: an error
+        return _sample(pool, vshots, sseed, "val", short="all" if has_val else "error") if vshots else []
 
-    def _sample(items: list[Datum], k: int, s: int, tag: str) -> list[Datum]:
+    def _sample(items: list[Datum], k: int, s: int, tag: str, short: str = "error") -> list[Datum]:
         try:
-            return sample_fewshot(items, k, s, tag)
+            return sample_fewshot(items, k, s, tag, short)
         except XmxError as e:
             raise XmxError(f"{dataset}: {e}") from None
 

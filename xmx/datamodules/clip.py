@@ -56,11 +56,14 @@ class EpochBatchSampler(Sampler):
 
     def __init__(self, n: int, views: int, batch_size: int | None, seed: int, shuffle: bool = True,
                  view_sampling: str = "random", rank: int | None = None, world_size: int | None = None,
-                 pad: bool = True):
+                 pad: bool = True, drop_last: bool = False):
+        """``drop_last``: leave out the last partial batch when the set holds at least one full batch (Dassl's
+        ``drop_last=is_train and len(data_source) >= batch_size``, dassl/data/data_manager.py)."""
         if view_sampling not in ("random", "cycle"):
             raise XmxError(f"data.view_sampling={view_sampling!r}; valid choices: random, cycle")
         self.n, self.views, self.seed, self.shuffle, self.view_sampling = n, views, seed, shuffle, view_sampling
         self.batch_size = batch_size or n
+        self.drop_last = bool(drop_last) and self.n >= self.batch_size
         self.epoch = 0
         r, w = dist_rank_world()
         self.rank, self.world_size, self.pad = r if rank is None else rank, w if world_size is None else world_size, pad
@@ -75,7 +78,7 @@ class EpochBatchSampler(Sampler):
         if self.world_size > 1 and not self.pad:
             lo, hi = self._eval_slice()
             return -(-(hi - lo) // self.batch_size)
-        return -(-self.n // self.batch_size)
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
 
     def __iter__(self):
         g = epoch_generator(self.seed, self.epoch)
@@ -87,7 +90,8 @@ class EpochBatchSampler(Sampler):
         if self.world_size > 1 and not self.pad:  # evaluation: this rank's contiguous slice, no padding
             lo, hi = self._eval_slice()
             order = order[lo:hi]
-        for i in range(0, len(order), self.batch_size):
+        stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
+        for i in range(0, stop, self.batch_size):
             idx = order[i:i + self.batch_size]
             if self.world_size > 1 and self.pad:  # training: this rank's share of the global batch
                 idx = idx[self.rank::self.world_size] if self.rank < len(idx) else idx[self.rank % len(idx):][:1]
@@ -115,8 +119,9 @@ class CLIPDataModule(L.LightningDataModule):
                  features: dict | None = None, batch_size: int | None = 256, eval_batch_size: int = 1024,
                  num_workers: int = 2, unreadable: str = "error", view_sampling: str = "random", plm=None,
                  feature_output: str = "raw", fingerprint: str = "content", fingerprint_cache: str | None = None,
-                 decode: str = "pil"):
+                 decode: str = "pil", drop_last: bool = False):
         super().__init__()
+        self.drop_last = bool(drop_last)  # training: no last partial batch when the set holds >= 1 batch (Dassl)
         if inputs not in ("features", "images"):
             raise XmxError(f"method.inputs={inputs!r}; valid choices: features, images")
         self.decode = check_decode(decode)  # inputs=images: where images are decoded (xmx.features.online)
@@ -277,21 +282,23 @@ class CLIPDataModule(L.LightningDataModule):
         return feats
 
     def text_classifier(self, classnames: list[str], templates: list[str] | None = None,
-                        normalize: bool = True) -> torch.Tensor:
+                        normalize: bool = True, underscores: bool = False) -> torch.Tensor:
         """The zero-shot classifier W [C,N] for ``classnames`` (docs/methods/shared.md#zero-shot-classifier), computed
         once and cached.
-        ``normalize=False``: the mean of the raw prompt embeddings instead (TaskRes's base; its own store key)."""
+        ``normalize=False``: the mean of the raw prompt embeddings instead (TaskRes's base; its own store key).
+        ``underscores=True``: class names are not cleaned (TaskRes's release; its own store key)."""
         templates = list(templates or self.templates)
-        memo = (tuple(classnames), tuple(templates), bool(normalize))
+        memo = (tuple(classnames), tuple(templates), bool(normalize), bool(underscores))
         if memo not in self._text_cache:
             from xmx.features.extract import backbone_identity
             key = {"kind": "text/classifier" if normalize else "text/mean_raw",
                    "backbone": backbone_identity(self.backbone), "classnames": list(classnames),
-                   "templates": templates}
+                   "templates": templates, **({"underscores": True} if underscores else {})}
             self.backbone.to(self._device())
             self._text_cache[memo] = self._cached(
                 "text", key, lambda: {"W": self.backbone.text_classifier(classnames, templates,
-                                                                         normalize=normalize).float().cpu()})["W"]
+                                                                         normalize=normalize,
+                                                                         underscores=underscores).float().cpu()})["W"]
         return self._text_cache[memo]
 
     def features_of(self, eval_set: EvalSet) -> torch.Tensor:
@@ -357,7 +364,8 @@ class CLIPDataModule(L.LightningDataModule):
             n = self.train_features.shape[1]
             return DataLoader(FeatureBatches(self.train_features, self.train_labels), batch_size=None,
                               sampler=EpochBatchSampler(n, self.train_features.shape[0], self.batch_size, self.seed,
-                                                        view_sampling=self.view_sampling))
+                                                        view_sampling=self.view_sampling,
+                                                        drop_last=self.drop_last))
         aug = self.augment
         ds, collate = self._online_images("train", self.protocol.train, aug["preset"], aug["noise_std"])
         bs = self.batch_size or len(self.protocol.train)
@@ -368,7 +376,7 @@ class CLIPDataModule(L.LightningDataModule):
                               sampler=DistributedSampler(ds, world, rank, shuffle=True, seed=self.seed),
                               collate_fn=collate, drop_last=False)
         return DataLoader(ds, batch_size=bs, shuffle=True, num_workers=self.num_workers, collate_fn=collate,
-                          drop_last=False)
+                          drop_last=self.drop_last and len(ds) >= bs)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.val_set)

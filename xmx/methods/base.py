@@ -164,6 +164,26 @@ def class_columns(eval_set, num_train: int) -> tuple[str, torch.Tensor | None]:
                    "(protocol=base2new keeps base and new apart)")
 
 
+class WarmupCosineLR(torch.optim.lr_scheduler.LRScheduler):
+    """Dassl's `cosine` schedule with a constant warm-up (the one schedule of every Dassl-based recipe: CoOp, CoCoOp,
+    KgCoOp, TaskRes, CLIP-Adapter's release; dassl/optim/lr_scheduler.py, WARMUP_RECOUNT true), per epoch:
+    `lr(e) = warmup_lr` for `e < warmup_epochs`, else `base·½(1 + cos(π·(e − warmup_epochs)/T_max))`; `T_max` is the
+    number of epochs (the cosine never reaches its end: the last epoch runs at `cos(π·(T_max−2)/T_max)`, as there)."""
+
+    def __init__(self, optimizer, T_max: int, warmup_epochs: int = 1, warmup_lr: float = 1e-5, last_epoch: int = -1):
+        if T_max < 1:
+            raise XmxError(f"method.scheduler.T_max={T_max}; the cosine needs at least one epoch")
+        self.T_max, self.warmup_epochs, self.warmup_lr = int(T_max), int(warmup_epochs), float(warmup_lr)
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self):
+        e = self.last_epoch
+        if e < self.warmup_epochs:
+            return [self.warmup_lr for _ in self.base_lrs]
+        f = 0.5 * (1 + math.cos(math.pi * (e - self.warmup_epochs) / self.T_max))
+        return [base * f for base in self.base_lrs]
+
+
 class XmxModule(L.LightningModule):
     needs_fit: bool = True  # training-free methods (zero-shot, Tip-Adapter) set False
     # top-level `selection` values the method implements: "paper" = its release's selection on the test set, only
@@ -173,8 +193,9 @@ class XmxModule(L.LightningModule):
 
     def __init__(self, name: str | None = None, inputs: str = "features", batch_size: int | None = 256,
                  epochs: int | None = None, view_sampling: str = "random", optimizer=None, scheduler=None,
-                 scheduler_interval: str = "epoch"):
-        """``name``/``inputs``/``batch_size``/``epochs``/``view_sampling`` describe what the method asks of the run
+                 scheduler_interval: str = "epoch", drop_last: bool = False):
+        """``drop_last``: the training loader leaves out the last partial batch when the set holds at least one batch
+        (Dassl's loaders; ``data.drop_last`` reads it). ``name``/``inputs``/``batch_size``/``epochs``/``view_sampling`` describe what the method asks of the run
         (the datamodule and trainer configs read them); ``optimizer``/``scheduler`` are partials
         (``_partial_: true``); ``scheduler_interval`` is ``epoch`` or ``step``."""
         super().__init__()
@@ -184,7 +205,7 @@ class XmxModule(L.LightningModule):
         self.epoch_curve: list[dict] = []  # validation accuracy after every training epoch
         self.selected_epoch: int | None = None  # the epoch of the checkpoint restored before testing
         self.method_name, self.inputs, self.batch_size, self.epochs = name, inputs, batch_size, epochs
-        self.view_sampling = view_sampling
+        self.view_sampling, self.drop_last = view_sampling, bool(drop_last)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.init_from: str | None = None
         self.init_record: dict | None = None  # what init_from loaded (results.json "init_from")

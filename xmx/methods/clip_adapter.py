@@ -22,6 +22,7 @@ from torch import nn
 
 from xmx.errors import XmxError
 from xmx.methods._training import AdapterMethod
+from xmx.methods.base import WarmupCosineLR
 
 
 class ClipAdapter(nn.Module):
@@ -71,23 +72,9 @@ class ClipAdapter(nn.Module):
 
 
 # ==================================================================================================== LightningModules
-class ConstantWarmupCosine(torch.optim.lr_scheduler.LambdaLR):
-    """The learning-rate schedule of CoOp's trainer configs (Dassl), which the CLIP-Adapter release trains with:
-    ``warmup_epochs`` at the constant ``warmup_lr``, then cosine annealing over ``T_max`` epochs counted from 0 (the
-    warm-up epochs are the cosine's first steps, Dassl's ``WARMUP_RECOUNT``), stepped once per epoch:
-    ``lr(e) = warmup_lr`` for ``e < warmup_epochs``, else ``base_lr·(1 + cos(π·e/T_max))/2``."""
-
-    def __init__(self, optimizer, T_max: int, warmup_epochs: int = 1, warmup_lr: float = 1e-5):
-        if int(T_max) < 1 or int(warmup_epochs) < 0 or not float(warmup_lr) >= 0:
-            raise XmxError(f"ConstantWarmupCosine: T_max={T_max} must be >= 1, warmup_epochs={warmup_epochs} >= 0 and "
-                           f"warmup_lr={warmup_lr} >= 0 (method.scheduler)")
-        self.T_max, self.warmup_epochs, self.warmup_lr = int(T_max), int(warmup_epochs), float(warmup_lr)
-        factors = []
-        for g in optimizer.param_groups:
-            base = float(g.get("initial_lr", g["lr"]))
-            factors.append(lambda e, base=base: (self.warmup_lr / base if e < self.warmup_epochs and base > 0 else
-                                                 0.5 * (1.0 + math.cos(math.pi * min(e, self.T_max) / self.T_max))))
-        super().__init__(optimizer, factors)
+# Dassl's constant warm-up + cosine, the schedule of CLIP-Adapter's release (CoOp's trainer configs): the one shared
+# scheduler (``xmx.methods.base.WarmupCosineLR``); this name is kept for configs written before it was shared.
+ConstantWarmupCosine = WarmupCosineLR
 
 
 class ClipAdapterMethod(AdapterMethod):

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xmx.errors import XmxError
-from xmx.methods.base import XmxModule
+from xmx.methods.base import WarmupCosineLR, XmxModule
 
 log = logging.getLogger(__name__)
 
@@ -210,25 +210,6 @@ def encode_prompts(backbone, prompts: torch.Tensor, tokens: torch.Tensor, amp: t
             else:
                 out.append(backbone.encode_text_from_embeddings(p, t))
     return torch.cat(out).float()
-
-
-class WarmupCosineLR(torch.optim.lr_scheduler.LRScheduler):
-    """Dassl's `cosine` schedule with a constant warm-up (CoOp/CoCoOp/KgCoOp configs), per epoch:
-    `lr(e) = warmup_lr` for `e < warmup_epochs`, else `base·½(1 + cos(π·(e − warmup_epochs)/T_max))`; `T_max` is the
-    number of epochs (the cosine never reaches its end: the last epoch runs at `cos(π·(T_max−2)/T_max)`, as there)."""
-
-    def __init__(self, optimizer, T_max: int, warmup_epochs: int = 1, warmup_lr: float = 1e-5, last_epoch: int = -1):
-        if T_max < 1:
-            raise XmxError(f"method.scheduler.T_max={T_max}; the cosine needs at least one epoch")
-        self.T_max, self.warmup_epochs, self.warmup_lr = int(T_max), int(warmup_epochs), float(warmup_lr)
-        super().__init__(optimizer, last_epoch)
-
-    def get_lr(self):
-        e = self.last_epoch
-        if e < self.warmup_epochs:
-            return [self.warmup_lr for _ in self.base_lrs]
-        f = 0.5 * (1 + math.cos(math.pi * (e - self.warmup_epochs) / self.T_max))
-        return [base * f for base in self.base_lrs]
 
 
 # ==================================================================================================== LightningModules

@@ -160,11 +160,13 @@ def synthesize_new_classes(x: Tensor, text_new: Tensor, topk: int = 64, text_rep
     return torch.cat(mus), prec / M
 
 
-def search_alpha(zs_logits: Tensor, gda_logits: Tensor, labels: Tensor, alphas=ALPHAS) -> tuple[float, float, list]:
-    """The release's search: the first alpha of ``alphas`` with the best accuracy of ``zs + alpha·gda``
-    (ties keep the earlier one). Returns (alpha, accuracy %, [(alpha, acc), ...])."""
+def search_alpha(zs_logits: Tensor, gda_logits: Tensor, labels: Tensor, alphas=ALPHAS,
+                 fallback: float = 0.1) -> tuple[float, float, list]:
+    """The release's search (main_few_shots.py:68-76): ``best_alpha = fallback`` (0.1) and ``best_acc = 0``, then the
+    first alpha of ``alphas`` whose accuracy of ``zs + alpha·gda`` beats the best so far (ties keep the earlier one);
+    when no alpha has accuracy above 0 the fallback stays. Returns (alpha, accuracy %, [(alpha, acc), ...])."""
     curve = []
-    best_a, best_acc = None, -1.0
+    best_a, best_acc = float(fallback), 0.0
     for a in alphas:
         acc = 100.0 * float(((zs_logits + a * gda_logits).argmax(dim=1) == labels).float().mean())
         curve.append((float(a), acc))
@@ -184,8 +186,12 @@ class GDAMethod(XmxModule):
 
     def __init__(self, covariance: str = "ks", alphas=ALPHAS, zs_scale: float = 100.0, selection: str = "val",
                  new_classes: str = "synthesize", new_topk: int = 64, new_text_repeats: int = 16,
-                 solve_dtype: str = "float32", device: str = "auto", **kwargs):
+                 solve_dtype: str = "float32", device: str = "auto", fallback_alpha: float = 0.1, val_shots=None,
+                 dataset_templates: dict | None = None, **kwargs):
+        """``val_shots`` / ``dataset_templates`` are the recipe's data choices (``data.val_shots`` / ``data.templates``
+        read them); ``fallback_alpha``: the alpha kept when none has validation accuracy above 0 (the release's 0.1)."""
         super().__init__(**kwargs)
+        self.fallback_alpha = float(fallback_alpha)
         if covariance not in COVARIANCES:
             raise XmxError(f"method.covariance={covariance!r}; valid choices: {', '.join(COVARIANCES)}")
         if selection not in SELECTION_MODES:
@@ -263,7 +269,7 @@ class GDAMethod(XmxModule):
         if self.selection == "paper" and str(dm.name).lower() == "imagenet":
             on = dm.eval_sets[0]  # the release: ImageNet's "validation" features are its test features
         zs, g = self._parts(dm.features_of(on).to(dev), on.name)
-        self.alpha, acc, curve = search_alpha(zs, g, eval_labels(on).to(dev), self.alphas)
+        self.alpha, acc, curve = search_alpha(zs, g, eval_labels(on).to(dev), self.alphas, self.fallback_alpha)
         self.search = {"on": on.name, "val_acc" if on is dm.val_set else "acc": acc,
                        "curve": [{"alpha": a, "acc": c} for a, c in curve]}
         log.info("gda: alpha %.4g chosen on %s (%.2f%%)", self.alpha, on.name, acc)

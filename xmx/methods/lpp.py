@@ -179,7 +179,9 @@ class LPPMethod(XmxModule):
 
     def __init__(self, epochs: int = 300, alpha_every: int = 10, alpha_grad: str = "cumulative",
                  bias_init: str = "uniform", momentum: float = 0.9, train_view: int | str = 0, device: str = "auto",
-                 precision: str = "auto", **kwargs):
+                 precision: str = "auto", val_shots=None, dataset_templates: dict | None = None, **kwargs):
+        """``val_shots`` / ``dataset_templates``: the recipe's data choices (``data.val_shots`` / ``data.templates``
+        read them)."""
         super().__init__(epochs=epochs, **kwargs)
         if alpha_grad not in ("cumulative", "window"):
             raise XmxError(f"method.alpha_grad={alpha_grad!r}; valid choices: cumulative, window")

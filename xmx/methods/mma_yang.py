@@ -104,7 +104,10 @@ class MMAYangMethod(EncoderMethod):
     label = "MMA-Yang"
     adapts_text = True
 
-    def __init__(self, layers=(5, 12), dim: int = 32, scale: float = 0.001, **kwargs):
+    def __init__(self, layers=(5, 12), dim: int = 32, scale: float = 0.001, batch_size_by_dataset: dict | None = None,
+                 **kwargs):
+        """``batch_size_by_dataset``: the release's per-dataset batch (ImageNet 128); the config resolves
+        ``batch_size`` from it."""
         layers = list(layers)
         if len(layers) != 2 or not all(isinstance(v, int) for v in layers) or not 1 <= layers[0] <= layers[1]:
             raise XmxError(f"method.layers={layers}: give [first, last] 1-based block numbers, first ≥ 1 (the "

@@ -59,24 +59,29 @@ def prolip_loss(z: Tensor, y: Tensor, P: Tensor, P0: Tensor, bias: Tensor | None
 
 
 def fit_projection(views: Tensor, y: Tensor, P0: Tensor, bias: Tensor | None, W: Tensor, lr: float, lam: float,
-                   epochs: int = 300, eps: float = 1e-4, scale: float = ZS_SCALE) -> tuple[Tensor, dict]:
+                   epochs: int = 300, eps: float = 1e-4, scale: float = ZS_SCALE,
+                   dtype: torch.dtype = torch.float32) -> tuple[Tensor, dict]:
     """The release's loop: views [V,n,D] pre-projection training features (view ``epoch % V`` each epoch),
-    -> (trained P [D,C], {"seconds", "epochs", "final_loss"})."""
-    P = P0.clone().requires_grad_(True)
+    -> (trained P [D,C] float32, {"seconds", "epochs", "final_loss"}). ``dtype=torch.float16``: as the release, which
+    trains the projection of the fp16 CLIP model: P, Adam's moments, the features, the classifier and the loss in
+    half precision (Adam's eps 1e-4 is the release's guard against fp16 underflow)."""
+    P = P0.to(dtype).clone().requires_grad_(True)
+    P0, W = P0.to(dtype), W.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
     opt = torch.optim.Adam([P], lr=lr, eps=eps)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     t0 = time.perf_counter()
     loss = torch.tensor(float("nan"))
     for epoch in range(epochs):
-        z = views[epoch % views.shape[0]].float()  # views stay in their stored precision (300 views are large)
-        loss = prolip_loss(z, y, P, P0, bias, W, lam, scale)
+        z = views[epoch % views.shape[0]].to(dtype)  # views stay in their stored precision (300 views are large)
+        loss = prolip_loss(z, y, P, P0, bias, W, lam, scale).float()
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
     if P.device.type == "cuda":
         torch.cuda.synchronize(P.device)
-    return P.detach(), {"seconds": time.perf_counter() - t0, "epochs": epochs, "final_loss": float(loss.detach())}
+    return P.detach().float(), {"seconds": time.perf_counter() - t0, "epochs": epochs, "final_loss": float(loss.detach())}
 
 
 def accuracy(z: Tensor, y: Tensor, P: Tensor, bias: Tensor | None, W: Tensor) -> float:
@@ -93,8 +98,14 @@ class ProLIPMethod(XmxModule):
 
     def __init__(self, epochs: int = 300, search: bool = True, lr_grid=LR_GRID, lambda_grid=LAMBDA_GRID,
                  lr: float = 1e-5, lambda_rule: str = "inv_shots", lam: float = 0.1, adam_eps: float = 1e-4,
-                 zs_scale: float = ZS_SCALE, feature_output: str = "pre_projection", device: str = "auto", **kwargs):
+                 zs_scale: float = ZS_SCALE, feature_output: str = "pre_projection", device: str = "auto",
+                 precision: str = "fp32", val_shots=None, dataset_templates: dict | None = None, **kwargs):
+        """``val_shots`` / ``dataset_templates``: the recipe's data choices (``data.val_shots`` / ``data.templates``
+        read them). ``precision``: fp32 (default) | fp16 (the release: projection and Adam state in half)."""
         super().__init__(epochs=epochs, **kwargs)
+        if precision not in ("fp32", "fp16"):
+            raise XmxError(f"method.precision={precision!r}; valid choices: fp32, fp16 (the release: fp16)")
+        self.precision = precision
         if feature_output != "pre_projection":
             raise XmxError("prolip trains the image projection: it needs method.feature_output=pre_projection")
         if lambda_rule not in ("inv_shots", "inv_shots2", "fixed"):
@@ -110,6 +121,10 @@ class ProLIPMethod(XmxModule):
         self.chosen: dict = {}
         self.search_curve: list[dict] = []
         self.fit_info: dict = {}
+
+    @property
+    def train_dtype(self) -> torch.dtype:
+        return torch.float16 if self.precision == "fp16" else torch.float32
 
     def lambda_for(self, shots: int) -> float:
         if self.lambda_rule == "inv_shots":
@@ -141,7 +156,8 @@ class ProLIPMethod(XmxModule):
             t0 = time.perf_counter()
             for lr in lr_grid:
                 for lam in lambda_grid:
-                    P, _ = fit_projection(views, y, P0, bias, W, lr, lam, epochs, self.adam_eps, self.zs_scale)
+                    P, _ = fit_projection(views, y, P0, bias, W, lr, lam, epochs, self.adam_eps, self.zs_scale,
+                                          self.train_dtype)
                     acc = accuracy(zv, yv, P, bias, W)
                     self.search_curve.append({"lr": lr, "lambda": lam, "val_acc": acc})
                     if best is None or acc > best[0]:  # the release: strictly better replaces (first max kept)
@@ -151,7 +167,8 @@ class ProLIPMethod(XmxModule):
             self.fit_info = {"search_seconds": time.perf_counter() - t0, "fits": len(self.search_curve)}
         else:
             lr, lam = self.lr, self.lambda_for(shots)
-            P, info = fit_projection(views, y, P0, bias, W, lr, lam, epochs, self.adam_eps, self.zs_scale)
+            P, info = fit_projection(views, y, P0, bias, W, lr, lam, epochs, self.adam_eps, self.zs_scale,
+                                          self.train_dtype)
             self.chosen = {"lr": lr, "lambda": lam, "by": f"lambda_rule={self.lambda_rule} (no validation)"}
             self.fit_info = info
         self.P, self.bias = P, bias
@@ -169,4 +186,5 @@ class ProLIPMethod(XmxModule):
 
     def extra_results(self) -> dict:
         return {"chosen": self.chosen, "search": self.search_curve or None, "fit": self.fit_info,
-                "epochs": self.epochs, "zs_scale": self.zs_scale, "feature_output": self.feature_output}
+                "epochs": self.epochs, "zs_scale": self.zs_scale, "feature_output": self.feature_output,
+                "precision": self.precision}

@@ -14,7 +14,8 @@ of 256 cached augmented views.
 
 Recipe (the release's Dassl configs and ``train_regular.sh``): Adam, weight decay 5e-4 (Dassl's default), lr 2e-3
 (ImageNet 2e-4), one warm-up epoch at a constant 1e-5 then cosine annealing over ``epochs`` (Dassl's
-ConstantWarmupScheduler: epoch e >= 1 runs at ``lr·(1 + cos(pi·e/epochs))/2``), 100 epochs for 1/2/4 shots and 200
+ConstantWarmupScheduler, WARMUP_RECOUNT: epoch e >= 1 runs at ``lr·(1 + cos(pi·(e-1)/epochs))/2``; the one
+shared ``WarmupCosineLR``), 100 epochs for 1/2/4 shots and 200
 for 8/16; ``alpha = 0.5`` (Flowers102: 1.0). Dassl tests the model of the **last** epoch (no validation): the
 presets set ``callbacks.model_checkpoint.monitor: null`` so that xmx does the same; the default callbacks instead
 restore the best validation epoch, and results.json says which.
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xmx.errors import XmxError
-from xmx.methods.base import XmxModule, class_columns
+from xmx.methods.base import WarmupCosineLR, XmxModule, class_columns
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,12 @@ class TaskResHead(nn.Module):
 
 
 def warmup_cosine(epoch: int, epochs: int, lr: float, warmup_epochs: int = 1, warmup_lr: float = 1e-5) -> float:
-    """Dassl's constant warm-up + cosine, as a multiplier of ``lr`` for ``epoch`` (0-based)."""
+    """Dassl's constant warm-up + cosine, as a multiplier of ``lr`` for ``epoch`` (0-based): what
+    ``xmx.methods.base.WarmupCosineLR`` (the scheduler TaskRes trains with) gives; epoch ``warmup_epochs`` runs at
+    the full ``lr`` (the cosine's step 0, Dassl's recount)."""
     if epoch < warmup_epochs:
         return warmup_lr / lr
-    return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+    return 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / epochs))
 
 
 class TaskResMethod(XmxModule):
@@ -67,10 +70,14 @@ class TaskResMethod(XmxModule):
 
     def __init__(self, alpha: float = 0.5, warmup_epochs: int = 1, warmup_lr: float = 1e-5,
                  epochs_by_shots: dict | None = None, lr_by_dataset: dict | None = None,
-                 alpha_by_dataset: dict | None = None, **kwargs):
+                 alpha_by_dataset: dict | None = None, dataset_templates: dict | None = None,
+                 classnames: str = "keep_underscores", **kwargs):
         """``epochs_by_shots`` / ``lr_by_dataset`` / ``alpha_by_dataset``: the release's tables; the config
         resolves ``epochs``, ``optimizer.lr`` and ``alpha`` from them (kept here for results.json)."""
         super().__init__(**kwargs)
+        if classnames not in ("keep_underscores", "spaces"):
+            raise XmxError(f"method.classnames={classnames!r}; valid choices: keep_underscores (the release), spaces")
+        self.underscores = classnames == "keep_underscores"
         self.tables = {"epochs_by_shots": dict(epochs_by_shots or {}), "lr_by_dataset": dict(lr_by_dataset or {}),
                        "alpha_by_dataset": dict(alpha_by_dataset or {})}
         if not float(alpha) >= 0:
@@ -84,7 +91,8 @@ class TaskResMethod(XmxModule):
 
     def build(self, dm) -> None:
         K = len(dm.classnames)
-        base = dm.text_classifier(list(dm.classnames), list(dm.templates), normalize=False)   # [C,K] raw
+        base = dm.text_classifier(list(dm.classnames), list(dm.templates), normalize=False,
+                                  underscores=self.underscores)                              # [C,K] raw
         if not bool(torch.isfinite(base).all()):
             raise XmxError("taskres: the text base contains NaN or inf; clear its feature-store entry")
         self.head = TaskResHead(base, self.alpha)
@@ -95,7 +103,8 @@ class TaskResMethod(XmxModule):
             if kind == "new":
                 attr = "base_" + s.name.replace(".", "_")
                 self.register_buffer(attr, dm.text_classifier(list(s.classnames), list(s.templates or dm.templates),
-                                                              normalize=False).float(), persistent=False)
+                                                              normalize=False, underscores=self.underscores).float(),
+                                     persistent=False)
                 self._bases[s.name] = attr
 
     def training_step(self, batch, batch_idx):
@@ -115,16 +124,14 @@ class TaskResMethod(XmxModule):
 
     def configure_optimizers(self):
         opt = self.optimizer_factory(params=[self.head.residual])
-        lr = opt.param_groups[0]["lr"]
         epochs = int(self.trainer.max_epochs)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda e: warmup_cosine(e, epochs, lr, self.warmup_epochs, self.warmup_lr))
+        sched = WarmupCosineLR(opt, T_max=epochs, warmup_epochs=self.warmup_epochs, warmup_lr=self.warmup_lr)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
     def extra_results(self) -> dict:
         cb = getattr(getattr(self, "_trainer", None), "checkpoint_callback", None)
         monitor = getattr(cb, "monitor", None)
-        return {"alpha": self.alpha, "logit_scale": self.logit_scale, "warmup_epochs": self.warmup_epochs, **self.tables,
+        return {"alpha": self.alpha, "classnames": "keep_underscores" if self.underscores else "spaces", "logit_scale": self.logit_scale, "warmup_epochs": self.warmup_epochs, **self.tables,
                 "warmup_lr": self.warmup_lr,
                 **self.training_record("val/acc (best checkpoint restored)" if monitor else
                                        "last epoch (the release: Dassl tests the final model)")}

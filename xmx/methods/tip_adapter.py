@@ -50,24 +50,23 @@ ZS_SCALE = 100.0  # Tip-Adapter's fixed CLIP logit scale
 # ---- per-dataset defaults (docs/methods/tip_adapter.md#the-cache-model-and-its-search; the authors' configs/*.yaml)
 # beta_max, alpha_max: the search maxima ``search_scale: [beta_max, alpha_max]`` (never reached by the grid);
 # init_alpha, init_beta: the values used while training Tip-Adapter-F and before any search; epochs: Tip-Adapter-F.
+# Written ONCE, in conf/method/tip_adapter.yaml (`datasets:`), which the runs read; xmx/recipes/tip_adapter.yaml holds
+# the release's values with their file:line and tests/test_recipes.py checks the config against them.
 def _entry(beta_max: float, alpha_max: float, init_alpha: float, epochs: int = 20) -> dict:
     return {"beta_max": float(beta_max), "alpha_max": float(alpha_max), "init_alpha": float(init_alpha),
             "init_beta": 1.0, "n_beta": 200, "n_alpha": 20, "epochs": int(epochs)}
 
 
-TIP_DATASETS: dict[str, dict] = {
-    "imagenet": _entry(7, 3, 1.17),
-    "caltech101": _entry(12, 5, 3),
-    "dtd": _entry(13, 13, 2),
-    "eurosat": _entry(12, 10, 2, epochs=100),
-    "fgvc_aircraft": _entry(30, 30, 5),
-    "food101": _entry(10, 10, 1.17),
-    "oxford_flowers": _entry(50, 50, 10),
-    "oxford_pets": _entry(7, 3, 1.17),
-    "stanford_cars": _entry(20, 10, 3),
-    "sun397": _entry(12, 10, 1.17),
-    "ucf101": _entry(7, 3, 3),
-}
+def _config_table() -> dict[str, dict]:
+    import yaml
+
+    from xmx.config import config_dir
+    table = yaml.safe_load((config_dir() / "method" / "tip_adapter.yaml").read_text(encoding="utf-8"))["datasets"]
+    return {name: {k: (int(v) if k in ("n_beta", "n_alpha", "epochs") else float(v)) for k, v in e.items()}
+            for name, e in table.items()}
+
+
+TIP_DATASETS: dict[str, dict] = _config_table()
 # [choice] for datasets the paper never ran (synthetic, user datasets): a middle-of-the-table search range.
 TIP_DEFAULT: dict = _entry(10, 10, 1.0)
 
