@@ -1,4 +1,5 @@
-"""Benchmark: training inside the encoders (issue 16) — CLIP-LoRA's training throughput against the floor.
+"""Benchmark: training inside the encoders (issues 16, 25) — CLIP-LoRA's, CLIP-SVD's and 2SFS's training throughput
+against the floor.
 
 Parts:
   step   one CLIP-LoRA training step as ``ClipLoRAMethod.training_step`` runs it (images [B,3,224,224] through the
@@ -7,6 +8,10 @@ Parts:
          (gradients flow back through every block to the positional embeddings, as they must to reach LoRA in the
          first blocks: the cost no method that adapts both encoders can avoid), same process, inputs and autocast.
          Reports images/s of each and ``ratio`` = LoRA images/s / plain images/s (target ≥ 0.80).
+         In the same run and against the same plain step (``--methods``, default all): one CLIP-SVD step
+         (``ClipSVDMethod.training_step``: every linear of both towers reparameterised, AdamW on the singular values)
+         and the two 2SFS steps (stage 1: LayerNorms of both towers through both towers; stage 2: the classifier on
+         image features computed without gradients), each with its ``*_ratio``.
   run    the wall time of one 16-shot ImageNet CLIP-LoRA run, projected from measured pieces: 500 × 16 training
          steps at N = 1000 classes, the 50,000 test images once through the adapted image tower (batch 256) and the
          1000 class prompts once. Decoding and augmentation are not timed (loader workers overlap them with the GPU).
@@ -33,7 +38,7 @@ from __future__ import annotations
 
 # bench/gpu_all.py runs this on a GPU with these arguments, within this many seconds on one H200
 GPU_COMMAND = ["--out", "{out}/bench.json"]
-GPU_BUDGET_S = 360
+GPU_BUDGET_S = 420  # +60 s for the CLIP-SVD (its SVD on the GPU) and 2SFS steps
 
 import argparse
 import json
@@ -50,6 +55,8 @@ import torch.nn.functional as F
 
 from xmx.backbones.clip import CLIPBackbone
 from xmx.methods.clip_lora import ClipLoRAMethod
+from xmx.methods.clip_svd import ClipSVDMethod
+from xmx.methods.twosfs import TwoSFSMethod
 from xmx.methods._training import autocast_dtype
 
 TARGET_RATIO = 0.80  # LoRA images/s over plain forward+backward images/s
@@ -86,17 +93,31 @@ def classnames(n: int) -> list[str]:
     return [f"class number {i}" for i in range(n)]
 
 
-def lora_method(model: str, n_classes: int, device, amp: str = "auto") -> ClipLoRAMethod:
-    """A built ClipLoRAMethod (the release's defaults) on a random-init backbone, as the trainer would have it."""
+def lora_method(model: str, n_classes: int, device, amp: str = "auto", cls=ClipLoRAMethod, **kw):
+    """A built ClipLoRAMethod (the release's defaults; or ``cls``) on a random-init backbone, as the trainer would
+    have it."""
     torch.manual_seed(0)
     bb = CLIPBackbone(model, None)
     names = classnames(n_classes)
     es = SimpleNamespace(name="test", classnames=names, templates=["a photo of a {}."])
     dm = SimpleNamespace(backbone=bb, inputs="images", classnames=names, templates=["a photo of a {}."], val_set=es,
-                         eval_sets=[es], logit_scale=bb.logit_scale, shots=IMAGENET["shots"])
-    method = ClipLoRAMethod(amp=amp)
+                         eval_sets=[es], logit_scale=bb.logit_scale, shots=IMAGENET["shots"], store=None)
+    method = cls(amp=amp, **kw)
     method.build(dm)
     return method.to(device)
+
+
+def twosfs_step_fn(method, images, labels, stage: int):
+    """One 2SFS step of ``stage`` as ``TwoSFSMethod.training_step`` runs it (its loss, backward, AdamW step)."""
+    params = method.ln_params if stage == 1 else [method.classifier]
+    opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=1e-2, fused=images.is_cuda)
+
+    def step():
+        loss = method.stage_loss(images, labels, stage)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
 
 
 def plain_step_fn(bb, images, tokens, labels, dtype):
@@ -156,7 +177,38 @@ def part_step(args, device) -> dict:
         plain_t += time_calls(plain_fn, device, 0, 1)
     lora_ips, plain_ips = args.batch / statistics.median(lora_t), args.batch / statistics.median(plain_t)
     ratio = lora_ips / plain_ips
-    return {"model": args.model, "batch": args.batch, "classes": args.classes,
+    extra = {}
+    if any(m in args.methods for m in ("svd", "twosfs")):
+        fns = {}
+        if "svd" in args.methods:
+            svd = lora_method(args.model, args.classes, device, cls=ClipSVDMethod)
+            svd.train()
+            fns["svd"] = lora_step_fn(svd, images, labels)
+            extra["svd_trainable_params"] = sum(p.numel() for p in svd.parameters() if p.requires_grad)
+        if "twosfs" in args.methods:
+            tw = lora_method(args.model, args.classes, device, cls=TwoSFSMethod)
+            tw.train()
+            fns["twosfs_stage1"] = twosfs_step_fn(tw, images, labels, 1)
+            fns["twosfs_stage2"] = twosfs_step_fn(tw, images, labels, 2)
+            extra["twosfs_stage1_params"] = sum(p.numel() for p in tw.ln_params)
+        for fn in fns.values():
+            time_calls(fn, device, args.warmup, 0)
+        times = {k: [] for k in fns}
+        plain_more = []
+        for _ in range(args.repeats):  # interleaved with the plain step again, so that load hits all alike
+            for k, fn in fns.items():
+                times[k] += time_calls(fn, device, 0, 1)
+            plain_more += time_calls(plain_fn, device, 0, 1)
+        # the new steps' ratios are against the plain timings interleaved with them (the same load)
+        whole_ips = args.batch / statistics.median(plain_more)
+        extra.update({"plain_whole_step_s": statistics.median(plain_more), "plain_whole_step_s_all": plain_more,
+                      "plain_whole_images_per_s": whole_ips})
+        for k, t in times.items():
+            ips = args.batch / statistics.median(t)
+            extra.update({f"{k}_step_s": statistics.median(t), f"{k}_step_s_all": t, f"{k}_images_per_s": ips,
+                          f"{k}_ratio": ips / whole_ips,
+                          f"{k}_meets_target": ips / whole_ips >= TARGET_RATIO if device.type == "cuda" else None})
+    return {"model": args.model, "batch": args.batch, "classes": args.classes, **extra,
             "autocast": None if dtype is None else str(dtype).replace("torch.", ""),
             "trainable_params": sum(p.numel() for p in method.parameters() if p.requires_grad),
             "lora_step_s": statistics.median(lora_t), "lora_step_s_all": lora_t, "lora_images_per_s": lora_ips,
@@ -259,6 +311,8 @@ def parse(argv):
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--part", choices=["step", "run", "decode", "all"], default="all")
+    p.add_argument("--methods", default="lora,svd,twosfs",
+                   help="part step: which methods' steps next to the plain one (lora is always timed)")
     p.add_argument("--decode-images", type=int, default=2048, help="part decode: JPEGs generated (500 x 375)")
     p.add_argument("--decode-epochs", type=int, default=None, help="part decode: timed epochs (default 3)")
     p.add_argument("--workers", type=int, default=None, help="part decode: loader workers (default 8; smoke 0)")
@@ -274,6 +328,7 @@ def parse(argv):
     a.repeats = a.repeats or (3 if smoke else 20)
     a.decode_epochs = a.decode_epochs or (2 if smoke else 3)
     a.workers = a.workers if a.workers is not None else (0 if smoke else 8)
+    a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     return a
 
 
@@ -307,6 +362,10 @@ def _table(res: dict) -> None:
         print(f"  step  {s['model']} batch {s['batch']}, {s['classes']} classes, autocast {s['autocast']}: "
               f"CLIP-LoRA {s['lora_images_per_s']:.1f} img/s, plain fwd+bwd {s['plain_images_per_s']:.1f} img/s, "
               f"ratio {s['ratio']:.2f} (target ≥ {s['target_ratio']:.2f}; met: {s['meets_target']})")
+        for k, name in (("svd", "CLIP-SVD"), ("twosfs_stage1", "2SFS stage 1"), ("twosfs_stage2", "2SFS stage 2")):
+            if f"{k}_ratio" in s:
+                print(f"        {name} {s[f'{k}_images_per_s']:.1f} img/s, ratio {s[f'{k}_ratio']:.2f} "
+                      f"(met: {s[f'{k}_meets_target']})")
     if "run" in res:
         r = res["run"]
         print(f"  run   {r['dataset']} {r['shots']}-shot, {r['steps']} steps × {r['step_s'] * 1e3:.1f} ms + test "

@@ -334,8 +334,8 @@ class EncoderMethod(XmxModule):
         x = x.to(bb.device, bb.dtype)
         if x.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
-        with self._autocast():
-            return F.normalize(bb.model.encode_image(x).float(), dim=-1)
+        with self._autocast():  # through the backbone: open_clip and transformers towers alike
+            return F.normalize(bb.encode_image(x).float(), dim=-1)
 
     def scale(self) -> float:
         return self.fixed_logit_scale if self.fixed_logit_scale is not None else float(torch.tensor(
