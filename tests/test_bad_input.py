@@ -153,6 +153,10 @@ RUN_CASES = [
     ("TDA views that keep no confident view", ["method=tda", "protocol=test_time", "method.views=5"],
      "method.views=5 keeps int(5 x 0.1) = 0 confident views", False),
     ("TPT outside protocol=test_time", ["method=tpt"], "method=tpt runs on protocol=test_time", False),
+    ("TDA on a base not built yet", ["method=tda", "protocol=test_time", "init_from={clip_lora}"],
+     "TDA on top of clip_lora (xmx.methods.clip_lora.ClipLoRAMethod) is not built yet (its adapted image encoder", True),
+    ("TDA on a base it cannot compose on", ["method=tda", "protocol=test_time", "init_from={cocoop}"],
+     "TDA on top of cocoop (xmx.methods.coop.CoCoOpMethod) is not meaningful", True),
     ("TPT with no step", ["method=tpt", "protocol=test_time", "method.steps=0"], "method.steps=0", False),
 ]
 FEATURE_CASES = [
@@ -211,6 +215,9 @@ def places(tmp_path, monkeypatch, xmx_cache):
     siglip = save_tiny(tmp_path / "siglip", kind="siglip")
     from safetensors.torch import load_file
     torch.save(load_file(siglip / "model.safetensors"), tmp_path / "pytorch_model.bin")  # a transformers .bin
+    for name, cls in (("clip_lora", "xmx.methods.clip_lora.ClipLoRAMethod"), ("cocoop", "xmx.methods.coop.CoCoOpMethod")):
+        torch.save({"state_dict": {"x": torch.zeros(1)}, "xmx_method": {"name": name, "family": cls.split(".")[2],
+                                                                        "class": cls}}, tmp_path / f"{name}.ckpt")
     readonly = tmp_path / "readonly"
     readonly.mkdir()
     if os.geteuid() == 0:  # root writes through permission bits: use a folder the kernel refuses to everyone
@@ -225,6 +232,7 @@ def places(tmp_path, monkeypatch, xmx_cache):
            "plain": tmp_path / "plain.ckpt", "other_family": tmp_path / "other_family.ckpt",
            "other_shapes": tmp_path / "other_shapes.ckpt", "nothing": tmp_path / "nothing.ckpt",
            "other_backbone": tmp_path / "other_backbone.ckpt", "siglip_bin": tmp_path / "pytorch_model.bin",
+           "clip_lora": tmp_path / "clip_lora.ckpt", "cocoop": tmp_path / "cocoop.ckpt",
            **_subset_files(tmp_path, xmx_cache)}
     os.chmod(tmp_path / "readonly", 0o700)
 

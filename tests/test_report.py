@@ -287,3 +287,16 @@ def test_plots_sweeps_and_latex(tmp_path):
     assert main([str(r), "--out", str(out), "--param", "method.lam", "--no-plots"]) == 0
     with pytest.raises(XmxError, match="--param method.gamma"):
         build_report([r], out=out, params=["method.gamma"], plots=False)
+
+
+def test_a_test_time_method_on_a_trained_base_is_its_own_row(tmp_path):
+    r = tmp_path / "tt"
+    write_result(r, method="tda", protocol="test_time", dataset="dtd", shots=0, acc=50.0)
+    write_result(r, method="tda", protocol="test_time", dataset="dtd", shots=0, acc=55.0,
+                 init_from={"label": "tda on coop", "method": "coop", "run": "/runs/coop", "sha256": "0" * 64},
+                 config={"init_from": "/runs/coop"})
+    cells = build_report([r], out=tmp_path / "o", plots=False)["cells"]
+    dtd = cells[cells.dataset == "DTD"]
+    assert set(dtd.method) == {"tda", "tda on coop"}
+    assert float(dtd[dtd.method == "tda on coop"]["mean"].iloc[0]) == pytest.approx(55.0)
+    assert any(lbl.startswith("tda on coop") for lbl in dtd.label)

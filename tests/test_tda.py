@@ -216,3 +216,79 @@ def test_augmix_views_are_seeded_per_view_and_image():
     assert torch.equal(a, augmix_view(img, pre, np.random.default_rng(5)))
     assert not torch.equal(a, augmix_view(img, pre, np.random.default_rng(6)))
     assert a.shape == (3, 32, 32) and not torch.equal(a, pre(img))
+
+
+# ---- composing: TDA on a trained base method (init_from) --------------------------------------------------------
+def _coop_by_hand(bb, ctx: torch.Tensor, classnames: list[str]) -> torch.Tensor:
+    """CoOp's class text features from the checkpoint's context vectors, as the release builds its prompts:
+    ``"X X .. X <name>."`` tokenised, the X embeddings replaced by the context, through the frozen text tower."""
+    n = ctx.shape[0]
+    texts = [" ".join(["X"] * n) + " " + c.replace("_", " ") + "." for c in classnames]
+    tokens = bb.tokenize(texts)
+    with torch.no_grad():
+        emb = bb.token_embedding(tokens).float().clone()
+        emb[:, 1:1 + n] = ctx.float()
+        return F.normalize(bb.encode_text_from_embeddings(emb, tokens).float(), dim=-1)  # [K, C]
+
+
+def test_tda_on_coop_equals_the_replayed_loop_on_the_coop_classifier(make_cfg, tmp_path, capture_dm, monkeypatch):
+    coop = run(make_cfg(["backbone=tiny", "data=synthetic", "trainer.accelerator=cpu", "method=coop",
+                         "method.n_ctx=4", "method.epochs=1", "shots=2", "method.optimizer.lr=0.5"],
+                        output_dir=tmp_path / "coop"))
+    seen = []
+    extra = tda.TDA.extra_results
+    monkeypatch.setattr(tda.TDA, "extra_results", lambda self: (seen.append(self), extra(self))[1])
+    # the tiny tower's scale (~14): normalised entropies 0.63-0.67, above the release's window (0.2, 0.5); one that
+    # takes some of them, so that the negative cache works too
+    wide = ["method.default.negative.entropy_threshold.upper=0.655"]
+    res = run(make_cfg(RUN + wide + [f"init_from={tmp_path / 'coop'}"], output_dir=tmp_path / "tda_coop"))
+    m, dm = seen[-1], capture_dm[-1]
+    ckpt = tmp_path / "coop" / coop["checkpoint"]
+    import hashlib
+    assert res["init_from"]["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert res["init_from"]["method"] == "coop" and res["init_from"]["label"] == "tda on coop"
+    assert res["init_from"]["run"] == str(tmp_path / "coop") and res["extra"]["streams"]["test"]["classifier"] == "coop"
+
+    s = dm.eval_sets[0]
+    ctx = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]["learner.ctx"]
+    T = _coop_by_hand(dm.backbone, ctx, s.classnames)
+    scale = math.exp(float(dm.logit_scale))
+    feats = dm.features_of(s)[None].float()  # [1,N,C], in stream order
+    st = m.streams["test"]
+    settings = res["extra"]["streams"]["test"]
+    cfg = TDAConfig(**{k: settings[k] for k in TDAConfig.__dataclass_fields__})
+    ref_logits, ref_pred, ref_pos, ref_neg = release_loop(feats, T.T, cfg, scale)
+    base = scale * F.normalize(feats[0], dim=-1) @ T.T
+    assert torch.allclose(st.s.logits, base, atol=1e-4, rtol=1e-5)  # the base logits are CoOp's, from its context
+    zs = scale * F.normalize(feats[0], dim=-1) @ dm.text_classifier(s.classnames, s.templates).float()
+    assert not torch.allclose(base, zs, atol=1e-2)  # ... not the zero-shot classifier's
+    assert st.pos.contents() == {c: [it[3] for it in v] for c, v in sorted(ref_pos.items())}
+    assert st.neg.contents() == {c: [it[3] for it in v] for c, v in sorted(ref_neg.items())}
+    assert torch.allclose(st.logits, ref_logits, atol=1e-4, rtol=1e-5)
+    assert torch.equal(st.logits.argmax(1), ref_pred) and not torch.allclose(st.logits, base)
+    assert sum(map(len, ref_neg.values())) >= 2 and any(t < 1 << 62 for t in st.pos.t_out)  # both caches at work
+
+
+def test_a_base_tda_cannot_compose_on_is_refused_in_one_line(make_cfg, tmp_path):
+    tip = run(make_cfg(["backbone=tiny", "data=synthetic", "trainer.accelerator=cpu", "method=tip_adapter_f",
+                        "method.epochs=1", "shots=2"], output_dir=tmp_path / "tipf"))
+    assert tip["status"] == "complete"
+    with pytest.raises(XmxError, match="is not built yet .* TDA composes on: CoOp, KgCoOp"):
+        tda.check_base(tmp_path / "tipf")
+    with pytest.raises(XmxError, match="results.json is missing"):
+        ck = next((tmp_path / "tipf" / "checkpoints").glob("*.ckpt"))
+        alone = tmp_path / "alone" / "checkpoints"
+        alone.mkdir(parents=True)
+        (alone / "best.ckpt").write_bytes(ck.read_bytes())
+        raw = torch.load(alone / "best.ckpt", weights_only=False)
+        raw["xmx_method"]["class"] = "xmx.methods.coop.CoOpMethod"
+        torch.save(raw, alone / "best.ckpt")
+        tda.check_base(tmp_path / "alone")
+    (tmp_path / "alone" / "results.json").write_text(json.dumps(
+        {"config": {"method": {"_target_": "xmx.methods.coop.CoOpMethod", "name": "coop"},
+                    "backbone": {"model": "xmx-tiny", "weights": None}}}))
+    assert tda.check_base(tmp_path / "alone")["base"] == "coop"
+    from omegaconf import OmegaConf
+    tda.TDA.check_init_from(tmp_path / "alone", OmegaConf.create({"backbone": {"model": "xmx-tiny", "weights": None}}))
+    with pytest.raises(XmxError, match="the base run's backbone.model is 'xmx-tiny', this run's is 'RN50'"):
+        tda.TDA.check_init_from(tmp_path / "alone", OmegaConf.create({"backbone": {"model": "RN50"}}))

@@ -67,7 +67,18 @@ def check_method_selection(cfg: DictConfig) -> None:
 def check_init_from(cfg: DictConfig) -> None:
     if cfg.get("init_from"):
         from xmx.methods.base import backbone_identity, check_checkpoint
-        check_checkpoint(cfg.init_from, OmegaConf.select(cfg, "method._target_"), backbone_identity(cfg.backbone))
+        target = OmegaConf.select(cfg, "method._target_")
+        hook = None
+        if target:
+            from hydra.utils import get_class
+            try:
+                hook = getattr(get_class(target), "check_init_from", None)  # a method composing on another (TDA)
+            except Exception:  # noqa: BLE001 - a bad target is reported where the method is built
+                hook = None
+        if hook is not None:
+            hook(cfg.init_from, cfg)
+        else:
+            check_checkpoint(cfg.init_from, target, backbone_identity(cfg.backbone))
 
 
 def preflight(cfg: DictConfig, plan_only: bool = False) -> int | None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -77,16 +78,21 @@ class Summary:
     pred: torch.Tensor
 
 
-def summarize_views(feats: torch.Tensor, W: torch.Tensor, scale: float = 100.0, top: float = 0.1,
-                    chunk: int = 1024) -> Summary:
-    """feats [V,N,C] raw features (view 0 first), W [C,K] normalised class embeddings -> :class:`Summary`."""
+def summarize_views(feats: torch.Tensor, W: torch.Tensor | None, scale: float = 100.0, top: float = 0.1,
+                    chunk: int = 1024, score=None, device: torch.device | None = None) -> Summary:
+    """feats [V,N,C] raw features (view 0 first), W [C,K] normalised class embeddings -> :class:`Summary`.
+    ``score``: a trained base method's classifier instead of ``scale * f W`` (normalised features [M,C] -> logits
+    [M,K]; docs/methods/test_time.md#composing-with-a-trained-method); the keys stay the features."""
     V, N, _ = feats.shape
     k = selected_views(V, top)
-    dev = W.device
+    dev = W.device if W is not None else (device or feats.device)
     out = {n: [] for n in ("key", "logits", "loss", "prob", "pred")}
     for a in range(0, N, chunk):
         f = F.normalize(feats[:, a:a + chunk].to(dev, torch.float32), dim=-1)  # [V,B,C]
-        z = scale * f @ W  # [V,B,K]
+        if score is None:
+            z = scale * f @ W  # [V,B,K]
+        else:
+            z = score(f.reshape(-1, f.shape[-1])).float().reshape(f.shape[0], f.shape[1], -1)
         if V == 1:
             key, zi, loss, prob = f[0], z[0], softmax_entropy(z[0]), z[0].softmax(-1)
         else:
@@ -270,6 +276,101 @@ def summary_digest(s: Summary, cfg: TDAConfig, order: list[int] | None) -> str:
     return h.hexdigest()
 
 
+# ---- composing with a trained base method (init_from) ----------------------------------------------------------
+# The bases whose logits are a function of one image's frozen features (their class text features are fixed once
+# trained): their classifier replaces the zero-shot ``z``; the cache keys stay the frozen features.
+BASES = {"xmx.methods.coop.CoOpMethod": "coop", "xmx.methods.coop.KgCoOpMethod": "kgcoop"}
+NOT_BASES = {  # why a trained method is no base (yet): checked by class, before any data is read
+    "xmx.methods.tip_adapter.TipAdapterMethod": "not built yet (its cache over training features is not rebuilt "
+                                                "under protocol=test_time)",
+    "xmx.methods.tip_adapter.TipAdapterFMethod": "not built yet (its cache over training features is not rebuilt "
+                                                 "under protocol=test_time)",
+    "xmx.methods.coop.CoCoOpMethod": "not meaningful (instance-conditioned prompts: no fixed classifier)",
+    "xmx.methods.coop.TPTMethod": "not meaningful (another test-time method)",
+}
+NOT_FAMILIES = {"tda": "not meaningful (another test-time method)",
+                "xadapter": "not meaningful (a language-track method: no image classifier)"}
+SUPPORTED = "CoOp, KgCoOp (zero-shot CLIP: leave init_from unset)"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _why_not(klass: str, family: str) -> str:
+    if klass in NOT_BASES:
+        return NOT_BASES[klass]
+    if family in NOT_FAMILIES:
+        return NOT_FAMILIES[family]
+    try:
+        from hydra.utils import get_class
+
+        from xmx.methods._training import EncoderMethod
+        if issubclass(get_class(klass), EncoderMethod):
+            return ("not built yet (its adapted image encoder would have to re-encode every streamed view; the "
+                    "feature store holds the frozen encoder's)")
+    except Exception:  # noqa: BLE001 - an unknown or unrecorded class: the generic reason
+        pass
+    return "not built yet (only the prompt learners' classifier is rebuilt under protocol=test_time so far)"
+
+
+def check_base(path) -> dict:
+    """``init_from`` of a TDA run: the checkpoint of a supported base method (by its recorded class) in a finished
+    run folder (its ``results.json`` holds the method config the base is rebuilt from). Anything else is one line."""
+    from xmx.methods.base import read_checkpoint
+    ckpt, raw = read_checkpoint(path)
+    meta = raw.get("xmx_method") or {}
+    klass = str(meta.get("class") or "")
+    if klass not in BASES:
+        what = f"{meta.get('name') or 'an unnamed method'} ({klass or (meta.get('family') or '?') + ' family'})"
+        why = _why_not(klass, str(meta.get("family") or ""))
+        raise XmxError(f"init_from={path}: TDA on top of {what} is {why}; TDA composes on: {SUPPORTED} "
+                       "(docs/methods/test_time.md#composing-with-a-trained-method)")
+    folder = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    res = folder / "results.json"
+    try:
+        rec = json.loads(res.read_text())
+        mcfg = rec["config"]["method"]
+        assert isinstance(mcfg, dict) and "_target_" in mcfg
+    except Exception:  # noqa: BLE001 - missing, unfinished or foreign: one line
+        raise XmxError(f"init_from={path}: {res} is missing or holds no method config: TDA rebuilds the base method "
+                       "from its run; pass the folder of a finished xmx run") from None
+    return {"checkpoint": ckpt, "run": folder, "class": klass, "method": meta.get("name"), "method_cfg": mcfg,
+            "base": BASES[klass], "weights": rec.get("weights") or {},
+            "backbone_cfg": rec["config"].get("backbone") or {}}
+
+
+def check_same_backbone(info: dict, backbone_cfg) -> None:
+    """The base was trained on this run's backbone (a context of another text tower may have the same shape)."""
+    for k in ("model", "weights"):
+        theirs, mine = info["backbone_cfg"].get(k), (backbone_cfg or {}).get(k)
+        if k in info["backbone_cfg"] and mine is not None and str(mine) != str(theirs):
+            raise XmxError(f"init_from={info['run']}: the base run's backbone.{k} is {theirs!r}, this run's is "
+                           f"{mine!r}; run TDA with the backbone the base was trained with")
+
+
+def rebuild_base(info: dict, dm, dev: torch.device):
+    """The base method of :func:`check_base`, built on this run's datamodule (every eval set gets its classifier) and
+    loaded from its checkpoint; kept out of TDA's own modules (and checkpoints)."""
+    from omegaconf import OmegaConf
+
+    from xmx.config import build
+    mine, theirs = (dm.backbone.describe() if hasattr(dm.backbone, "describe") else {}), info["weights"]
+    for k in ("name", "arch", "sha256"):  # a context of another text tower may have the same shape: refuse by name
+        if k in mine and k in theirs and mine[k] != theirs[k]:
+            raise XmxError(f"init_from={info['run']}: the base run's backbone {k} is {theirs[k]!r}, this run's is "
+                           f"{mine[k]!r}; run TDA with the backbone the base was trained with")
+    base = build(OmegaConf.create(info["method_cfg"]), _convert_="partial")
+    base.dm = dm
+    base.build(dm)
+    base.load_weights(info["checkpoint"])
+    return base.eval().to(dev)
+
+
 # ---- the LightningModule ---------------------------------------------------------------------------------------
 class TDA(XmxModule):
     """``protocol=test_time`` only: each eval set is a stream; ``build`` runs every stream (checkpointed every
@@ -328,19 +429,37 @@ class TDA(XmxModule):
                            f"protocol={dm.protocol.name}")
         from xmx.data.templates import resolve_templates
         dev = fit_device(self.device_choice)
+        base = None
+        if self.init_from:  # a trained base method's classifier instead of the zero-shot one
+            info = check_base(self.init_from)
+            base = rebuild_base(info, dm, dev)
+            self.init_record = {"checkpoint": str(info["checkpoint"]), "method": info["method"],
+                                "run": str(info["run"]), "class": info["class"],
+                                "sha256": _sha256(info["checkpoint"]),
+                                "label": f"{self.method_name or 'tda'} on {info['base']}",
+                                "loaded": (base.init_record or {}).get("loaded"),
+                                "not_in_checkpoint": (base.init_record or {}).get("not_in_checkpoint")}
         plans = []
         for s in dm.eval_sets:
             cfg = TDAConfig.from_table(self.row(s.dataset))
             V = self.n_views(s.dataset)
-            templates = resolve_templates(self.templates_table.get(s.dataset), s.templates)
-            W = dm.text_classifier(s.classnames, templates).to(dev)
             feats = dm.features_of(s)[None]
             if V > 1:
                 feats = torch.cat([feats, dm.view_features_of(s, self.view_preset, V - 1)])
-            summ = summarize_views(feats, W, self.scale, self.top, self.chunk)
+            if base is None:
+                templates = resolve_templates(self.templates_table.get(s.dataset), s.templates)
+                W = dm.text_classifier(s.classnames, templates).to(dev)
+                summ = summarize_views(feats, W, self.scale, self.top, self.chunk)
+                classifier = {"classifier": "zero-shot", "templates": len(templates)}
+            else:
+                def score(f, s=s):
+                    with torch.no_grad():
+                        return base.logits(f, s)
+                summ = summarize_views(feats, None, self.scale, self.top, self.chunk, score=score, device=dev)
+                classifier = {"classifier": self.init_record["label"].split(" on ", 1)[1]}
             plans.append((s, summ, cfg))
             self.settings[s.name] = {"dataset": s.dataset, "views": V, "view_preset": self.view_preset if V > 1
-                                     else "none", "templates": len(templates), **cfg.__dict__}
+                                     else "none", **classifier, **cfg.__dict__}
         path = self._checkpoint_path()
         saved = self._read_state(path)
         for s, summ, cfg in plans:
@@ -357,6 +476,17 @@ class TDA(XmxModule):
                     last[0] = stream.done
                     self._write_state(path)
             st.run(chunk=self.chunk, on_chunk=save)
+
+    @classmethod
+    def check_init_from(cls, path, cfg=None) -> None:
+        """Preflight's ``init_from`` check for TDA: a supported base method's run (:func:`check_base`) on this run's
+        backbone."""
+        info = check_base(path)
+        if cfg is not None and cfg.get("backbone") is not None:
+            check_same_backbone(info, cfg.backbone)
+
+    def load_weights(self, path) -> None:
+        """TDA holds no weights: ``init_from`` names the base method, loaded in :meth:`build`."""
 
     # -- mid-stream checkpoints
     def _read_state(self, path: Path | None) -> dict:

@@ -261,7 +261,7 @@ def load_runs(paths) -> tuple[pd.DataFrame, pd.DataFrame]:
             if table == "fewshot":
                 obs = [(d, str(shots), v) for d, _, v in obs]
             runs.append({"path": str(path), "mtime": Path(path).stat().st_mtime, "table": table,
-                         "method": str(rec["method"]), "experiment": str(rec.get("experiment") or ""),
+                         "method": _method_label(rec), "experiment": str(rec.get("experiment") or ""),
                          "backbone": _backbone(rec), "caveat": caveat(rec), "protocol": protocol,
                          "selection": selection, "dataset": dataset,
                          "shots": shots, "seed": seed, "obs": obs,
@@ -269,6 +269,13 @@ def load_runs(paths) -> tuple[pd.DataFrame, pd.DataFrame]:
         except _Skip as e:
             skipped.append({"path": str(path), "reason": str(e)})
     return pd.DataFrame(runs), pd.DataFrame(skipped, columns=["path", "reason"])
+
+
+def _method_label(rec: dict) -> str:
+    """The method, or e.g. ``tda on coop`` for a test-time method on a trained base (``init_from.label``)."""
+    init = rec.get("init_from")
+    label = init.get("label") if isinstance(init, dict) else None
+    return str(label or rec["method"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
