@@ -91,7 +91,7 @@ def check_dataset(cfg: DictConfig) -> None:
 _VOLATILE_TOP = ("paths", "hydra", "logger", "notice", "skip_done", "resume", "optimized_metric", "threads")
 _VOLATILE_KEYS = {"num_workers", "device", "devices", "accelerator", "strategy", "num_nodes", "default_root_dir",
                   "enable_progress_bar", "enable_model_summary", "log_every_n_steps"}
-_VOLATILE_CALLBACK = re.compile(r"(ProgressBar|ModelSummary|LearningRateMonitor|DeviceStatsMonitor|RNGState)$")
+_VOLATILE_CALLBACK = re.compile(r"(ProgressBar|ModelSummary|LearningRateMonitor|DeviceStatsMonitor|RNGState|ResumeCheckpoint)$")
 
 
 def _strip(node: Any) -> Any:
@@ -371,7 +371,7 @@ def _run_job(cfg: DictConfig) -> tuple[dict, str]:
                     "precision": str(trainer.precision)},
         "predictions": "predictions.safetensors" if method.predictions else None,
         "init_from": getattr(method, "init_record", None),
-        "checkpoint": str(Path(best).relative_to(out)) if best and Path(best).is_relative_to(out) else best or None,
+        "checkpoint": _checkpoint_record(best, out),
         "config": resolved,
     }
     if "plm" in encoders and hasattr(encoders["plm"], "describe"):
@@ -388,6 +388,14 @@ def _run_job(cfg: DictConfig) -> tuple[dict, str]:
     _finish_loggers(loggers, results)
     _print_summary(results, out)
     return results, outcome
+
+
+def _checkpoint_record(best: str, out: Path) -> str | None:
+    """The checkpoint whose weights were tested: best.ckpt, else (no selection) the last epoch's resume point."""
+    if not best:
+        last = out / "checkpoints" / "last.ckpt"
+        best = str(last) if last.is_file() else ""
+    return str(Path(best).relative_to(out)) if best and Path(best).is_relative_to(out) else best or None
 
 
 def _best_score(ckpt_cb, best: str) -> float | None:
