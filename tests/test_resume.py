@@ -67,3 +67,52 @@ def test_stopped_mid_epoch_resumes_to_the_same_numbers(make_cfg, tmp_path, monke
 def test_every_minutes_must_be_positive(bad, tmp_path):
     with pytest.raises(XmxError, match="callbacks.resume.every_minutes"):
         ResumeCheckpoint(tmp_path, every_minutes=bad)
+
+
+# one preset of every family that trains through Lightning, on the tiny CLIP and generated data, a few epochs of a few
+# batches each (the sleep between batches comes from $XMX_TEST_STEP_SLEEP in the killed subprocess only)
+QUICK = ["backbone=tiny", "data=synthetic", "trainer.accelerator=cpu", "logger=none", "callbacks.rich_progress_bar=null",
+         "threads=1", "+callbacks.slow._target_=tiny_trainable.SlowSteps", "data.num_workers=0"]
+FAMILIES = {
+    "coop": ["experiment=coop_16shot", "shots=2", "augment.views=2", "method.epochs=4", "method.batch_size=8"],
+    "mma": ["experiment=mma_16shot", "shots=4", "method.epochs=4", "method.batch_size=16"],
+    "clip_adapter": ["experiment=clip_adapter_16shot", "shots=4", "method.epochs=4", "method.batch_size=16"],
+    "tip_adapter_f": ["experiment=tip_adapter_f_16shot", "shots=4", "augment.views=2", "method.epochs=4",
+                      "method.batch_size=16", "method.n_alpha=3", "method.n_beta=3"],
+    "xmadapter": ["experiment=xmadapter_16shot", "shots=4", "augment.views=2", "method.epochs=4",
+                  "method.batch_size=16", "method.n_alpha=3", "method.n_beta=3"],
+    "taskres": ["experiment=taskres_16shot", "shots=4", "augment.views=2", "method.epochs=4", "method.batch_size=16"],
+    "clip_lora": ["experiment=clip_lora_16shot", "shots=2", "+trainer.limit_val_batches=0", "augment=coop",
+                  "method.iters_per_shot=6", "method.batch_size=8", "method.optimizer.lr=0.05"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_killed_run_of_every_family_resumes_to_the_same_numbers(make_cfg, xmx_cache, tmp_path, family, sig):
+    args = [*QUICK, *FAMILIES[family]]
+    ref = run(make_cfg([*args, f"paths.log_dir={tmp_path / 'ref_logs'}"], output_dir=tmp_path / "ref"))
+    assert ref["resumed"] is False
+
+    folder, logs = tmp_path / "logs" / "run", tmp_path / "logs"
+    env = dict(os.environ, XMX_TEST_STEP_SLEEP="0.25", PYTHONPATH=os.pathsep.join(
+        [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "xmx.run", *args, f"paths.cache_dir={xmx_cache}", f"paths.log_dir={logs}",
+           f"hydra.run.dir={folder}"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    last = folder / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not last.is_file():
+        time.sleep(0.05)  # the file appears whole (renamed into place) or not at all
+    assert proc.poll() is None, f"the run ended before it could be stopped: {proc.stderr.read()[-2000:]}"
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    assert not (folder / "results.json").exists()
+    saved = torch.load(last, map_location="cpu", weights_only=False)  # whole, never truncated
+    assert saved["global_step"] >= 1
+
+    res = run(make_cfg([*args, f"paths.log_dir={logs}"], output_dir=folder))
+    assert res["resumed"] is True and res["job_id"] == ref["job_id"]
+    assert res["metrics"] == ref["metrics"]
+    assert torch.equal(_logits(folder), _logits(tmp_path / "ref"))
