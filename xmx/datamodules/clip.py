@@ -248,10 +248,14 @@ class CLIPDataModule(L.LightningDataModule):
             for s in [self.val_set, *self.eval_sets]:
                 feats = self._image_features(s.items, s.name, "none", 1, eval_noise)[0]
                 self._eval_features[s.name] = self._keep(s.name, s, feats, dim=0)
-        elif self.unreadable == "skip":  # images decoded in every step: find the unreadable ones once, up front
+        else:  # images decoded in every step: every image the run will read is decoded once, before training
             for name, s in [("train", self.protocol), *((e.name, e) for e in [self.val_set, *self.eval_sets])]:
                 items = s.train if name == "train" else s.items
-                bad = find_unreadable(self.root, items, self.num_workers)
+                bad = find_unreadable(self.root, items, self.num_workers, what=name)
+                if bad and self.unreadable == "error":
+                    raise XmxError(f"unreadable image {self.root / items[bad[0]].path} ({len(bad)} unreadable in the "
+                                   f"{name} set, found before training); replace the file(s), or set "
+                                   "data.unreadable=skip to leave such files out")
                 if bad:
                     self.skipped[name] = [items[i].path for i in bad]
                     drop = set(bad)
