@@ -182,3 +182,28 @@ class Heartbeat:
         eta = f", ~{el * (self.total - done) / done:.0f}s left" if self.total and done else ""
         of = f"/{self.total}" if self.total else ""
         self.log.info("%s: %d%s (%.0fs%s)%s", self.what, done, of, el, eta, f" {note}" if note else "")
+
+    def during(self, note: str = "running"):
+        """A context manager for one opaque call (a solver fit inside a library): a background thread logs
+        ``what: note (Ns)`` every ``every_s`` seconds until the call returns."""
+        import contextlib
+        import threading
+
+        @contextlib.contextmanager
+        def _alive():
+            stop = threading.Event()
+            t0 = self._clock()
+
+            def tick():
+                while not stop.wait(self.every_s):
+                    self.log.info("%s: %s (%.0fs)", self.what, note, self._clock() - t0)
+
+            th = threading.Thread(target=tick, name="xmx-heartbeat", daemon=True)
+            th.start()
+            try:
+                yield self
+            finally:
+                stop.set()
+                th.join()
+
+        return _alive()

@@ -49,6 +49,7 @@ from xmx.data.images import check_unreadable, open_rgb
 from xmx.data.transforms import PRESETS  # preset -> RandomResizedCrop scale (None: CLIP eval transform)
 from xmx.errors import XmxError
 from xmx.features.store import FeatureStore, tensors_checksum
+from xmx.utils import Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -325,6 +326,7 @@ def _gpu_decode(blobs: list[torch.Tensor], device: torch.device) -> list:
 class _Progress:
     def __init__(self, enabled: bool, total: int, label: str):
         self.bar = None
+        self.beat, self.done = Heartbeat(label, total=total), 0  # without a bar: a log line every 10 s
         if enabled and total:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -333,8 +335,11 @@ class _Progress:
             self.bar.start()
 
     def update(self, n: int, rate: float):
+        self.done += n
         if self.bar is not None:
             self.bar.update(self.task, advance=n, rate=f"{rate:,.0f} img/s")
+        else:
+            self.beat(self.done, f"{rate:,.0f} img/s")
 
     def stop(self):
         if self.bar is not None and self.bar.live.is_started:

@@ -42,6 +42,7 @@ from xmx.methods.base import (
     fast_dev_run,
     fit_device,
 )
+from xmx.utils import Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,9 @@ def fit_lpp(x: Tensor, y: Tensor, T: Tensor, num_classes: int, epochs: int = 300
     best = {"val_acc": -1.0}
     curve = []
     loss = torch.tensor(float("nan"))
+    beat = Heartbeat(f"LP++ fit ({n} rows, {num_classes} classes), epochs", total=epochs)  # a line every 10 s
     for epoch in range(epochs):
+        beat(epoch)
         torch.softmax(torch.mm(Xa, W_aug.T, out=L), dim=1, out=P)              # [n, K], in dtype h
         loss = -P[rows, y].float().clamp_min(torch.finfo(torch.float32).tiny).log().mean()
         P[rows, y] -= 1.0                                                      # n·G
