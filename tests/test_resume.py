@@ -82,7 +82,7 @@ FAMILIES = {
     "xmadapter": ["experiment=xmadapter_16shot", "shots=4", "augment.views=2", "method.epochs=4",
                   "method.batch_size=16", "method.n_alpha=3", "method.n_beta=3"],
     "taskres": ["experiment=taskres_16shot", "shots=4", "augment.views=2", "method.epochs=4", "method.batch_size=16"],
-    "clip_lora": ["experiment=clip_lora_16shot", "shots=2", "+trainer.limit_val_batches=0", "augment=coop",
+    "clip_lora": ["experiment=clip_lora_16shot", "shots=2",
                   "method.iters_per_shot=6", "method.batch_size=8", "method.optimizer.lr=0.05"],
 }
 
