@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
-from xmx.config import config_dir
+from xmx.config import compose
 from xmx.errors import XmxError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,9 +33,7 @@ def make_cfg(xmx_cache, tmp_path):
     """make_cfg(overrides) -> a composed config writing into tmp_path, with the session cache."""
 
     def _make(overrides=(), output_dir=None):
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = compose("config", overrides=list(overrides) + [f"paths.cache_dir={xmx_cache}"])
+        cfg = compose(list(overrides) + [f"paths.cache_dir={xmx_cache}"])  # the composer of xmx.features/tables
         with open_dict(cfg):
             cfg.paths.output_dir = str(output_dir or tmp_path / "run")
         return cfg

@@ -17,6 +17,7 @@ import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
 
+import xmx.jobs as xjobs
 import xmx.run as xrun
 from tiny_trainable import OVERRIDES as TINY
 from xmx.features import __main__ as features_cli
@@ -45,6 +46,8 @@ RUN_CASES = [
     ("negative DataLoader workers", ["data.num_workers=-1"], "data.num_workers=-1: must be at least 0", True),
     ("unknown image decode", ["data.decode=nvjpeg"], "data.decode='nvjpeg'; valid choices: pil, auto, gpu, tensor",
      True),
+    ("unknown text data source", ["experiment=xadapter_glue", "data.source=web"],
+     "data.source='web'; valid choices: files, hf", True),
     ("threads not a number", ["threads=many"], "threads='many': must be auto or a whole number", True),
     ("trainer=gpu without a GPU", ["trainer=gpu"], "trainer.accelerator=gpu but this machine has no CUDA GPU",
      True),
@@ -161,6 +164,7 @@ def test_every_bad_input_is_one_line_exit_2_and_the_table_is_current(places, mak
         def no_build(*a, _case=case, **k):
             raise AssertionError(f"{_case}: an object was built before the error")
         monkeypatch.setattr(xrun, "build", no_build if early else real_build)
+        monkeypatch.setattr(xjobs, "build", no_build if early else real_build)  # the early datamodule
         code, err = _cli(xrun.main, argv, capsys)
         lines = [l for l in err.splitlines() if l.strip()]
         errors = [l for l in lines if l.startswith("error:")]
@@ -175,6 +179,7 @@ def test_every_bad_input_is_one_line_exit_2_and_the_table_is_current(places, mak
         rows.append((case, f"python -m xmx.run {shown}", _shown(errors[0], places, tmp_path),
                      "yes" if early else "no: when the model is set up"))
     monkeypatch.setattr(xrun, "build", real_build)
+    monkeypatch.setattr(xjobs, "build", real_build)
     for case, args, needle in FEATURE_CASES:
         extra = [f"paths.cache_dir={xmx_cache}"] if "=" in args[-1] else []
         code = features_cli.main(args + extra)

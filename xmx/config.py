@@ -6,6 +6,7 @@ top-level ``conf/``. ``conf/sweep`` is a link to the top-level ``sweeps/`` folde
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -41,9 +42,48 @@ def build(node, **kwargs):
         raise
 
 
+@contextlib.contextmanager
+def config_context():
+    """Hydra initialised on xmx's config folder for the block (several :func:`compose` calls share it)."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    global _CONTEXTS
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            _CONTEXTS += 1
+            try:
+                yield
+            finally:
+                _CONTEXTS -= 1
+    finally:
+        GlobalHydra.instance().clear()
+
+
+_CONTEXTS = 0  # open config_context blocks
+
+
+def compose(overrides=()):
+    """The config ``python -m xmx.run <overrides>`` composes (without Hydra's run folder: ``paths.output_dir`` is
+    then set by the caller). The one composer of xmx: ``xmx.features``, ``xmx.tables`` and the tests use it. A Hydra
+    composition error (unknown option, misspelt key) is the same one :class:`XmxError` line as on the command line.
+    Inside :func:`config_context` it reuses that context."""
+    from hydra import compose as hydra_compose
+    try:
+        if _CONTEXTS:
+            return hydra_compose("config", overrides=list(overrides))
+        with config_context():
+            return hydra_compose("config", overrides=list(overrides))
+    except Exception as e:  # noqa: BLE001
+        line = hydra_error_line(e)
+        if line is None:
+            raise
+        raise XmxError(line) from None
+
+
 # ---- checks before any work ----------------------------------------------------------------------------------------
 # Cheap checks of a composed config that need neither torch nor data: each failure is one XmxError line naming the
-# key and how to fix it. ``xmx.run`` calls them first, so bad input costs about a second.
+# key and how to fix it. ``xmx.preflight`` calls them first, in one order: bad input costs about a second.
 
 def _select(cfg, key: str):
     from omegaconf import OmegaConf
@@ -164,6 +204,9 @@ def check_config(cfg) -> None:
             _whole(cfg, "data.num_workers", 0)
         if "decode" in cfg.data:
             check_decode(_select(cfg, "data.decode"), "data.decode")
+        if "source" in cfg.data and _select(cfg, "data.source") not in ("files", "hf"):
+            raise XmxError(f"data.source={_select(cfg, 'data.source')!r}; valid choices: files, hf (files: data.root; "
+                           "hf: the Hugging Face Hub repository data.hf.path at data.hf.revision)")
     if "features" in cfg:
         for k, lo in (("batch_size", 1), ("num_workers", 0)):
             if k in cfg.features:

@@ -8,7 +8,8 @@
 A table's grid is methods (experiment presets) × datasets × shots × seeds with its protocol and selection mode
 (``xmx/paper_tables.yaml``). ``run`` prints the plan, launches one ``python -m xmx.run -m`` multirun per preset for the
 jobs whose data are present (complete jobs are skipped by the run's own job index, interrupted ones resume), then
-prints the comparison. Job identity and "done" are those of ``xmx.run`` (``job_id``, ``${paths.log_dir}/.index``).
+prints the comparison. Job identity and "done" are those of ``xmx.run`` (``xmx.jobs``: ``job_id``,
+``${paths.log_dir}/.index``).
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ from pathlib import Path
 import yaml
 
 from xmx.errors import XmxError
-
-SELECTIONS = ("val", "paper")
+from xmx.results import SELECTION_MODES
 
 
 @dataclass
@@ -64,8 +64,9 @@ def grid(table: dict) -> list[Job]:
     jobs = []
     for j in table["jobs"]:
         sel = j.get("selection", table.get("selection", "val"))
-        if sel not in SELECTIONS:
-            raise XmxError(f"paper table job {j['experiment']}: selection {sel!r}; valid choices: val, paper")
+        if sel not in SELECTION_MODES:
+            raise XmxError(f"paper table job {j['experiment']}: selection {sel!r}; valid choices: "
+                           f"{', '.join(SELECTION_MODES)}")
         for ds in j.get("datasets", table["datasets"]):
             extra = list(j.get("overrides") or []) + list((j.get("dataset_overrides") or {}).get(ds) or [])
             for shots in j.get("shots", table.get("shots", [16])):
@@ -80,39 +81,38 @@ def presets_present() -> set[str]:
 
 
 class Composer:
-    """Composes job configs in one Hydra context. Jobs that differ only in ``shots``/``seed`` share one composition
-    with those two top-level keys set afterwards (every other key refers to them by interpolation), which makes a
-    plan of a few hundred jobs take seconds instead of minutes."""
+    """Composes job configs in one Hydra context (``xmx.config.compose``) and checks each composition with
+    ``preflight(cfg, plan_only=True)`` before anything is launched. Jobs that differ only in ``shots``/``seed`` share
+    one composition with those two top-level keys set afterwards (every other key refers to them by interpolation),
+    which makes a plan of a few hundred jobs take seconds instead of minutes."""
 
     def __init__(self, user_overrides=()):
         self.user = [o for o in user_overrides if not o.startswith("hydra")]
         self._cache: dict = {}
 
     def __enter__(self):
-        from hydra import initialize_config_dir
-        from hydra.core.global_hydra import GlobalHydra
-
-        from xmx.config import config_dir
-        GlobalHydra.instance().clear()
-        self._ctx = initialize_config_dir(config_dir=str(config_dir()), version_base="1.3")
+        from xmx.config import config_context
+        self._ctx = config_context()
         self._ctx.__enter__()
         return self
 
     def __exit__(self, *exc):
-        from hydra.core.global_hydra import GlobalHydra
         self._ctx.__exit__(*exc)
-        GlobalHydra.instance().clear()
 
     def __call__(self, job: Job):
-        from hydra import compose
         from omegaconf import open_dict
+
+        from xmx.config import compose
+        from xmx.preflight import preflight
         key = (job.experiment, job.dataset, job.selection, tuple(job.overrides))
         if key not in self._cache:
             overrides = job.args() + self.user
             try:
-                self._cache[key] = compose("config", overrides=overrides)
-            except Exception as e:  # noqa: BLE001 - a Hydra composition error: name the job and the first line
-                raise XmxError(f"cannot compose job {' '.join(overrides)}: {str(e).splitlines()[0]}") from None
+                cfg = compose(overrides)
+                preflight(cfg, plan_only=True)
+            except XmxError as e:  # name the job
+                raise XmxError(f"cannot compose job {' '.join(overrides)}: {e}") from None
+            self._cache[key] = cfg
         cfg = self._cache[key].copy()
         with open_dict(cfg):
             cfg.shots, cfg.seed = job.shots, job.seed
@@ -134,12 +134,8 @@ def _data_folders(cfg) -> list[tuple[str, Path]]:
 
 def _done(cfg, jid: str) -> Path | None:
     """The complete results.json of job ``jid`` recorded in the job index, else None."""
-    from xmx.run import JobIndex, _complete_results
-    log_dir = Path(str(cfg.paths.log_dir)).expanduser().resolve()
-    entry = JobIndex(log_dir).read(jid)
-    if entry and entry.get("output_dir") and _complete_results(entry["output_dir"], jid) is not None:
-        return Path(entry["output_dir"]) / "results.json"
-    return None
+    from xmx.jobs import JobIndex
+    return JobIndex(Path(str(cfg.paths.log_dir)).expanduser().resolve()).complete(jid)
 
 
 @dataclass
@@ -169,7 +165,7 @@ class Plan:
 def plan(table: dict, user_overrides=()) -> Plan:
     from omegaconf import OmegaConf
 
-    from xmx.run import _early_datamodule, job_id
+    from xmx.jobs import early_datamodule, job_id
     fingerprints: dict[str, dict | None] = {}
 
     def jid(cfg) -> str:
@@ -178,7 +174,7 @@ def plan(table: dict, user_overrides=()) -> Plan:
         key = repr([OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
                     for k in ("data", "protocol", "shots", "seed")])
         if key not in fingerprints:
-            fingerprints[key] = _early_datamodule(cfg)[1]
+            fingerprints[key] = early_datamodule(cfg)[1]
         return job_id(cfg, fingerprints[key])
 
     jobs = grid(table)

@@ -56,6 +56,7 @@ def check_dataset(name: str, root: str | Path) -> dict:
     if fake is not None:
         problems.append("fake data (python -m xmx.data fake), not the real images")
     out["message"] = "; ".join(problems)
+    out["manifest"] = _manifest_note(root / info.dir)
     return out
 
 
@@ -71,6 +72,16 @@ def _fake_counts(folder: Path) -> dict | None:
     return {k: int(marker[k]) for k in SPLITS + ("classes",) if isinstance(marker.get(k), int)}
 
 
+def _manifest_note(folder: Path) -> str:
+    """Where ``python -m xmx.data get`` fetched this dataset from (its ``xmx_manifest.json``), or ""."""
+    try:
+        m = json.loads((folder / "xmx_manifest.json").read_text())
+        return f"from {m['source']}" + (f" rev {str(m['revision'])[:12]}" if m.get("revision") else "") + \
+            f", {len(m.get('files', []))} file(s) hashed in {folder.name}/xmx_manifest.json"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
 def check_all(root: str | Path, names: list[str] | None = None) -> dict[str, dict]:
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -84,7 +95,8 @@ def _fmt(name: str, r: dict) -> str:
     exp = r["expected"] or {}
     counts = "  ".join(f"{k} {r[k]}/{exp[k]}" if k in exp else f"{k} {r[k]}" for k in SPLITS + ("classes",))
     line = f"{name:<16} {r['status']:<11} {counts}"
-    return line + (f"  -- {r['message']}" if r["message"] else "")
+    line += f"  -- {r['message']}" if r["message"] else ""
+    return line + (f"  [{r['manifest']}]" if r.get("manifest") else "")
 
 
 def exit_code(results: dict[str, dict]) -> int:

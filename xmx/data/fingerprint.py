@@ -16,7 +16,7 @@ A run's numbers depend on the bytes of its images, not on where they live. The f
 first run over a huge set, still safe against another copy with other sizes or mtimes, but a file rewritten with its
 mtime put back is not seen.
 
-The fingerprint is part of every image feature key and of every job identity (``xmx.run.job_id``).
+The fingerprint is part of every image feature key and of every job identity (``xmx.jobs.job_id``).
 """
 
 from __future__ import annotations

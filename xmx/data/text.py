@@ -79,13 +79,18 @@ def read_wikitext(root: str | os.PathLike, split: str = "train", drop_headings: 
     if not path.is_file():
         raise XmxError(f"wikitext: file not found: {path}; point data.root at the unpacked "
                        f"wikitext-103-raw/ folder")
-    out = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            s = line.strip()
-            if not s or (drop_headings and s.startswith("=") and s.endswith("=")):
-                continue
-            out.append(s)
+        return wikitext_paragraphs(f, drop_headings)
+
+
+def wikitext_paragraphs(lines, drop_headings: bool = True) -> list[str]:
+    """The non-empty lines, stripped; heading lines (`` = Title = ``) dropped when ``drop_headings``."""
+    out = []
+    for line in lines:
+        s = line.strip()
+        if not s or (drop_headings and s.startswith("=") and s.endswith("=")):
+            continue
+        out.append(s)
     return out
 
 

@@ -120,8 +120,12 @@ class TextDataModule(L.LightningDataModule):
 
     def __init__(self, name: str, root: str, backbone, plm=None, seed: int = 1, batch_size: int | None = 32,
                  eval_batch_size: int = 64, max_length: int = 128, num_workers: int = 2, index: dict | None = None,
-                 features: dict | None = None, query_masked: str = "mask_word"):
+                 features: dict | None = None, query_masked: str = "mask_word", source: str = "files",
+                 hf: dict | None = None):
         super().__init__()
+        if source not in ("files", "hf"):
+            raise XmxError(f"data.source={source!r}: valid: files (data.root), hf (the Hugging Face Hub, data.hf)")
+        self.source, self.hf = source, dict(hf or {})
         if plm is None:
             raise XmxError(f"data={name}: the language track needs a PLM; add plm=bert_base (or roberta_base, tiny)")
         self.name, self.root = name, Path(str(root)).expanduser()
@@ -270,6 +274,7 @@ class TextDataModule(L.LightningDataModule):
 
     def data_record(self) -> dict:
         return {"dataset": self.name, "root": str(self.root), "protocol": self.protocol.name, "files": self.files(),
+                "source": self.source, **({"hf": dict(self.hf)} if self.source == "hf" else {}),
                 "index_folder": self.index_cfg.get("folder"),
                 "unreadable": {"policy": self.index_cfg.get("unreadable", "error"),
                                "skipped": len(getattr(self, "index_skipped", [])),
@@ -339,6 +344,8 @@ class CocoCaptionsDataModule(MLMDataModule):
             check_images
 
     def load(self) -> None:
+        if self.source == "hf":
+            return self._load_hf()
         caps = read_coco_captions(self.root, self.split, self.check_images)
         ids = sorted({c.image_id for c in caps})
         if self.val_images >= len(ids):
@@ -355,6 +362,15 @@ class CocoCaptionsDataModule(MLMDataModule):
         self.eval_sets = [TextSet("test", test, [])]
         self.index_rows([])  # the image -> index row map, built here (main process) before loader workers start
 
+    def _load_hf(self) -> None:
+        """Karpathy's splits from the Hub: train, validation (``val_size``), test (``test_size``)."""
+        from xmx.data.hf_text import read_coco_karpathy_hf
+        path, rev = self.hf.get("path"), self.hf.get("revision")
+        self.train_set = TextSet("train", read_coco_karpathy_hf(path, "train", rev), [])
+        self.val_set = TextSet("val", _take(read_coco_karpathy_hf(path, "validation", rev), self.val_size), [])
+        self.eval_sets = [TextSet("test", _take(read_coco_karpathy_hf(path, "test", rev), self.test_size), [])]
+        self.index_rows([])
+
     def text_of(self, example) -> str:
         return example.caption
 
@@ -362,6 +378,8 @@ class CocoCaptionsDataModule(MLMDataModule):
         return {"image_rows": self.index_rows([r.image for r in rows])}
 
     def files(self) -> list[str]:
+        if self.source == "hf":
+            return [f"{self.hf.get('path')}@{self.hf.get('revision')}:{s}" for s in ("train", "validation", "test")]
         out = [f"annotations/captions_{self.split}.json"]
         return out + ([f"annotations/captions_{self.test_split}.json"] if self.test_split else [])
 
@@ -371,11 +389,19 @@ class WikiTextDataModule(MLMDataModule):
     tokens, for T-expert MLM pre-training."""
 
     def load(self) -> None:
-        self.train_set = TextSet("train", read_wikitext(self.root, "train"), [])
-        self.val_set = TextSet("val", _take(read_wikitext(self.root, "valid"), self.val_size), [])
-        self.eval_sets = [TextSet("test", _take(read_wikitext(self.root, "test"), self.test_size), [])]
+        if self.source == "hf":
+            from xmx.data.hf_text import read_wikitext_hf
+            path, rev = self.hf.get("path"), self.hf.get("revision")
+            read = lambda split: read_wikitext_hf(path, split, rev)  # noqa: E731
+        else:
+            read = lambda split: read_wikitext(self.root, split)  # noqa: E731
+        self.train_set = TextSet("train", read("train"), [])
+        self.val_set = TextSet("val", _take(read("valid"), self.val_size), [])
+        self.eval_sets = [TextSet("test", _take(read("test"), self.test_size), [])]
 
     def files(self) -> list[str]:
+        if self.source == "hf":
+            return [f"{self.hf.get('path')}@{self.hf.get('revision')}:{s}" for s in ("train", "validation", "test")]
         return [f"wiki.{s}.raw" for s in ("train", "valid", "test")]
 
 
@@ -436,9 +462,14 @@ class GlueDataModule(TextDataModule):
     def load(self) -> None:
         t = self.task
         classes = list(t.labels or [])
-        self.train_set = TextSet("train", _take(read_glue(self.root, t.name, "train"), self.train_size), classes)
+        if self.source == "hf":
+            from xmx.data.hf_text import read_glue_hf
+            read = lambda sp: read_glue_hf(self.hf.get("path"), t.name, sp, self.hf.get("revision"))  # noqa: E731
+        else:
+            read = lambda sp: read_glue(self.root, t.name, sp)  # noqa: E731
+        self.train_set = TextSet("train", _take(read("train"), self.train_size), classes)
         names = {"dev": "test", "dev_matched": "test_matched", "dev_mismatched": "test_mismatched"}
-        self.eval_sets = [TextSet(names[sp], read_glue(self.root, t.name, sp), classes) for sp in t.eval_splits]
+        self.eval_sets = [TextSet(names[sp], read(sp), classes) for sp in t.eval_splits]
         self.val_set = TextSet("val", self.eval_sets[0].examples, classes)
 
     def make_batch(self, s: TextSet, key) -> dict:
@@ -454,4 +485,8 @@ class GlueDataModule(TextDataModule):
         return batch
 
     def files(self) -> list[str]:
+        if self.source == "hf":
+            from xmx.data.hf_text import GLUE_SPLIT
+            return [f"{self.hf.get('path')}@{self.hf.get('revision')}:{self.task.name}/{GLUE_SPLIT[sp]}"
+                    for sp in ("train",) + self.task.eval_splits]
         return [f"{self.task.folder}/{sp}.tsv" for sp in ("train",) + self.task.eval_splits]

@@ -23,11 +23,8 @@ HOUSEKEEPING = ("list", "verify", "prune")
 
 
 def _default_root() -> Path:
-    from hydra import compose, initialize_config_dir
-
-    from xmx.config import config_dir
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("config")
+    from xmx.config import compose
+    cfg = compose()
     return Path(str(cfg.features.root)).expanduser()
 
 
@@ -77,33 +74,20 @@ def housekeeping(argv: list[str]) -> int:
 
 
 def build(overrides: list[str]) -> int:
-    from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from xmx.config import (build as instantiate, check_config, check_devices, check_paths, check_targets,
-                            config_dir, hydra_error_line, plan_run_threads)
+    from xmx.config import build as instantiate, compose
+    from xmx.preflight import preflight
     bad = [a for a in overrides if "=" not in a]
     if bad:
         raise XmxError(f"{bad[0]!r} is neither a command ({', '.join(HOUSEKEEPING)}) nor a KEY=VALUE override "
                        "(python -m xmx.features --help)")
-    try:
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = compose("config", overrides=overrides)
-    except Exception as e:  # noqa: BLE001
-        line = hydra_error_line(e)
-        if line is None:
-            raise
-        raise XmxError(line) from None
+    cfg = compose(overrides)
     if cfg.method.get("inputs") != "features":
         raise XmxError(f"method {cfg.method.get('name')} reads images, not cached features: nothing to build")
     with open_dict(cfg):
         cfg.paths.output_dir = None
-    check_config(cfg)
-    check_paths(cfg)
-    from xmx.utils import apply_threads
-    apply_threads(plan_run_threads(cfg))
-    check_targets(cfg)
-    check_devices(cfg)
+    preflight(cfg)  # the same checks, in the same order, as xmx.run
     backbone = instantiate(cfg.backbone)
     dm = instantiate(cfg.data, backbone=backbone, _convert_="all")
     dm.setup("fit")

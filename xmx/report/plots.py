@@ -14,6 +14,20 @@ from xmx.report.references import _bb
 from xmx.report.tables import _slug
 
 
+def colours(labels) -> dict[str, tuple]:
+    """One colour per row label, the same in every figure of a report: assigned in sorted order of every label the
+    report draws (tab10, then tab20b/tab20c for more)."""
+    import matplotlib
+    cycle = [*matplotlib.colormaps["tab10"].colors, *matplotlib.colormaps["tab20b"].colors,
+             *matplotlib.colormaps["tab20c"].colors]
+    return {lab: cycle[i % len(cycle)] for i, lab in enumerate(sorted(set(labels)))}
+
+
+def _dodge(n: int, width: float = 0.3) -> list[float]:
+    """x offsets for n lines at the same x positions, so no marker hides another."""
+    return [0.0] if n <= 1 else list(np.linspace(-width / 2, width / 2, n))
+
+
 def _caveat_of(caveats) -> str:
     """One text for the figure from the caveats of what it draws ("" when every line is a real run)."""
     parts = sorted({p for c in caveats if isinstance(c, str) and c for p in c.split(" + ")})
@@ -34,8 +48,9 @@ def _png(fig, caveat: str = "") -> bytes:
     return buf.getvalue()
 
 
-def plot_fewshot(cells: pd.DataFrame, refs: pd.DataFrame | None) -> dict[str, bytes]:
-    """Accuracy vs shots, one figure per dataset (and the average), one line per method row."""
+def plot_fewshot(cells: pd.DataFrame, refs: pd.DataFrame | None, colour: dict | None = None) -> dict[str, bytes]:
+    """Accuracy vs shots, one figure per dataset (and the average), one line per method row (dodged sideways, so
+    rows measured at the same shots never hide each other; one colour per row across every figure)."""
     import matplotlib
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
@@ -50,15 +65,19 @@ def plot_fewshot(cells: pd.DataFrame, refs: pd.DataFrame | None) -> dict[str, by
     if "0" in shots and len(shots) > 1 and not (~only0[fs[fs.column == "0"].label.unique()]).any():
         shots.remove("0")
     pos = {s: i for i, s in enumerate(shots)}
+    colour = colour or colours(cells.label)
     for d in sorted(fs.dataset.unique(), key=_dataset_order):
         fig, ax = plt.subplots(figsize=(5.5, 4))
-        for label, g in fs[fs.dataset == d].groupby("label"):
+        groups = list(fs[fs.dataset == d].groupby("label"))
+        lines = [lab for lab, _ in groups if not (only0[lab] and "0" not in pos)]
+        off = dict(zip(lines, _dodge(len(lines))))
+        for label, g in groups:
             g = g.sort_values("column", key=lambda c: c.map(_col_order))
             if only0[label] and "0" not in pos:
-                ax.axhline(g["mean"].iloc[0], ls=":", color="gray", label=label)
+                ax.axhline(g["mean"].iloc[0], ls=":", color=colour.get(label, "gray"), label=label)
                 continue
-            ax.errorbar([pos[c] for c in g.column], g["mean"], yerr=g["std"].fillna(0), marker="o", capsize=3,
-                        label=label)
+            ax.errorbar([pos[c] + off[label] for c in g.column], g["mean"], yerr=g["std"].fillna(0), marker="o",
+                        capsize=3, label=label, color=colour.get(label))
         if d == AVG and refs is not None and len(refs):
             bbs = {_bb(b) for b in fs.backbone if b}
             for (m, src), r in refs[(refs.table == "fewshot") & (refs.dataset == AVG)].groupby(["method", "source"]):
@@ -78,6 +97,74 @@ def plot_fewshot(cells: pd.DataFrame, refs: pd.DataFrame | None) -> dict[str, by
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         out[f"fewshot_{_slug(d)}.png"] = _png(fig, _caveat_of(fs[fs.dataset == d].caveat))
+    return out
+
+
+def plot_base2new(cells: pd.DataFrame, colour: dict | None = None) -> dict[str, bytes]:
+    """Base-to-new: one figure per (backbone) table with three panels (base, new, HM); bars per method row, one
+    group per dataset and the average."""
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    b2n = cells[cells.table == "base2new"]
+    if not len(b2n):
+        return {}
+    colour = colour or colours(cells.label)
+    labels = sorted(b2n.label.unique())
+    datasets = sorted(b2n.dataset.unique(), key=_dataset_order)
+    width = 0.8 / len(labels)
+    fig, axes = plt.subplots(3, 1, figsize=(max(6.0, 0.6 * len(datasets) * max(1, len(labels)) ** 0.5 + 2), 8),
+                             sharex=True)
+    for ax, (col, title) in zip(axes, (("base", "Base classes"), ("new", "New classes"), ("hm", "Harmonic mean"))):
+        for i, lab in enumerate(labels):
+            g = b2n[(b2n.label == lab) & (b2n.column == col)].set_index("dataset")
+            xs = [j + (i - (len(labels) - 1) / 2) * width for j, d in enumerate(datasets) if d in g.index]
+            ys = [g.loc[d, "mean"] for d in datasets if d in g.index]
+            err = [0 if pd.isna(g.loc[d, "std"]) else g.loc[d, "std"] for d in datasets if d in g.index]
+            ax.bar(xs, ys, width=width, yerr=err, capsize=2, color=colour.get(lab), label=lab if col == "base" else None)
+        ax.set_ylabel(f"{title}\naccuracy (%)")
+        ax.grid(axis="y", alpha=0.3)
+    axes[-1].set_xticks(range(len(datasets)), ["Average" if d == AVG else d for d in datasets], rotation=30,
+                        ha="right")
+    axes[0].set_title("Base-to-new generalisation")
+    fig.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    return {"base2new.png": _png(fig, _caveat_of(b2n.caveat))}
+
+
+def plot_variance(var: pd.DataFrame) -> dict[str, bytes]:
+    """Variance components per cell, one figure per table: stacked horizontal bars (points²), one bar per
+    (method, dataset, column)."""
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    out = {}
+    comps = [("seed", "seed (subset + training)"), ("subset", "few-shot subset"), ("training", "training seed"),
+             ("test", "finite test set")]
+    cmap = matplotlib.colormaps["Set2"].colors
+    for table, t in var.groupby("table", sort=False):
+        t = t.sort_values(["method", "dataset", "column"], key=lambda c: c.map(str))
+        names = [" · ".join(p for p in (r.method, r.dataset, "" if r.column == r.dataset else
+                                        (f"{r.column}-shot" if str(r.column).isdigit() else str(r.column))) if p)
+                 for r in t.itertuples()]
+        fig, ax = plt.subplots(figsize=(7, 1.2 + 0.28 * len(t)))
+        left = np.zeros(len(t))
+        for (k, lab), c in zip(comps, cmap):
+            v = t[k].fillna(0).to_numpy(dtype=float)
+            if not v.any():
+                continue
+            ax.barh(range(len(t)), v, left=left, color=c, label=lab)
+            left += v
+        ax.set_yticks(range(len(t)), names, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("variance of the accuracy (points²)")
+        ax.set_title(f"Where the spread comes from: {table}")
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # never over the bars
+        fig.tight_layout()
+        out[f"variance_{_slug(table)}.png"] = _png(fig, _caveat_of(t.get("caveat", [])))
     return out
 
 

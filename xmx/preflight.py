@@ -1,0 +1,89 @@
+"""``preflight(cfg)``: every check of a composed config before any work, in one order (docs/errors.md lists each case).
+
+Used by ``xmx.run`` (before a job is identified), ``python -m xmx.features`` (before an encoder is built) and
+``xmx.tables`` (``plan_only``: each job's config before anything is launched). Each failure is one
+:class:`~xmx.errors.XmxError` line naming the key and how to fix it.
+
+The order, cheapest first: the config's numbers and switches (no torch: ``check_config``), the folders a run writes,
+the selection and resume modes, the thread plan (OpenMP/BLAS variables set before torch loads), the dataset's
+folder; then torch loads and the checks that need classes or devices run: every ``_target_`` key, the devices, the
+method's selection modes, ``init_from``'s checkpoint.
+
+Why a module of its own and not a function in ``config.py``: two checks read rooms above the core (the dataset
+registry in ``xmx.data``, the checkpoint reader in ``xmx.methods.base``); the core imports nothing above it. The
+check functions themselves stay where they were (``config.py``, ``jobs.py``, ``results.py``): this file only fixes
+their order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from xmx.config import check_config, check_devices, check_paths, check_targets, plan_run_threads
+from xmx.errors import XmxError
+from xmx.jobs import check_resume
+from xmx.results import check_selection_mode
+
+
+def check_dataset(cfg: DictConfig) -> None:
+    """An image dataset's name and its ``$DATA`` folder, before torch loads (the readers need only numpy/PIL)."""
+    target = str(OmegaConf.select(cfg, "data._target_", default="") or "")
+    name = OmegaConf.select(cfg, "data.name", default=None)
+    if not target.endswith("CLIPDataModule") or not isinstance(name, str):
+        return
+    from xmx.data.datasets import get_info
+    info = get_info(name)
+    root = Path(str(OmegaConf.select(cfg, "data.root"))).expanduser()
+    if not root.is_dir() and not info.extra.get("generated"):
+        raise XmxError(f"data root {root} does not exist; point paths.data_dir (or $DATA) at the folder that holds "
+                       f"the datasets in CoOp layout, e.g. {root}/{info.dir}/")
+
+
+def check_method_selection(cfg: DictConfig) -> None:
+    """A method declares the selection modes it implements (``selection_modes``); refuse the others before any
+    work (``paper`` only where a method reproduces its release's selection on the test set)."""
+    selection = cfg.get("selection", "val")
+    target = cfg.method.get("_target_") if cfg.get("method") is not None else None
+    if selection == "val" or not target:
+        return
+    from hydra.utils import get_class
+    try:
+        modes = getattr(get_class(target), "selection_modes", ("val",))
+    except Exception:  # noqa: BLE001 - a bad target is reported where the method is built
+        return
+    if selection not in modes:
+        raise XmxError(f"selection={selection}: method {cfg.method.get('name')} implements no test-set selection of "
+                       "its authors' code (it selects on validation); use selection=val")
+
+
+def check_init_from(cfg: DictConfig) -> None:
+    if cfg.get("init_from"):
+        from xmx.methods.base import check_checkpoint
+        check_checkpoint(cfg.init_from, OmegaConf.select(cfg, "method._target_"))
+
+
+def preflight(cfg: DictConfig, plan_only: bool = False) -> int | None:
+    """Every check before work, in one order; returns the intra-op thread count it set (None with ``plan_only``).
+
+    ``plan_only``: the checks that hold for a config wherever it will run (no folders, threads, data or devices of
+    this machine): what ``xmx.tables`` asks of every job before it launches any."""
+    check_config(cfg)  # numbers, switches, W&B login: before torch is even imported
+    if not plan_only:
+        check_paths(cfg)
+    check_selection_mode(cfg.get("selection", "val"))
+    check_resume(cfg)
+    if plan_only:
+        check_targets(cfg)
+        check_method_selection(cfg)
+        return None
+    threads = plan_run_threads(cfg)  # sets OMP_NUM_THREADS & co. before torch and numpy load
+    check_dataset(cfg)
+    from xmx.utils import apply_threads
+    apply_threads(threads)  # torch loads here
+    check_targets(cfg)
+    check_devices(cfg)
+    check_method_selection(cfg)
+    check_init_from(cfg)
+    return threads
