@@ -42,7 +42,7 @@ def test_imagenet_runs_on_the_fake_tree(make_cfg, fake_root, tmp_path, shots):
                        output_dir=tmp_path / "run"))
     assert res["data"]["synthetic"] is True and res["shots"] == shots
     # 1-8 shots: the shipped CoOp subset (the files real ImageNet runs read); 16: sampled from the fake folders
-    assert ("shipped" in str(res["data"]["subset_source"]).lower()) == (shots < 16), res["data"]["subset_source"]
+    assert str(res["data"]["subset_source"]).startswith("coop:imagenet/shot_") == (shots < 16), res["data"]["subset_source"]
 
 
 @pytest.mark.slow
