@@ -42,7 +42,8 @@ def test_imagenet_runs_on_the_fake_tree(make_cfg, fake_root, tmp_path, shots):
                        output_dir=tmp_path / "run"))
     assert res["data"]["synthetic"] is True and res["shots"] == shots
     # 1-8 shots: the shipped CoOp subset (the files real ImageNet runs read); 16: sampled from the fake folders
-    assert str(res["data"]["subset_source"]).startswith("coop:imagenet/shot_") == (shots < 16), res["data"]["subset_source"]
+    source = str(res["data"]["subset_source"])
+    assert source.startswith("coop:imagenet/shot_") == (shots < 16), source
 
 
 @pytest.mark.slow

@@ -116,3 +116,56 @@ def test_killed_run_of_every_family_resumes_to_the_same_numbers(make_cfg, xmx_ca
     assert res["resumed"] is True and res["job_id"] == ref["job_id"]
     assert res["metrics"] == ref["metrics"]
     assert torch.equal(_logits(folder), _logits(tmp_path / "ref"))
+
+
+def test_full_disk_is_one_line_leaves_no_truncated_checkpoint_and_marks_the_job_failed(make_cfg, tmp_path,
+                                                                                       monkeypatch):
+    """The disk fills while a checkpoint is written (half its bytes land, then ENOSPC): one line, the index says
+    failed, every checkpoint on disk loads (the previous whole ones), no temporary file is left; the same command
+    then resumes."""
+    import errno
+    import json
+
+    from fsspec.implementations.local import LocalFileOpener
+    args = [*TINY, "method.epochs=3", "logger=none", "callbacks.rich_progress_bar=null",
+            f"paths.log_dir={tmp_path / 'logs'}"]
+    write, calls = LocalFileOpener.write, {"n": 0}
+
+    def filling(self, data):
+        calls["n"] += 1
+        if calls["n"] > 3:  # best.ckpt and last.ckpt of epoch 0 and best.ckpt of epoch 1 fit, then the disk is full
+            write(self, bytes(data)[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device", self.path)
+        return write(self, data)
+
+    folder = tmp_path / "logs" / "run"
+    with monkeypatch.context() as m:
+        m.setattr(LocalFileOpener, "write", filling)
+        with pytest.raises(XmxError) as e:
+            run(make_cfg(args, output_dir=folder))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("no space left on the device") and "paths.log_dir" in msg
+    index = [json.loads(p.read_text()) for p in (tmp_path / "logs" / ".index").glob("*.json")]
+    assert [i["status"] for i in index] == ["failed"] and "No space left" in index[0]["error"]
+    ckpts = sorted(p.name for p in (folder / "checkpoints").iterdir())
+    assert ckpts == ["best.ckpt", "last.ckpt"], ckpts  # no temporary or truncated file
+    for name in ckpts:
+        torch.load(folder / "checkpoints" / name, map_location="cpu", weights_only=False)
+    res = run(make_cfg(args, output_dir=folder))
+    assert res["resumed"] is True
+
+
+def test_a_second_identical_run_refuses_while_the_first_holds_the_job(make_cfg, tmp_path):
+    from filelock import FileLock
+    args = [*TINY, "method.epochs=1", "logger=none", "callbacks.rich_progress_bar=null", "skip_done=false",
+            f"paths.log_dir={tmp_path / 'logs'}"]
+    first = run(make_cfg(args, output_dir=tmp_path / "logs" / "a"))
+    held = FileLock(str(tmp_path / "logs" / ".index" / f"{first['job_id']}.lock"), timeout=0)
+    held.acquire()  # as a first run still going would
+    try:
+        with pytest.raises(XmxError, match=rf"job {first['job_id']} is already running.*wait for it"):
+            run(make_cfg(args, output_dir=tmp_path / "logs" / "b"))
+        assert not (tmp_path / "logs" / "b" / "checkpoints").exists()
+    finally:
+        held.release()
+    assert run(make_cfg(args, output_dir=tmp_path / "logs" / "b"))["job_id"] == first["job_id"]
