@@ -75,6 +75,8 @@ RUN_CASES = [
     ("$DATA folder missing", ["data=dtd", "paths.data_dir={tmp}/no_data"], "data root {tmp}/no_data does not exist",
      True),
     ("resume: bad choice", ["resume=sometimes"], "resume='sometimes'; valid choices: auto, never", True),
+    ("resume schedule not positive", ["callbacks.resume.every_minutes=0"],
+     "callbacks.resume.every_minutes=0: must be a positive number of minutes", True),
 ]
 FEATURE_CASES = [
     ("xmx.features: unknown command", ["lst"], "'lst' is neither a command (list, verify, prune)"),

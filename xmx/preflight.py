@@ -64,6 +64,17 @@ def check_init_from(cfg: DictConfig) -> None:
         check_checkpoint(cfg.init_from, OmegaConf.select(cfg, "method._target_"))
 
 
+def check_resume_schedule(cfg: DictConfig) -> None:
+    """``callbacks.resume.every_minutes``: a positive number of minutes, or null (epoch ends only)."""
+    every = OmegaConf.select(cfg, "callbacks.resume.every_minutes", default=None)
+    if every is None:
+        return
+    import math
+    if isinstance(every, bool) or not isinstance(every, (int, float)) or not math.isfinite(every) or every <= 0:
+        raise XmxError(f"callbacks.resume.every_minutes={every!r}: must be a positive number of minutes (or null: "
+                       "save the resume point at epoch ends only)")
+
+
 def preflight(cfg: DictConfig, plan_only: bool = False) -> int | None:
     """Every check before work, in one order; returns the intra-op thread count it set (None with ``plan_only``).
 
@@ -74,6 +85,7 @@ def preflight(cfg: DictConfig, plan_only: bool = False) -> int | None:
         check_paths(cfg)
     check_selection_mode(cfg.get("selection", "val"))
     check_resume(cfg)
+    check_resume_schedule(cfg)
     if plan_only:
         check_targets(cfg)
         check_method_selection(cfg)
