@@ -102,6 +102,9 @@ def _run_job(cfg: DictConfig) -> tuple[dict, str]:
     import lightning as L
     import torch
     from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+
+    from xmx.utils import quiet_logs
+    quiet_logs()  # each message once, only those that matter (after Lightning's import added its handler)
     out = _output_dir(cfg)
     datamodule, data_fp = jobs.early_datamodule(cfg)  # lists + one stat per image (content hashes cached)
     jid = job_id(cfg, data_fp)
@@ -110,6 +113,8 @@ def _run_job(cfg: DictConfig) -> tuple[dict, str]:
     outcome, folder, done, ckpt = jobs.plan(cfg, out, jid)
     if outcome == "skipped":
         log.info("skip: job %s is already complete: %s", jid, folder / "results.json")
+        if jobs.is_rank_zero():
+            record.print_summary(done, folder)  # a second `make run`: the finished run's numbers, not nothing
         return done, outcome
     if folder != out:
         with open_dict(cfg):

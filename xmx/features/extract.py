@@ -346,9 +346,8 @@ class _Progress:
             self.bar.stop()
 
     def finish(self, line: str):
-        if self.bar is not None:
+        if self.bar is not None:  # the line itself is logged once by the caller
             self.stop()
-            self.bar.console.print(line)
 
 
 @torch.no_grad()
