@@ -37,3 +37,33 @@ def test_each_message_once_and_a_skipped_run_shows_its_numbers(tmp_path, xmx_cac
 
     again = _run(args)
     assert "skip: job" in again and "test/acc" in again and "results:" in again
+
+
+def test_an_unreachable_hub_is_one_probe_then_offline(monkeypatch, make_cfg, caplog):
+    import logging
+
+    import xmx.preflight as pf
+    calls = []
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(pf, "hub_reachable", lambda timeout=3.0: calls.append(1) or False)
+    pf.check_hub(make_cfg(["backbone=tiny"]))  # random init: nothing to download, no probe
+    assert calls == [] and "HF_HUB_OFFLINE" not in os.environ
+    with caplog.at_level(logging.WARNING, logger="xmx"):
+        pf.check_hub(make_cfg(["backbone=clip_vit_b16"]))
+    assert calls == [1] and os.environ["HF_HUB_OFFLINE"] == "1"
+    assert [r.getMessage() for r in caplog.records] == [
+        "the Hugging Face Hub is unreachable: working offline (cached weights only; set HF_HUB_OFFLINE=1 to skip "
+        "this check)"]
+    pf.check_hub(make_cfg(["backbone=clip_vit_b16"]))  # already offline: no second probe
+    assert calls == [1]
+
+
+def test_the_probe_is_short_without_a_network(monkeypatch):
+    import time
+
+    import xmx.preflight as pf
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
+    t0 = time.monotonic()
+    assert pf.hub_reachable(timeout=1.0) is False
+    assert time.monotonic() - t0 < 2.0
