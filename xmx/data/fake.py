@@ -137,7 +137,7 @@ def write_fake_dataset(root: str | os.PathLike, name: str, size: int = 8, per_cl
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         _write_files(tmp, files, lambda label: blobs.setdefault(label, _jpeg(class_colour(label, n_classes),
-                                                                             int(size))))
+                                                                             int(size))), link=name == "imagenet")
         (tmp / MARKER).write_text(json.dumps({"fake": True, "version": VERSION, "dataset": name, "size": int(size),
                                               "classes": len(blobs), **counts,
                                               "note": "tiny one-colour-per-class JPEGs written by "
@@ -151,13 +151,12 @@ def write_fake_dataset(root: str | os.PathLike, name: str, size: int = 8, per_cl
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def _write_files(tmp: Path, files, blob_of) -> None:
-    """Write ``files`` [(relative path, key)] under ``tmp``: the first file of a key gets ``blob_of(key)``, the
-    others are hard links to it (ImageNet's 120k files then cost directory entries, not data blocks); copies where
-    the file system has no hard links."""
+def _write_files(tmp: Path, files, blob_of, link: bool = False) -> None:
+    """Write ``files`` [(relative path, key)] under ``tmp``, each with ``blob_of(key)``. ``link``: the first file of
+    a key is written and the others are hard links to it (ImageNet's 140k files then cost directory entries, not data
+    blocks; rewriting one such file rewrites its whole class); copies where the file system has no hard links."""
     made: set[str] = set()
     first: dict = {}
-    link = True
     for path, key in files:
         target = os.path.join(tmp, path)
         parent = os.path.dirname(target)
