@@ -12,7 +12,7 @@ export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: setup run test bench-smoke clean-venv
+.PHONY: setup run test test-fast lint bench-smoke clean-venv
 
 setup: $(VENV)/.installed
 
@@ -35,6 +35,14 @@ run: setup
 TEST_WORKERS ?= auto
 test: setup
 	"$(VPY)" -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
+
+# The unit tests only (no whole runs, subprocesses or benchmark smoke modes: the `slow` marker, tests/conftest.py).
+test-fast: setup
+	"$(VPY)" -m pytest -q -n $(TEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
+
+# pyflakes + pycodestyle errors ([tool.ruff] in pyproject.toml); .ci/run runs it before the tests.
+lint: setup
+	"$(VPY)" -m ruff check .
 
 clean-venv:
 	rm -rf "$(VENV)"

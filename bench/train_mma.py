@@ -2,7 +2,8 @@
 
 Parts (``--part``):
   c  one training step (forward + backward) at N=1000 classes, batch 256, C=512: the ``block`` fast path of
-     ``MultiModalAdapter.logits`` (spec §3.4 closed form, no (N+1)² scores, no [B, N, C] tensor) against the dense
+     ``MultiModalAdapter.logits`` (docs/methods/mma.md#the-mask closed form, no (N+1)² scores, no [B, N, C] tensor)
+     against the dense
      masked ``nn.MultiheadAttention`` computation (``logits_dense``). Reports median step time (CUDA events on a GPU,
      ``perf_counter`` on CPU, after warm-up), peak GPU memory of one step, the activation bytes autograd saves for
      backward (any device), and checks on the benchmark inputs that both paths give the same logits and gradients.
@@ -57,7 +58,7 @@ TARGET_SPEEDUP = 5.0  # dense / fast step time
 EQUAL_TOL = 1e-5  # max |logit difference| on the cosine scale (logits / exp(logit_scale))
 LOGIT_SCALE = math.log(100.0)  # CLIP's stored log scale
 
-# (classes, test images) of the 11 base-to-new datasets, spec §6
+# (classes, test images) of the 11 base-to-new datasets, docs/protocols.md#base-to-new
 DATASETS = {"imagenet": (1000, 50000), "caltech101": (100, 2465), "oxford_pets": (37, 3669),
             "stanford_cars": (196, 8041), "oxford_flowers": (102, 2463), "food101": (101, 30300),
             "fgvc_aircraft": (100, 3333), "sun397": (397, 19850), "dtd": (47, 1692), "eurosat": (10, 8100),
@@ -208,7 +209,7 @@ def part_c(args, device: torch.device) -> dict:
 
 # ---------------------------------------------------------------- parts (a) and (b): base-to-new training
 def b2n_sizes(classes: int, test: int, shots: int) -> dict:
-    """Base-to-new sizes (spec §6): ceil(N/2) base classes, 16-shot training on them, test split by class share."""
+    """Base-to-new sizes (docs/protocols.md#dataset-sizes): ceil(N/2) base classes, 16-shot training on them, test split by class share."""
     base = math.ceil(classes / 2)
     test_base = round(test * base / classes)
     return {"classes": classes, "base": base, "new": classes - base, "train": shots * base,
@@ -333,7 +334,7 @@ def part_b(args, device: torch.device, a: dict | None) -> dict:
         def encode(idx, split):
             encoded["n"] += idx.numel()
             with torch.no_grad():
-                return bb.encode_image(images[split][idx]).float()  # [B, C], frozen encoder every step
+                return bb.encode_image(images[split][idx]).float()  # noqa: F821 - [B, C]; images is del-ed only after the last call
 
         warm = {k: v[:2] for k, v in images.items()}  # one untimed call (kernels, cuDNN autotune)
         with torch.no_grad():
@@ -422,7 +423,7 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (smoke default: 1)")
     # parts (a) and (b)
     p.add_argument("--datasets", default=None, type=lambda x: x.split(","),
-                   help="(a) comma-separated datasets (default: the 11 of spec §6)")
+                   help="(a) comma-separated datasets (default: the 11 of docs/protocols.md)")
     p.add_argument("--seeds", default="1,2,3", type=lambda x: [int(v) for v in x.split(",")], help="(a) seeds")
     p.add_argument("--epochs", type=int, default=100, help="(a) epochs per run (fixed, no early stopping)")
     p.add_argument("--shots", type=int, default=16)

@@ -22,6 +22,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 
+# ``make test-fast`` runs ``-m "not slow"``: the unit tests. Besides the tests that mark themselves (subprocesses),
+# a module is slow when it runs whole experiments (it imports xmx.run), runs a benchmark's smoke mode, or is named here.
+SLOW_MODULES = {"test_features_cli"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        mod = item.module
+        name = mod.__name__.rpartition(".")[2]
+        runs = any(getattr(v, "__module__", None) == "xmx.run" or getattr(v, "__name__", None) == "xmx.run"
+                   for v in vars(mod).values())
+        if runs or name.startswith("test_bench_") or name in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def xmx_cache(tmp_path_factory):
     """A cache dir (synthetic data, feature store) shared by the whole session."""

@@ -77,6 +77,11 @@ RUN_CASES = [
     ("resume: bad choice", ["resume=sometimes"], "resume='sometimes'; valid choices: auto, never", True),
     ("resume schedule not positive", ["callbacks.resume.every_minutes=0"],
      "callbacks.resume.every_minutes=0: must be a positive number of minutes", True),
+    ("TDA outside protocol=test_time", ["method=tda"], "method=tda runs on protocol=test_time", False),
+    ("TDA views that keep no confident view", ["method=tda", "protocol=test_time", "method.views=5"],
+     "method.views=5 keeps int(5 x 0.1) = 0 confident views", False),
+    ("TPT outside protocol=test_time", ["method=tpt"], "method=tpt runs on protocol=test_time", False),
+    ("TPT with no step", ["method=tpt", "protocol=test_time", "method.steps=0"], "method.steps=0", False),
 ]
 FEATURE_CASES = [
     ("xmx.features: unknown command", ["lst"], "'lst' is neither a command (list, verify, prune)"),

@@ -1,4 +1,4 @@
-"""CLIP-Adapter math core (spec §1): the equations, ratio 0 = zero-shot, it learns, bad input."""
+"""CLIP-Adapter math core (docs/methods/mma.md#clip-adapter): the equations, ratio 0 = zero-shot, it learns, bad input."""
 
 import math
 
@@ -49,7 +49,7 @@ def test_equations_against_direct_computation():
 def test_ratio_zero_gives_zero_shot_logits():
     v, W = data()
     m = ClipAdapter(64, ratio=0.0)
-    zero_shot = 100 * F.normalize(v, dim=-1) @ W  # spec §0
+    zero_shot = 100 * F.normalize(v, dim=-1) @ W  # docs/methods/shared.md#zero-shot-classifier
     assert torch.allclose(m.logits(v, W, LN100), zero_shot, atol=1e-4)
     assert torch.allclose(m.logits(v, W, torch.tensor(LN100)), zero_shot, atol=1e-4)
 

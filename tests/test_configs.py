@@ -32,6 +32,23 @@ def test_every_config_composes(make_cfg, group, option):
         assert cfg[group], f"{group}={option} composed empty"
 
 
+def method_test_data(name: str) -> dict:
+    """A method's test data lives with its config: the YAML mapping of a ``# xmx: {...}`` line in
+    ``conf/method/<name>.yaml`` (``tiny``: overrides for one step on the tiny backbone, e.g. mma_yang's adapted
+    blocks on a 2-block tower). A new method needs no edit here."""
+    import yaml
+    path = CONF / "method" / f"{name}.yaml"
+    for line in (path.read_text(encoding="utf-8").splitlines() if path.is_file() else []):
+        if line.startswith("# xmx:"):
+            return yaml.safe_load(line[len("# xmx:"):].split("  #")[0]) or {}
+    return {}
+
+
+def test_method_test_data_is_read_from_the_method_config():
+    assert method_test_data("mma_yang") == {"tiny": ["method.layers=[1,2]"]}
+    assert method_test_data("zeroshot") == {}
+
+
 IMAGE_EXPERIMENTS = [e for e in EXPERIMENTS if not e.startswith("xadapter_")]  # language track: test_xadapter_run.py
 
 
@@ -42,10 +59,7 @@ def test_every_experiment_runs_one_step(make_cfg, experiment):
         # their targets are real datasets (ImageNet variants): test the preset's method on the source alone here;
         # the transfer protocol itself is covered in test_protocols.py
         overrides.append("protocol=fewshot")
-    if make_cfg(overrides).method.name == "mma_yang":  # its release adapts blocks 5-12; the tiny CLIP has 2
-        overrides.append("method.layers=[1,2]")
-    if make_cfg(overrides).method.name == "linear_probe":  # one step: a short L-BFGS search is enough
-        overrides += ["method.refine_steps=1", "method.max_iter=50"]
+    overrides += method_test_data(make_cfg(overrides).method.name).get("tiny", [])  # the method's own test overrides
     if make_cfg(overrides).augment.views > 10:  # one fresh view per epoch (mma_noise, clip_adapter_paper_16shot; ProLIP's 300):
         overrides.append("augment.views=2")  # two show the wiring
     cfg = make_cfg(overrides)

@@ -56,7 +56,7 @@ def test_incomplete_datasets_fail(caltech_tree, tmp_path, capsys):
     lines, summary = _lines(capsys)
     pets = lines["oxford_pets"]
     assert pets.split()[1] == "incomplete" and "train 6/2944" in pets and "classes 2/37" in pets
-    assert "1 of 10 images" in pets and paths[0] in pets and "counts differ from the real dataset" in pets
+    assert "1 of 10 images" in pets and paths[0] in pets and "counts differ from the published sizes" in pets
     food = lines["food101"]
     assert food.split()[1] == "incomplete" and "split_zhou_Food101.json not found" in food
     assert lines["caltech101"].split()[1] == "found"

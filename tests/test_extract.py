@@ -85,7 +85,7 @@ def test_raw_features_are_the_encoder_output(images, backbone):
     with torch.no_grad():
         ref = backbone.encode_image(x)
     torch.testing.assert_close(feats[0], ref, rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(feats[0].norm(dim=-1), torch.ones(3))  # raw, not normalised (spec §0)
+    assert not torch.allclose(feats[0].norm(dim=-1), torch.ones(3))  # raw, not normalised (docs/methods/shared.md#features)
 
 
 @pytest.mark.parametrize("preset", ["tip", "coop"])

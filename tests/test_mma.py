@@ -1,4 +1,4 @@
-"""MMA math core (spec §3): fast block path == dense masked attention, mask semantics, counts, learning, errors."""
+"""MMA math core (docs/methods/mma.md#specification): fast block path == dense masked attention, mask semantics, counts, learning, errors."""
 
 import math
 
@@ -192,7 +192,7 @@ def test_perturbation_who_sees_whom(mask, block):
 
 
 def test_block_text_rows_identical_for_every_class():
-    """Spec §3.4 consequence, reproduced: under `block` the raw O_txt[b, c] does not depend on the class c."""
+    """The consequence of the block mask (docs/methods/mma.md#the-mask), reproduced: under `block` the raw O_txt[b, c] does not depend on the class c."""
     B, N, C = 4, 13, 64
     m = randomise(MultiModalAdapter(C), seed=11, std=0.3)
     v, t = feats(B, N, C)
@@ -231,7 +231,7 @@ def test_lam_zero_is_zero_shot():
 # ---------------------------------------------------------------- it learns
 def test_learns_a_task_zero_shot_gets_wrong():
     """Each image lies 60 % of the way from its class text towards the next class's text: zero-shot picks the
-    wrong class; a few hundred Adam steps of MMA (spec lr 0.01, wd 1e-4) recover held-out images."""
+    wrong class; a few hundred Adam steps of MMA (the released lr 0.01, wd 1e-4) recover held-out images."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     C, N, a = 32, 8, 0.6

@@ -1,4 +1,5 @@
-"""Paper-faithful protocols of the Tip family (spec §2, issue: selection set, selection modes, ImageNet templates):
+"""Paper-faithful protocols of the Tip family (docs/methods/tip_adapter.md#the-cache-model-and-its-search, issue:
+selection set, selection modes, ImageNet templates):
 what a run selects on, which mode chose it, and which prompts ImageNet gets."""
 
 from __future__ import annotations

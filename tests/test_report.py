@@ -111,7 +111,7 @@ def test_base_to_new_hm_from_means(tmp_path):
     for ds, seed, b, n in [("dtd", 1, 80, 60), ("dtd", 2, 82, 64), ("eurosat", 1, 90, 40), ("eurosat", 2, 90, 50)]:
         write_result(r, method="mma", dataset=ds, protocol="base2new", seed=seed, arch="ViT-B-16",
                      metrics={"test_base/acc": b, "test_new/acc": n, "hm": 2 * b * n / (b + n)})
-    # the spec's check: HM(69.34, 74.22) = 71.70
+    # docs/protocols.md#base-to-new: HM(69.34, 74.22) = 71.70
     write_result(r, method="zeroshot", dataset="dtd", protocol="base2new", seed=1, arch="ViT-B-16",
                  metrics={"test_base/acc": 69.34, "test_new/acc": 74.22})
     res = build_report([r], out=tmp_path / "o", plots=False)

@@ -216,7 +216,7 @@ def test_one_colour_per_method_across_plots_and_base_to_new_figure(tmp_path):
         for m, acc in (("coop", 70), ("kgcoop", 72)):
             write_result(tmp_path / "runs", method=m, dataset="dtd", protocol="base2new", seed=s,
                          metrics={"test_base/acc": acc + s, "test_new/acc": acc - 10})
-    res = build_report([tmp_path / "runs"], out=tmp_path / "rep")
+    build_report([tmp_path / "runs"], out=tmp_path / "rep")
     assert (tmp_path / "rep" / "plots" / "base2new.png").stat().st_size > 1000
     c1, c2 = colours(["b", "a"]), colours(["a", "b", "c"])
     assert c1["a"] == c2["a"] and c1["b"] == c2["b"] and c1["a"] != c1["b"]

@@ -1,4 +1,4 @@
-"""Tip-Adapter / Tip-Adapter-F math cores (spec §2): cache, logits, validation search, training, bad input."""
+"""Tip-Adapter / Tip-Adapter-F math cores (docs/methods/tip_adapter.md#the-cache-model-and-its-search): cache, logits, validation search, training, bad input."""
 
 import math
 

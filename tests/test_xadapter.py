@@ -1,4 +1,4 @@
-"""X-adapter (spec §5): tiny PLMs, the expert block and its injection, masking, retrieval, colour probe, GLUE metrics."""
+"""X-adapter (docs/methods/xadapter.md#design): tiny PLMs, the expert block and its injection, masking, retrieval, colour probe, GLUE metrics."""
 
 from __future__ import annotations
 

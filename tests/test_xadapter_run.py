@@ -1,4 +1,5 @@
-"""X-adapter language track as xmx runs (spec §5): every ``xadapter_*`` preset runs one step on a tiny CLIP + tiny
+"""X-adapter language track as xmx runs (docs/methods/xadapter.md#design): every ``xadapter_*`` preset runs one step
+on a tiny CLIP + tiny
 PLM over small generated files in the real formats; pre-training -> ``init_from`` colour probe; GLUE metric names;
 checkpoints without the frozen encoders; seeded masking."""
 

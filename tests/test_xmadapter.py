@@ -1,4 +1,4 @@
-"""XMAdapter reconstruction (spec §4): reduction to Tip-Adapter-F, text cache, hard-sample weights, search, errors."""
+"""XMAdapter reconstruction (docs/methods/xmadapter.md#reconstruction): reduction to Tip-Adapter-F, text cache, hard-sample weights, search, errors."""
 
 import math
 

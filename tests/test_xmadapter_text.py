@@ -1,5 +1,6 @@
-"""XMAdapter's text branch learns by default (spec §4.2), the parameter-free cache is the named ablation
-``xmadapter_fixed_text``, and beta_txt is searched on its own grid (spec §4.3)."""
+"""XMAdapter's text branch learns by default (docs/methods/xmadapter.md#text-branch), the parameter-free cache is the
+named ablation
+``xmadapter_fixed_text``, and beta_txt is searched on its own grid (docs/methods/xmadapter.md#search)."""
 
 from __future__ import annotations
 

@@ -218,13 +218,13 @@ def reference_rows(table: dict, references=()):
     """The published numbers of ``table``: the shipped references plus any user files (the report's form)."""
     import pandas as pd
 
-    from xmx.report.gather import _norm
+    from xmx.report.gather import norm_name
     from xmx.report.references import load_references
     refs = pd.concat([load_references()] + [load_references(r) for r in references], ignore_index=True)
     spec = table["references"]
     sel = refs[refs.table == spec["table"]]
     if spec.get("methods"):
-        wanted = {_norm(m) for m in spec["methods"]}
+        wanted = {norm_name(m) for m in spec["methods"]}
         sel = sel[[bool(ms & wanted) for ms in sel.methods]]
     if spec.get("source"):
         sel = sel[sel.source.str.contains(spec["source"], regex=False)]
@@ -238,11 +238,11 @@ def comparison(table: dict, results: list[Path], references=()) -> list[dict]:
     refs = reference_rows(table, references)
     cells = None
     if results:
-        from xmx.report.gather import _assign_variants, load_runs, observations, swept_keys
+        from xmx.report.gather import assign_variants, load_runs, observations, swept_keys
         from xmx.report.tables import aggregate
         runs, _ = load_runs(results)
         if not runs.empty:
-            runs, _ = _assign_variants(runs, swept_keys(runs))
+            runs, _ = assign_variants(runs, swept_keys(runs))
             cells = aggregate(observations(runs))
     rows = []
     for i in range(len(refs)):

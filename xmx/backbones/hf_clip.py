@@ -21,7 +21,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from xmx.backbones.clip import ClipLikeBackbone, _offline, _one_line, sha256_file
+from xmx.backbones.clip import ClipLikeBackbone
+from xmx.backbones.weights import error_line, offline, sha256_file
 from xmx.errors import XmxError
 
 log = logging.getLogger(__name__)
@@ -58,10 +59,10 @@ def _resolve_folder(name_or_path: str, cache_dir: str | None) -> Path:
         raise XmxError(f"backbone.name_or_path: folder not found: {path}")
     from huggingface_hub import snapshot_download
     try:  # a hub name: the local cache only when offline
-        return Path(snapshot_download(str(name_or_path), cache_dir=cache_dir, local_files_only=_offline()))
+        return Path(snapshot_download(str(name_or_path), cache_dir=cache_dir, local_files_only=offline()))
     except Exception as e:  # noqa: BLE001 - hub errors come in many types
-        why = ("is not a local folder and not in the local Hugging Face cache (HF_HUB_OFFLINE=1)" if _offline()
-               else f"could not be downloaded ({_one_line(e, 80)})")
+        why = ("is not a local folder and not in the local Hugging Face cache (HF_HUB_OFFLINE=1)" if offline()
+               else f"could not be downloaded ({error_line(e, 80)})")
         raise XmxError(f"backbone.name_or_path: {name_or_path} {why}; pass a folder written by save_pretrained "
                        "(config.json, model.safetensors, tokenizer and preprocessor_config.json)") from None
 
@@ -100,7 +101,7 @@ class HFCLIPBackbone(ClipLikeBackbone):
         try:
             config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
         except (OSError, ValueError, KeyError) as e:
-            raise XmxError(f"backbone.name_or_path: cannot read {folder}/config.json ({_one_line(e, 100)})") from None
+            raise XmxError(f"backbone.name_or_path: cannot read {folder}/config.json ({error_line(e, 100)})") from None
         if config.model_type not in SUPPORTED:
             raise XmxError(f"backbone.name_or_path: {folder} holds a {config.model_type!r} model; backbone=hf_clip "
                            f"supports {', '.join(SUPPORTED)} (CLIPModel, SiglipModel); for open_clip weights use "
@@ -111,7 +112,7 @@ class HFCLIPBackbone(ClipLikeBackbone):
             self.hf_tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         except Exception as e:  # noqa: BLE001 - transformers raises many types for a broken folder
             raise XmxError(f"backbone.name_or_path: cannot load the model and tokenizer from {folder} "
-                           f"({_one_line(e, 120)})") from None
+                           f"({error_line(e, 120)})") from None
         self.model.eval().requires_grad_(False)
         self.model_type = config.model_type
         self.name = name or folder.name

@@ -1,9 +1,9 @@
 """``python -m xmx.data check <root>``: which CoOp datasets are under ``$DATA``, and are they complete?
 
-One line per dataset: ``found`` (every listed image present and the counts equal the real dataset's, as CoOp's
-DATASETS.md gives them; for a tree written by ``python -m xmx.data fake``, the counts its marker file records, and
-the line says ``fake``), ``missing`` (no dataset folder) or ``incomplete`` (anything else, with the reason and the
-first few missing paths). Exit status 0 only when
+One line per dataset: ``found`` (every listed image present and the counts equal the published sizes,
+docs/protocols.md#dataset-sizes; for a tree written by ``python -m xmx.data fake``, the counts its marker file
+records, and the line says ``fake``), ``missing`` (no dataset folder) or ``incomplete`` (anything else, with the
+reason and the first few missing paths). Exit status 0 only when
 every dataset that was found is complete (and at least one was found).
 """
 
@@ -51,7 +51,8 @@ def check_dataset(name: str, root: str | Path) -> dict:
         diff = [f"{k} {out[k]} (expected {v})" for k, v in expected.items() if out[k] != v]
         if diff:
             problems.append(("counts differ from those its fake-data marker records: " if fake is not None else
-                             "counts differ from the real dataset's: ") + ", ".join(diff))
+                             "counts differ from the published sizes (docs/protocols.md#dataset-sizes): ")
+                            + ", ".join(diff))
     out["status"] = "incomplete" if problems else "found"
     if fake is not None:
         problems.append("fake data (python -m xmx.data fake), not the real images")

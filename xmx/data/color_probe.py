@@ -1,4 +1,5 @@
-"""The zero-shot object-colour probe (MemoryColor / ColorTerms, spec §5): the 9 VaLM templates, the colour words'
+"""The zero-shot object-colour probe (MemoryColor / ColorTerms, docs/methods/xadapter.md#design): the 9 VaLM
+templates, the colour words'
 token ids, prompts with one mask token, and pooled / per-template accuracy from MLM logits at the mask."""
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ class DatasetInfo:
     dir: str  # folder under $DATA, e.g. "oxford_pets"
     templates: tuple[str, ...]
     loader: Callable[[Path, "DatasetInfo"], DatasetSplits]
-    sizes: tuple[int, int, int, int] | None = None  # train, val, test, classes (CoOp DATASETS.md), for the checker
+    sizes: tuple[int, int, int, int] | None = None  # train, val, test, classes (docs/protocols.md#dataset-sizes), for the checker
     test_only: bool = False
     extra: dict = field(default_factory=dict)  # reader-specific settings (split file name, image folder, ...)
 

@@ -1,4 +1,5 @@
-"""MLM masking for the language track (spec §5): BERT-style masking of PLM token ids, and the sentences as the PLM
+"""MLM masking for the language track (docs/methods/xadapter.md#design): BERT-style masking of PLM token ids, and the
+sentences as the PLM
 sees them (with the MLM targets hidden) for CLIP's tokenizer. Tokenizer-level text processing, used by the text
 DataModules and the X-adapter runs alike."""
 

@@ -1,4 +1,4 @@
-"""Evaluation protocols (spec §6): which images train, which select, and which label sets are tested.
+"""Evaluation protocols (docs/protocols.md): which images train, which select, and which label sets are tested.
 
 - ``fewshot``: K shots per class of every class; test on the dataset's test split.
 - ``base2new``: sorted label ids, base = first ceil(N·ratio) (or floor, or the MMA release's rule), new = the rest,
@@ -6,6 +6,8 @@
   resampled); test base and new separately, each with only its own classes; HM = 2BN/(B+N).
 - ``cross_dataset`` / ``domain_shift``: train few-shot on the source dataset; test on the source and on every
   target's test split with the target's own classes (ImageNet-A/-R: their 200-class subsets).
+- ``test_time``: nothing trains; every test split (the dataset's, then each of ``targets``) is one unlabelled stream
+  read in the order :func:`stream_order` draws from ``seed`` alone (TDA, TPT: docs/methods/test_time.md).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ class EvalSet:
     # for each class of this set, its index among the training classes (None where the class was never trained):
     # methods whose outputs are tied to training classes (linear probe, caches) read their columns through it
     train_index: list[int | None] = field(default_factory=list)
+    # protocol=test_time: the stream order, as indices into the split's own list (items are already in this order)
+    order: list[int] | None = None
 
     @property
     def seen_only(self) -> bool:
@@ -86,13 +90,31 @@ def n_base_classes(n: int, base_split: str = "ceil", base_ratio: float = 0.5) ->
     return (math.ceil if base_split == "ceil" else math.floor)(n * base_ratio)
 
 
+def stream_order(n: int, seed: int) -> list[int]:
+    """The order in which a test-time method reads a split of ``n`` images: a permutation drawn from ``seed`` alone
+    (a fresh generator: no global RNG, no dataset, no other setting enters it)."""
+    import torch
+    return torch.randperm(int(n), generator=torch.Generator().manual_seed(int(seed))).tolist()
+
+
+def _stream(s: EvalSet, seed: int) -> EvalSet:
+    order = stream_order(len(s.items), seed)
+    s.items, s.order = [s.items[i] for i in order], order
+    return s
+
+
+PROTOCOLS = ("fewshot", "base2new", "cross_dataset", "domain_shift", "test_time")
+
+
 def build_protocol(cfg: dict, splits: DatasetSplits, shots: int, seed: int, templates: list[str],
                    subset_seed: int | None = None, subset_file: str | None = None,
                    val_shots: int | None = None, root: str | Path | None = None,
                    target_templates=None) -> ProtocolData:
     name = cfg.get("name", "fewshot")
-    if name not in ("fewshot", "base2new", "cross_dataset", "domain_shift"):
-        raise XmxError(f"protocol.name={name!r}; valid choices: fewshot, base2new, cross_dataset, domain_shift")
+    if name not in PROTOCOLS:
+        raise XmxError(f"protocol.name={name!r}; valid choices: {', '.join(PROTOCOLS)}")
+    if name == "test_time":
+        return _test_time(cfg, splits, seed, templates, root, target_templates)
     train, val, source = select_fewshot(splits.name, splits, shots, seed, subset_seed=subset_seed,
                                         subset_file=subset_file, val_shots=val_shots)
     classnames = list(splits.classnames)
@@ -123,3 +145,18 @@ def build_protocol(cfg: dict, splits: DatasetSplits, shots: int, seed: int, temp
             eval_sets.append(EvalSet(f"test_{t}", tsplits.test, list(tsplits.classnames), t, tt,
                                      _index_in(tsplits.keys, splits.keys)))
     return ProtocolData(name, train, classnames, templates, val_set, eval_sets, source)
+
+
+def _test_time(cfg: dict, splits: DatasetSplits, seed: int, templates: list[str], root, target_templates
+               ) -> ProtocolData:
+    """No training images, no selection images: the test split (and each target's) as a seeded stream."""
+    classnames, ds = list(splits.classnames), splits.name
+    every = list(range(len(classnames)))
+    sets = [_stream(EvalSet("test", list(splits.test), classnames, ds, templates, every), seed)]
+    for t in list(cfg.get("targets") or []):
+        tsplits = load_dataset(t, root if root is not None else splits.root)
+        tt = templates if target_templates is None else target_templates(tsplits)
+        sets.append(_stream(EvalSet(f"test_{t}", list(tsplits.test), list(tsplits.classnames), t, tt,
+                                    [None] * len(tsplits.classnames)), seed))
+    return ProtocolData("test_time", [], classnames, templates, EvalSet("val", [], classnames, ds, templates, every),
+                        sets, "none: protocol=test_time trains on nothing")

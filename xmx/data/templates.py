@@ -1,4 +1,5 @@
-"""Prompt templates: each dataset's CoOp template (spec §0) is the default; ImageNet ensembles are selectable.
+"""Prompt templates: each dataset's CoOp template (docs/methods/shared.md#prompt-templates) is the default; ImageNet
+ensembles are selectable.
 
 ``data.templates`` is ``null`` (the dataset's own), ``tip7`` (Tip-Adapter's 7 ImageNet templates), ``clip80`` (CLIP
 paper's 80-template ensemble) or an explicit list of strings with one ``{}`` each.

@@ -1,10 +1,15 @@
-"""Image transforms (spec §0): augmentation presets on top of CLIP's own resize and mean/std normalisation.
+"""Image transforms (docs/methods/shared.md#image-preprocessing): augmentation presets on top of CLIP's own resize and
+mean/std normalisation.
 
 - ``none``: the backbone's eval transform (``resize_mode``: ``shortest`` = resize the short side to ``size`` and centre
   crop, as OpenAI's CLIP; ``squash`` = resize to ``size`` x ``size``, as SigLIP; ``longest`` = fit and pad with zeros)
 - ``tip``:  RandomResizedCrop(size, scale 0.5-1, bicubic) + horizontal flip (Tip-Adapter's cache views)
 - ``coop``: RandomResizedCrop(size, scale 0.08-1, bicubic) + horizontal flip (CoOp)
-``noise_std`` adds Gaussian noise to the normalised image (MMA's robustness study, spec §3.8).
+- ``tpt_crop``: RandomResizedCrop(size, scale 0.08-1, **bilinear**: torchvision's default, as TPT's/TDA's
+  ``get_preaugment``) + flip; ``augmix``: the same crop, then AugMix mixing (:mod:`xmx.data.augmix`). Both are
+  drawn per (seed, view, image) for the feature store's test-time views only (TPT, TDA).
+``noise_std`` adds Gaussian noise to the normalised image (MMA's robustness study,
+docs/methods/mma.md#ablations-and-noise).
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ from torchvision import transforms as T
 
 from xmx.errors import XmxError
 
-PRESETS = {"none": None, "tip": (0.5, 1.0), "coop": (0.08, 1.0)}
+PRESETS = {"none": None, "tip": (0.5, 1.0), "coop": (0.08, 1.0), "tpt_crop": (0.08, 1.0), "augmix": (0.08, 1.0)}
+PRESET_INTERPOLATION = {"tpt_crop": "bilinear", "augmix": "bilinear"}  # else the backbone's own
+CACHED_ONLY = ("augmix",)  # drawn by the feature extractor (PIL), not by the online loaders
 _INTERP = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
            "nearest": T.InterpolationMode.NEAREST}
 
@@ -35,6 +42,10 @@ def build_transform(preset: str, size: int, mean, std, interpolation: str = "bic
                     noise_std: float = 0.0, resize_mode: str = "shortest") -> T.Compose:
     if preset not in PRESETS:
         raise XmxError(f"augment.preset={preset!r} is unknown; valid choices: {', '.join(PRESETS)}")
+    if preset in CACHED_ONLY:
+        raise XmxError(f"augment.preset={preset} draws cached test-time views only (method=tda / tpt); use tip, coop "
+                       "or tpt_crop for training images")
+    interpolation = PRESET_INTERPOLATION.get(preset, interpolation)
     interp = _INTERP.get(interpolation, T.InterpolationMode.BICUBIC)
     if PRESETS[preset] is None and resize_mode == "squash":
         spatial = [T.Resize((size, size), interpolation=interp)]

@@ -328,7 +328,8 @@ class CLIPDataModule(L.LightningDataModule):
 
     def text_classifier(self, classnames: list[str], templates: list[str] | None = None,
                         normalize: bool = True) -> torch.Tensor:
-        """The zero-shot classifier W [C,N] for ``classnames`` (spec §0), computed once and cached.
+        """The zero-shot classifier W [C,N] for ``classnames`` (docs/methods/shared.md#zero-shot-classifier), computed
+        once and cached.
         ``normalize=False``: the mean of the raw prompt embeddings instead (TaskRes's base; its own store key)."""
         templates = list(templates or self.templates)
         memo = (tuple(classnames), tuple(templates), bool(normalize))
@@ -345,6 +346,11 @@ class CLIPDataModule(L.LightningDataModule):
 
     def features_of(self, eval_set: EvalSet) -> torch.Tensor:
         return self._eval_features[eval_set.name]
+
+    def view_features_of(self, eval_set: EvalSet, preset: str, views: int) -> torch.Tensor:
+        """Raw features [V,N,C] of an eval set under ``views`` draws of the augmentation ``preset``, through the
+        feature store like every other view (test-time methods: TDA's and TPT's AugMix views)."""
+        return self._image_features(eval_set.items, eval_set.name, preset, int(views), 0.0)
 
     # ---- loaders ----------------------------------------------------------------------------------------------
     def _loader_device(self) -> torch.device:
@@ -432,8 +438,11 @@ class CLIPDataModule(L.LightningDataModule):
 
     def subset_record(self) -> dict:
         """The exact images used, as portable JSON (paths relative to $DATA)."""
-        return {"dataset": self.name, "shots": self.shots, "seed": self.seed, "source": self.protocol.subset_source,
-                **subset_to_json({"train": self.protocol.train, "val": self.val_set.items})}
+        rec = {"dataset": self.name, "shots": self.shots, "seed": self.seed, "source": self.protocol.subset_source,
+               **subset_to_json({"train": self.protocol.train, "val": self.val_set.items})}
+        streams = {s.name: {"dataset": s.dataset, "seed": self.seed, "order": s.order, **subset_to_json(
+            {"items": s.items})} for s in self.eval_sets if s.order is not None}
+        return {**rec, "streams": streams} if streams else rec
 
     def data_record(self) -> dict:
         sets = {"train": (self.protocol.train, self.classnames), "val": (self.val_set.items, self.val_set.classnames)}

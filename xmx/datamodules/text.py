@@ -1,4 +1,5 @@
-"""DataModules of the X-adapter language track (spec §5): COCO captions and WikiText-103 (MLM pre-training), the
+"""DataModules of the X-adapter language track (docs/methods/xadapter.md#design): COCO captions and WikiText-103 (MLM
+pre-training), the
 object-colour probe (MemoryColor, ColorTerms) and GLUE.
 
 Each takes the frozen CLIP ``backbone`` and the ``plm`` from ``xmx.run`` and serves dict batches, tokenized with the

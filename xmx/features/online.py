@@ -8,8 +8,8 @@
   RandomResizedCrop + RandomHorizontalFlip, then the Gaussian noise — from the same global RNG, in the same order, as
   the PIL transforms draw them, so both paths crop, flip and add noise identically for the same seed (and ``RNGState``
   resumes either bit for bit). The batch of bytes is decoded on the trainer's device by the feature store's code
-  (:func:`xmx.features.extract._decode_batch`: one batched nvjpeg call, PIL for PNG/CMYK/rejected files) and
-  resized/cropped/flipped/normalised there (:class:`~xmx.features.extract.Preprocess`), in the datamodule's
+  (:func:`xmx.features.decode.decode_batch`: one batched nvjpeg call, PIL for PNG/CMYK/rejected files) and
+  resized/cropped/flipped/normalised there (:class:`~xmx.features.decode.Preprocess`), in the datamodule's
   ``transfer_batch_to_device`` hook (nvjpeg reads its input from host memory). The pixels differ from the PIL path's
   by resize rounding only (antialiased bicubic on uint8 tensors vs PIL's; the tolerance of ``tests/test_extract.py``).
 """
@@ -28,8 +28,8 @@ from xmx.config import DECODES, check_decode  # noqa: F401 - DECODES re-exported
 from xmx.data.images import ImageListDataset, collate_skip
 from xmx.data.transforms import PRESETS, build_transform
 from xmx.errors import XmxError
-from xmx.features.extract import (RATIO, Preprocess, _collate_bytes, _decode_batch, _one_line, _transform_batch,
-                                  read_for_decode, resolve_decode, unreadable_message)
+from xmx.features.decode import (RATIO, Preprocess, collate_bytes, decode_batch, error_line, read_for_decode,
+                                 resolve_decode, transform_batch, unreadable_message)
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class OnlineBytes(Dataset):
         try:
             data, image, height, width = read_for_decode(path)
         except Exception as e:  # noqa: BLE001 - one line, raised or counted by the hook
-            return {"index": i, "error": _one_line(path, e)}
+            return {"index": i, "error": error_line(path, e)}
         params = draw_params(self.pp, height, width)
         S = self.pp.size
         noise = torch.randn(3, S, S) * self.pp.noise_std if self.pp.noise_std else None
@@ -73,7 +73,7 @@ class OnlineBytes(Dataset):
 
 
 def _collate_online(items, split: str):
-    batch = _collate_bytes(items)
+    batch = collate_bytes(items)
     batch["split"] = split
     if "label" not in batch:  # every item unreadable
         batch["label"] = torch.empty(0, dtype=torch.long)
@@ -129,7 +129,7 @@ class OnlineImages:
         image of the batch is readable (``data.unreadable=skip``)."""
         if device.type == "cuda" and device.index is None and torch.cuda.is_available():
             device = torch.device("cuda", torch.cuda.current_device())  # nvjpeg wants an explicit index
-        imgs = _decode_batch(batch, device, self.counts, _Paths(self.root, self.items)) if len(batch["index"]) else []
+        imgs = decode_batch(batch, device, self.counts, _Paths(self.root, self.items)) if len(batch["index"]) else []
         if batch["errors"]:
             if self.unreadable == "error":
                 raise XmxError(unreadable_message(batch["errors"][0][1], len(batch["errors"]) - 1))
@@ -137,5 +137,5 @@ class OnlineImages:
                         batch["errors"][0][1])
         if not len(batch["index"]):
             return None
-        x = _transform_batch(batch, imgs, self.pp, device)  # [B,3,S,S] float32 (one view per item)
+        x = transform_batch(batch, imgs, self.pp, device)  # [B,3,S,S] float32 (one view per item)
         return x, batch["label"].to(device, non_blocking=True)

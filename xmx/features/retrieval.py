@@ -1,4 +1,5 @@
-"""The retrieval index of CLIP image embeddings (X-adapter's V-expert, spec §5): cosine top-k by chunked matmul over
+"""The retrieval index of CLIP image embeddings (X-adapter's V-expert, docs/methods/xadapter.md#design): cosine top-k
+by chunked matmul over
 the embeddings the feature store holds."""
 
 from __future__ import annotations

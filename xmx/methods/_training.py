@@ -163,7 +163,9 @@ class EncoderMethod(XmxModule):
 
         v   = norm(f_img(x; θ))                  # x decoded and augmented on the fly (data.augment), θ the adapted encoder
         t_c = norm(f_txt(prompt_c; θ))           # recomputed each step when the text tower is adapted; otherwise the
-                                                 # frozen zero-shot classifier W (spec §0), computed once before injection
+                                                 # frozen zero-shot classifier W
+                                                 (docs/methods/shared.md#zero-shot-classifier), computed once before
+                                                 injection
         logit[b, c] = s · ⟨v_b, t_c⟩             # s = exp(CLIP's logit_scale), or a fixed multiplier (method.logit_scale)
         loss = CE(logit, y)
 
@@ -219,7 +221,8 @@ class EncoderMethod(XmxModule):
         raise NotImplementedError
 
     def train_text_prompts(self, classnames: list[str], templates: list[str]) -> list[list[str]]:
-        """Per class, the prompts whose normalised features are averaged (spec §0); ``method.prompt`` overrides the
+        """Per class, the prompts whose normalised features are averaged
+        (docs/methods/shared.md#zero-shot-classifier); ``method.prompt`` overrides the
         dataset templates (MMA-Yang: ``a photo of a {}.``)."""
         templates = [self.prompt] if self.prompt else list(templates)
         return [[t.format(c.replace("_", " ")) for t in templates] for c in classnames]

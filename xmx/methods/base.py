@@ -205,6 +205,12 @@ def eval_labels(eval_set) -> torch.Tensor:
     return torch.tensor([d.label for d in eval_set.items], dtype=torch.long)
 
 
+def chunk_rows(n_rows: int, per_row: int, max_elements: int) -> int:
+    """How many of ``n_rows`` rows (``per_row`` elements each) fit in ``max_elements`` (at least 1): the chunk size
+    that bounds an intermediate tensor of a vectorised search."""
+    return max(1, min(n_rows, max_elements // max(per_row, 1)))
+
+
 def fast_dev_run(module) -> bool:
     """True under ``trainer.fast_dev_run`` (``debug=fdr``): loops a method runs itself (in ``build``) then take one
     step, as Lightning's own loops take one batch."""

@@ -1,4 +1,4 @@
-"""CLIP-Adapter (Gao et al.), visual branch only; spec `methods.md` §1.
+"""CLIP-Adapter (Gao et al.), visual branch only; docs/methods/mma.md#clip-adapter.
 
     A(v)  = ReLU(Linear_{C/4→C}(ReLU(Linear_{C→C/4}(v))))      # no biases [code]
     v'    = norm(ratio·A(v) + (1−ratio)·v)                     # ratio = 0.2; v are the raw image features
@@ -91,7 +91,8 @@ class ConstantWarmupCosine(torch.optim.lr_scheduler.LambdaLR):
 
 
 class ClipAdapterMethod(AdapterMethod):
-    """CLIP-Adapter (spec §1) trained with MMA's recipe (§3.7): `v' = norm(ratio·A(v) + (1−ratio)·v)`,
+    """CLIP-Adapter (docs/methods/mma.md#clip-adapter) trained with MMA's recipe
+    (docs/methods/mma.md#training-recipe): `v' = norm(ratio·A(v) + (1−ratio)·v)`,
     `logits = exp(logit_scale)·v'·W` with each label set's frozen zero-shot `W`."""
 
     label = "CLIP-Adapter"

@@ -479,3 +479,177 @@ class KgCoOpMethod(PromptLearningMethod):
     def extra_results(self) -> dict:
         return {**super().extra_results(), "kg_weight": self.kg_weight,
                 "kg_templates": getattr(self, "_kg_templates_used", self.kg_templates)}
+
+
+# ============================================================================================ TPT (test-time tuning)
+def tpt_avg_entropy(z: torch.Tensor) -> torch.Tensor:
+    """TPT's loss per image: the entropy of the mean of ``softmax(z)`` over views; ``z [..., V, N]`` -> ``[...]``
+    (the release's logsumexp form, ``tpt_classification.py`` ``avg_entropy``)."""
+    lp = z - z.logsumexp(dim=-1, keepdim=True)
+    avg = lp.logsumexp(dim=-2) - math.log(z.shape[-2])
+    avg = torch.clamp(avg, min=torch.finfo(avg.dtype).min)
+    return -(avg * avg.exp()).sum(-1)
+
+
+class TPTMethod(PromptLearningMethod):
+    """TPT (Shu et al., NeurIPS'22; azshue/TPT): per test image, the prompt context starts from its initial state
+    (the hand-crafted ``ctx_init`` phrase, or a CoOp run's context through ``init_from``), takes ``steps`` AdamW steps
+    on the entropy of the mean prediction over the ``top`` share of its V views with the lowest entropy (views: the
+    image + 63 cached augmented views), and the image (view 0) is scored with the tuned prompt; then the context and
+    the optimiser are reset. ``protocol=test_time``; docs/methods/test_time.md#tpt.
+
+        S_i = the int(top V) views of lowest H(softmax z_iv),  z_iv = exp(s) norm f_iv . norm g(P(ctx))
+        L_i(ctx) = H(mean_{v in S_i} softmax z_iv)            ctx_i = AdamW^steps(ctx_0; L_i)      y_i = z_i0(ctx_i)
+
+    Images are independent (the reset), so ``images_per_step`` images are tuned at once with one context each: AdamW
+    is elementwise and the summed loss separates, so this equals tuning them one by one."""
+
+    label = "TPT"
+    needs_fit = False
+
+    def __init__(self, steps: int = 1, lr: float = 5e-3, weight_decay: float = 0.01, top: float = 0.1,
+                 views: int = 64, view_presets: dict | None = None, default_view_preset: str = "augmix",
+                 images_per_step: int = 1, checkpoint_every: int = 1000, device: str = "auto", **kwargs):
+        super().__init__(**kwargs)
+        if int(steps) < 1:
+            raise XmxError(f"method.steps={steps}: TPT takes at least one step per image (release: 1)")
+        if not float(lr) > 0:
+            raise XmxError(f"method.lr={lr}: must be positive (release: 5e-3)")
+        if not 0 < float(top) <= 1:
+            raise XmxError(f"method.top={top}: the share of confident views kept must lie in (0, 1] (release: 0.1)")
+        if int(views) < 1 or (int(views) > 1 and int(int(views) * float(top)) < 1):
+            raise XmxError(f"method.views={views} keeps int({views} x {top}) = 0 confident views; use at least "
+                           f"{math.ceil(1 / float(top))} views (release: 64) or 1")
+        if int(images_per_step) < 1 or int(checkpoint_every) < 0:
+            raise XmxError(f"method.images_per_step={images_per_step} must be >= 1 and method.checkpoint_every="
+                           f"{checkpoint_every} >= 0")
+        if kwargs.get("protocol") not in (None, "test_time"):
+            raise XmxError(f"method=tpt runs on protocol=test_time (the test set as a stream); got "
+                           f"protocol={kwargs.get('protocol')}")
+        self.steps, self.lr, self.weight_decay, self.top = int(steps), float(lr), float(weight_decay), float(top)
+        self.n_views, self.view_presets = int(views), dict(view_presets or {})
+        self.default_view_preset, self.images_per_step = default_view_preset, int(images_per_step)
+        self.checkpoint_every, self.device_choice = int(checkpoint_every), device
+        self.stream_logits: dict[str, torch.Tensor] = {}
+        self._cursor: dict[str, int] = {}
+
+    def build_extra(self, dm) -> None:
+        self._dm = dm
+
+    def setup(self, stage: str) -> None:
+        """Build, load ``init_from`` (a CoOp context), then tune every stream (before Lightning's test loop, which
+        runs without gradients)."""
+        super().setup(stage)
+        if not self.stream_logits:
+            self.run_streams(self._dm)
+
+    def views_of(self, dm, s) -> torch.Tensor:
+        f = dm.features_of(s)[None]
+        if self.n_views == 1:
+            return f
+        preset = self.view_presets.get(s.dataset, self.default_view_preset)
+        return torch.cat([f, dm.view_features_of(s, preset, self.n_views - 1)])  # [V, N, C]
+
+    def tune(self, feats: torch.Tensor, name: str, ctx0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``feats [B, V, C]`` raw view features of B images -> (logits of view 0 with each image's tuned prompt
+        ``[B, N]``, the tuned contexts ``[B, n_ctx, W]``)."""
+        cp = self.prompts(name)
+        f = F.normalize(feats.float(), dim=-1)
+        B, V, _ = f.shape
+        scale = math.exp(self.logit_scale)
+        ctx = nn.Parameter(ctx0.detach().float().expand(B, *ctx0.shape).clone())  # reset: every image from ctx_0
+        opt = torch.optim.AdamW([ctx], lr=self.lr, weight_decay=self.weight_decay)
+
+        def text_of(c):  # [B, N, C]
+            t = self._encode(cp.assemble(c[:, None]).flatten(0, 1), cp.tokens.repeat(B, 1))
+            return F.normalize(t, dim=-1).view(B, cp.n_cls, -1)
+
+        sel = None
+        with torch.enable_grad():
+            for _ in range(self.steps):
+                z = scale * torch.einsum("bvc,bnc->bvn", f, text_of(ctx))  # [B, V, N]
+                if sel is None:  # chosen once, on the initial prompt (the release reuses selected_idx)
+                    k = int(V * self.top) if V > 1 else 1
+                    ent = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
+                    sel = torch.argsort(ent.detach(), dim=1, stable=True)[:, :k]  # [B, k]
+                zs = z.gather(1, sel[..., None].expand(-1, -1, z.shape[-1]))
+                loss = tpt_avg_entropy(zs).sum()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            out = scale * torch.einsum("bc,bnc->bn", f[:, 0], text_of(ctx))
+        return out, ctx.detach()
+
+    def run_streams(self, dm) -> None:
+        from xmx.methods.base import fit_device
+        dev = fit_device(self.device_choice)
+        self.to(dev)
+        self.backbone.to(dev)
+        ctx0 = self.learner.ctx.detach().clone()  # the initial state every image starts from
+        if ctx0.dim() != 2:
+            raise XmxError("method=tpt tunes one shared context; a class-specific (csc) context is not supported")
+        path = self._checkpoint_path()
+        saved = self._read_state(path)
+        for s in dm.eval_sets:
+            feats = self.views_of(dm, s).transpose(0, 1)  # [N, V, C]
+            parts, done = [], 0
+            if s.name in saved and saved[s.name]["n"] == len(feats):
+                done = int(saved[s.name]["done"])
+                parts = [saved[s.name]["logits"]] if done else []
+                log.warning("TPT %s: resuming at image %d of %d (%s)", s.name, done, len(feats), path)
+            last = done
+            while done < len(feats):
+                b = min(done + self.images_per_step, len(feats))
+                out, _ = self.tune(feats[done:b].to(dev), s.name, ctx0.to(dev))
+                parts.append(out.cpu())
+                done = b
+                if path is not None and self.checkpoint_every and (done - last >= self.checkpoint_every
+                                                                   or done == len(feats)):
+                    last = done
+                    self.stream_logits[s.name] = torch.cat(parts)
+                    self._write_state(path, {n: {"done": len(v), "n": len(v) if n != s.name else len(feats),
+                                                 "logits": v} for n, v in self.stream_logits.items()})
+            self.stream_logits[s.name] = torch.cat(parts) if parts else torch.zeros(0, len(s.classnames))
+        self.learner.ctx.data.copy_(ctx0)
+
+    # -- mid-stream checkpoints (checkpoints/last.ckpt: a killed run resumes where it stopped)
+    def _checkpoint_path(self):
+        from pathlib import Path
+        trainer = getattr(self, "_trainer", None)
+        root = getattr(trainer, "default_root_dir", None) if trainer is not None else None
+        return Path(root) / "checkpoints" / "last.ckpt" if root else None
+
+    def _read_state(self, path) -> dict:
+        if path is None or not path.is_file():
+            return {}
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception:  # noqa: BLE001 - a truncated file is not resumed from
+            return {}
+        return (raw.get("xmx_stream") or {}).get("streams", {})
+
+    def _write_state(self, path, streams: dict) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"state_dict": {k: v for k, v in self.state_dict().items() if k.startswith("learner.")},
+                    "xmx_method": {"name": self.method_name, "family": "coop"},
+                    "xmx_stream": {"version": 1, "streams": streams}}, tmp)
+        tmp.replace(path)
+
+    def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
+        self._cursor = {}
+
+    def logits(self, x, eval_set):
+        a = self._cursor.get(eval_set.name, 0)
+        self._cursor[eval_set.name] = a + len(x)
+        return self.stream_logits[eval_set.name][a:a + len(x)].to(x.device)
+
+    def extra_results(self) -> dict:
+        return {"n_ctx": self.n_ctx, "ctx_init": self.ctx_init, "steps": self.steps, "lr": self.lr,
+                "weight_decay": self.weight_decay, "top": self.top, "views": self.n_views,
+                "view_presets": {s.name: (self.view_presets.get(s.dataset, self.default_view_preset)
+                                          if self.n_views > 1 else "none") for s in self._dm.eval_sets},
+                "images_per_step": self.images_per_step, "logit_scale": self.logit_scale,
+                "init": "init_from" if self.init_record else ("ctx_init" if self.ctx_init else "random")}

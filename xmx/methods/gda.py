@@ -45,6 +45,7 @@ from torch import Tensor
 
 from xmx.errors import XmxError
 from xmx.methods.base import XmxModule, class_columns, eval_labels, fit_device
+from xmx.results import SELECTION_MODES
 from xmx.utils import Heartbeat
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,7 @@ class GDAMethod(XmxModule):
     are synthesised from their text embeddings when ``new_classes: synthesize`` (base-to-new)."""
 
     needs_fit = False
-    selection_modes = ("val", "paper")  # paper: the release searches alpha on ImageNet's test set
+    selection_modes = SELECTION_MODES  # paper: the release searches alpha on ImageNet's test set
 
     def __init__(self, covariance: str = "ks", alphas=ALPHAS, zs_scale: float = 100.0, selection: str = "val",
                  new_classes: str = "synthesize", new_topk: int = 64, new_text_repeats: int = 16,
@@ -194,8 +195,8 @@ class GDAMethod(XmxModule):
         super().__init__(**kwargs)
         if covariance not in COVARIANCES:
             raise XmxError(f"method.covariance={covariance!r}; valid choices: {', '.join(COVARIANCES)}")
-        if selection not in ("val", "paper"):
-            raise XmxError(f"selection={selection!r}; valid choices: val, paper")
+        if selection not in SELECTION_MODES:
+            raise XmxError(f"selection={selection!r}; valid choices: {', '.join(SELECTION_MODES)}")
         if new_classes not in ("synthesize", "refuse"):
             raise XmxError(f"method.new_classes={new_classes!r}; valid choices: synthesize, refuse")
         if solve_dtype not in ("float32", "float64"):

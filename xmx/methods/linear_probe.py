@@ -1,4 +1,5 @@
-"""Linear probe = CoOp's ``lpclip`` (CLIP paper protocol; spec §0 "Linear probe"): scikit-learn's L-BFGS multinomial
+"""Linear probe = CoOp's ``lpclip`` (CLIP paper protocol; docs/methods/linear_probe.md): scikit-learn's L-BFGS
+multinomial
 logistic regression on the **raw** frozen image features (``normalize: true`` keeps xmx's earlier L2-normalised
 variant), its inverse L2 strength ``C`` chosen on the validation subset:
 

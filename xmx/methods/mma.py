@@ -1,4 +1,4 @@
-"""MMA — Multi-Modal Adapter (Seputis et al., arXiv 2409.02958); spec `methods.md` §3.
+"""MMA — Multi-Modal Adapter (Seputis et al., arXiv 2409.02958); docs/methods/mma.md#specification.
 
 One attention block adapts the final CLIP image embedding and every class-text embedding jointly. Per image `b`
 the token sequence is `S_b = [t_1 … t_N, v_b]` (texts first, image last), and
@@ -13,10 +13,12 @@ of every class alike, so the softmax cross-entropy of the released recipe and th
 
 Under the default `block` mask every text token attends to one key only (the image), so its attention output is
 `out_proj(V(down(v_b)))` whatever the class: `O_txt[b, c] = O_txt[b]`. `MultiModalAdapter.logits` uses that to
-avoid both the (N+1)² score matrix and the [B, N, C] text tensor (spec §3.4 closed form); `forward_dense` /
+avoid both the (N+1)² score matrix and the [B, N, C] text tensor (docs/methods/mma.md#the-mask closed form);
+`forward_dense` /
 `logits_dense` are the plain masked `nn.MultiheadAttention` computation it is tested against.
 
-Below the math, `MMAMethod` trains the adapter on cached features (spec §3.7): cross-entropy over the training
+Below the math, `MMAMethod` trains the adapter on cached features (docs/methods/mma.md#training-recipe): cross-entropy
+over the training
 classes' text features; each eval set is scored against its own classes' text features (MMA adapts the text side, so
 base-to-new `test_new` is scored on classes never trained on).
 """
@@ -38,7 +40,7 @@ BLOCKS = ("mha", "transformer")
 
 
 def _norm(x: torch.Tensor) -> torch.Tensor:
-    """L2 normalisation over the last dimension (`norm` in the spec)."""
+    """L2 normalisation over the last dimension (`norm` in docs/methods/shared.md)."""
     return F.normalize(x, dim=-1)
 
 
@@ -66,7 +68,7 @@ def attention_mask(n_texts: int, mask: str, device=None, dtype=torch.float32) ->
 
 
 def _sampler(kind: str, dim: int, hidden: int) -> tuple[nn.Module, nn.Module]:
-    """(down: C→C/r, up: C/r→C) for a sampler kind (spec §3.3, §3.4, §3.8)."""
+    """(down: C→C/r, up: C/r→C) for a sampler kind (docs/methods/mma.md#the-block, #the-mask, docs/methods/mma.md#ablations-and-noise)."""
     if kind == "linear":
         return nn.Linear(dim, hidden), nn.Linear(hidden, dim)
     if kind == "mlp":  # ablation: Linear–GELU–Linear both ways, inner width C/r [code]
@@ -81,7 +83,8 @@ def _sampler(kind: str, dim: int, hidden: int) -> tuple[nn.Module, nn.Module]:
 
 
 class MultiModalAdapter(nn.Module):
-    """The MMA block: `down`, `attn` (masked multi-head self-attention, or a Transformer layer), `up`; spec §3.
+    """The MMA block: `down`, `attn` (masked multi-head self-attention, or a Transformer layer), `up`;
+    docs/methods/mma.md#specification.
 
     Args:
         dim: CLIP embedding width C.
@@ -189,10 +192,10 @@ class MultiModalAdapter(nn.Module):
 
     @property
     def fast(self) -> bool:
-        """True when `logits`/`forward` can use the closed form of spec §3.4 (block mask, plain MHA)."""
+        """True when `logits`/`forward` can use the closed form of docs/methods/mma.md#the-mask (block mask, plain MHA)."""
         return self.mask == "block" and self.block == "mha"
 
-    # ------------------------------------------------------------------ blend (spec §3.5) and logits (§3.6)
+    # ---- blend and logits (docs/methods/mma.md#blend-and-logits) ------------------------------------------------
     def _blend(self, feats: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         return _norm((1 - self.lam) * feats + self.lam * _norm(o))
 
@@ -208,7 +211,7 @@ class MultiModalAdapter(nn.Module):
         return image_out, text_out
 
     def forward(self, image_feats: torch.Tensor, text_feats: torch.Tensor):
-        """Adapted features `(v' [B, C], t' [B, N, C])`, spec §3.5; inputs [B, C] and [N, C] (normalised here)."""
+        """Adapted features `(v' [B, C], t' [B, N, C])`, docs/methods/mma.md#blend-and-logits; inputs [B, C] and [N, C] (normalised here)."""
         if not self.fast:
             return self.forward_dense(image_feats, text_feats)
         o_img, o_txt = self.raw_attention_block(image_feats, text_feats)  # [B, C], [B, C]
@@ -233,7 +236,7 @@ class MultiModalAdapter(nn.Module):
     def _scaled_logits(self, image_feats: torch.Tensor, text_feats: torch.Tensor, logit_scale) -> torch.Tensor:
         """Logits [B, N] without bias; `logit_scale` is the log of the multiplier, as CLIP stores it.
 
-        Under `block` + `mha`, with `u_b = norm(O_txt[b])` and unit `t_c`, `u_b` (spec §3.4):
+        Under `block` + `mha`, with `u_b = norm(O_txt[b])` and unit `t_c`, `u_b` (docs/methods/mma.md#the-mask):
         `logit[b,c] = s·((1−λ)⟨v'_b,t_c⟩ + λ⟨v'_b,u_b⟩) / sqrt((1−λ)² + λ² + 2λ(1−λ)⟨t_c,u_b⟩)` — O(B·N) memory.
         """
         if not self.fast:
@@ -264,11 +267,13 @@ def _scale(logit_scale, like: torch.Tensor) -> torch.Tensor:
 
 # ==================================================================================================== LightningModule
 class MMAMethod(AdapterMethod):
-    """MMA (spec §3) as a LightningModule; the constructor keys mirror ``MultiModalAdapter`` (``conf/method/mma.yaml``).
+    """MMA (docs/methods/mma.md#specification) as a LightningModule; the constructor keys mirror ``MultiModalAdapter``
+    (``conf/method/mma.yaml``).
 
     Per batch: `logits = MultiModalAdapter.logits(raw feats [B, C], T [N, C], logit_scale)` with `T` the normalised
     zero-shot text features of the label set in use (the training classes in training). Under the default
-    ``mask=block`` + ``block=mha`` this is the closed form of spec §3.4 (no [B, N, C] tensor); other variants run the
+    ``mask=block`` + ``block=mha`` this is the closed form of docs/methods/mma.md#the-mask (no [B, N, C] tensor);
+    other variants run the
     dense masked attention."""
 
     label = "MMA"

@@ -9,7 +9,8 @@ The equations, as in the authors' code::
     logits  = exp(logit_scale) · norm(f) · W                                   f the image features, W = [w_k]
 
 With ``alpha = 0`` (or ``x = 0``) the classifier is ``norm(t_k)``: zero-shot CLIP (for one template exactly the
-spec-§0 classifier). Only ``x`` is trained, with cross-entropy on mini-batches of 256 cached augmented views.
+classifier of docs/methods/shared.md#zero-shot-classifier). Only ``x`` is trained, with cross-entropy on mini-batches
+of 256 cached augmented views.
 
 Recipe (the release's Dassl configs and ``train_regular.sh``): Adam, weight decay 5e-4 (Dassl's default), lr 2e-3
 (ImageNet 2e-4), one warm-up epoch at a constant 1e-5 then cosine annealing over ``epochs`` (Dassl's

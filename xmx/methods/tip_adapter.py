@@ -1,4 +1,5 @@
-"""Tip-Adapter and Tip-Adapter-F (Zhang et al.; spec §2), the cache model on frozen CLIP features.
+"""Tip-Adapter and Tip-Adapter-F (Zhang et al.; docs/methods/tip_adapter.md#the-cache-model-and-its-search), the cache
+model on frozen CLIP features.
 
 The equations, as in the authors' code::
 
@@ -15,6 +16,9 @@ initialised with ``F`` (its rows are not re-normalised while training, as in the
 Below the equations: the Lightning modules :class:`TipAdapterMethod` (training-free, alpha/beta searched on
 validation in ``build``) and :class:`TipAdapterFMethod` (keys trained, epoch selected on validation, then alpha/beta
 searched on validation before testing); the equations above them are plain PyTorch.
+
+Long file: one family (the equations, the vectorised alpha/beta search, the two modules) that XMAdapter extends; the
+shared pieces (labels, chunking, checkpoints) come from ``methods/base.py``.
 """
 
 from __future__ import annotations
@@ -28,12 +32,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xmx.errors import XmxError
-from xmx.methods.base import XmxModule, resolve_checkpoint
+from xmx.methods.base import XmxModule, chunk_rows, eval_labels, resolve_checkpoint
+from xmx.results import SELECTION_MODES
 from xmx.utils import Heartbeat
 
 __all__ = [
     "TIP_DATASETS", "TIP_DEFAULT", "tip_dataset_config", "norm", "affinity", "build_cache", "check_cache",
-    "tip_logits", "TipAdapter", "TipAdapterF", "search_grid", "search_alpha_beta", "SearchResult", "correct_counts",
+    "check_feats", "tip_logits", "TipAdapter", "TipAdapterF", "search_grid", "search_alpha_beta", "SearchResult", "correct_counts",
     "accuracy", "TipAdapterMethod", "TipAdapterFMethod", "grid_summary",
 ]
 
@@ -42,7 +47,7 @@ log = logging.getLogger(__name__)
 ZS_SCALE = 100.0  # Tip-Adapter's fixed CLIP logit scale
 
 
-# ---- per-dataset defaults (spec §2; the authors' configs/*.yaml) --------------------------------------------------
+# ---- per-dataset defaults (docs/methods/tip_adapter.md#the-cache-model-and-its-search; the authors' configs/*.yaml)
 # beta_max, alpha_max: the search maxima ``search_scale: [beta_max, alpha_max]`` (never reached by the grid);
 # init_alpha, init_beta: the values used while training Tip-Adapter-F and before any search; epochs: Tip-Adapter-F.
 def _entry(beta_max: float, alpha_max: float, init_alpha: float, epochs: int = 20) -> dict:
@@ -68,7 +73,8 @@ TIP_DEFAULT: dict = _entry(10, 10, 1.0)
 
 
 def tip_dataset_config(name: str | None) -> dict:
-    """The spec-§2 entry for dataset ``name`` (a copy); :data:`TIP_DEFAULT` for a dataset not in the table.
+    """The table entry (docs/methods/tip_adapter.md#the-cache-model-and-its-search) for dataset ``name`` (a copy);
+    :data:`TIP_DEFAULT` for a dataset not in the table.
     ImageNet's test-only variants (``imagenet_v2``, ``imagenet_sketch``, ...) use ImageNet's entry."""
     key = (name or "").lower()
     if key not in TIP_DATASETS and key.startswith("imagenet"):
@@ -124,7 +130,8 @@ def check_cache(W: Tensor, keys: Tensor, values: Tensor) -> None:
         raise XmxError(f"cache has {keys.shape[0]} keys but {values.shape[0]} value rows; they must match")
 
 
-def _check_feats(f: Tensor, W: Tensor) -> None:
+def check_feats(f: Tensor, W: Tensor) -> None:
+    """Features ``f [B, C]`` must have the width of the classifier ``W [C, N]`` (the same backbone)."""
     if f.ndim != 2 or f.shape[1] != W.shape[0]:
         raise XmxError(f"features have shape {tuple(f.shape)} but the classifier W expects width {W.shape[0]} "
                        "([B, C]); features and classifier come from different backbones")
@@ -137,7 +144,7 @@ def tip_logits(f: Tensor, W: Tensor, keys: Tensor, values: Tensor, alpha: float 
     f [B, C] (raw or normalised), W [C, N] normalised class texts, keys [NK, C] (used as given: fine-tuned keys are
     not unit vectors), values [NK, N] -> [B, N]."""
     check_cache(W, keys, values)
-    _check_feats(f, W)
+    check_feats(f, W)
     f = norm(f.to(keys.dtype))                                   # [B, C]
     zs = ZS_SCALE * f @ W                                         # [B, N]
     A = affinity(f @ keys.T, beta)                               # [B, NK]
@@ -195,7 +202,7 @@ class TipAdapterF(nn.Module):
 
     def forward(self, f: Tensor) -> Tensor:
         """f [B, C] raw -> logits [B, N] = 100 f W + alpha exp(-beta (1 - adapter(f))) L."""
-        _check_feats(f, self.W)
+        check_feats(f, self.W)
         f = norm(f.to(self.W.dtype))                                 # [B, C]
         zs = ZS_SCALE * f @ self.W                                    # [B, N]
         A = affinity(self.adapter(f), self.beta)                     # [B, NK]
@@ -231,10 +238,6 @@ class SearchResult:
                 "alphas": self.alphas, "val_acc_grid": self.grid.tolist(), **self.extra}
 
 
-def _chunk_rows(n_rows: int, per_row: int, max_elements: int) -> int:
-    return max(1, min(n_rows, max_elements // max(per_row, 1)))
-
-
 @torch.no_grad()
 def correct_counts(zs: Tensor, caches: Tensor, alphas: Tensor, y: Tensor) -> Tensor:
     """Number of correct predictions of ``zs + alpha * cache`` for every (cache, alpha):
@@ -258,7 +261,7 @@ def search_alpha_beta(f_val: Tensor, y_val: Tensor, W: Tensor, keys: Tensor, val
     alpha enters linearly (``zs + alpha * cache``) all alphas are scored at once. Rows and betas are chunked so
     that no intermediate exceeds ``max_elements`` elements."""
     check_cache(W, keys, values)
-    _check_feats(f_val, W)
+    check_feats(f_val, W)
     if y_val.ndim != 1 or y_val.shape[0] != f_val.shape[0]:
         raise XmxError(f"search: {tuple(y_val.shape)} labels for {f_val.shape[0]} validation features")
     if f_val.shape[0] == 0:
@@ -276,8 +279,8 @@ def search_alpha_beta(f_val: Tensor, y_val: Tensor, W: Tensor, keys: Tensor, val
     N = L.shape[1]
     correct = torch.zeros(n_beta, n_alpha, dtype=torch.long, device=dev)
     per_row = NK + N + n_alpha * N                        # affinity + cache + all-alpha logits, for one beta
-    rows = _chunk_rows(M, per_row, max_elements)
-    nb = _chunk_rows(n_beta, rows * per_row, max_elements)                       # betas per chunk
+    rows = chunk_rows(M, per_row, max_elements)
+    nb = chunk_rows(n_beta, rows * per_row, max_elements)                       # betas per chunk
     # a line at least every 10 s, counted in betas scored over all images (also when all rows fit in one chunk)
     beat = Heartbeat(f"alpha/beta search ({n_beta}x{n_alpha} on {M} images), betas", total=n_beta)
     for r0 in range(0, M, rows):
@@ -309,16 +312,11 @@ def accuracy(logits: Tensor, y: Tensor) -> float:
 
 ENTRY_KEYS = ("beta_max", "alpha_max", "init_alpha", "init_beta", "n_beta", "n_alpha", "epochs")
 FULL_GRID_CELLS = 1000  # results_grid=auto writes the whole validation grid up to this many cells
-SELECTION_MODES = ("val", "paper")
 # selection: paper - the release's protocol (main.py / main_imagenet.py): Tip-Adapter-F's epoch is the one with the
 # best test accuracy at the initial alpha/beta (logged under this name and monitored instead of val/acc), and on
 # ImageNet alpha/beta are searched on the test set.
 PAPER_EPOCH_MONITOR = "select/test_acc"
 PAPER_TEST_SEARCH = ("imagenet",)  # datasets whose release searches alpha/beta on test (main_imagenet.py)
-
-
-def _labels(eval_set) -> Tensor:
-    return torch.tensor([d.label for d in eval_set.items], dtype=torch.long)
 
 
 def _digest(names) -> str:
@@ -350,7 +348,8 @@ def grid_summary(grid: Tensor, betas: list[float], full: bool, alphas: list[floa
 
 
 class TipAdapterMethod(XmxModule):
-    """Training-free Tip-Adapter (spec §2). ``build``: cache keys = norm(mean over the cached augmented views of the
+    """Training-free Tip-Adapter (docs/methods/tip_adapter.md#the-cache-model-and-its-search). ``build``: cache keys =
+    norm(mean over the cached augmented views of the
     training features), values = one-hot labels, W the zero-shot classifier of the training classes; then the
     (beta, alpha) grid search on the validation features picks the values used at test time.
 
@@ -482,7 +481,7 @@ class TipAdapterMethod(XmxModule):
     @torch.no_grad()
     def accuracy_on(self, eval_set, chunk: int = 4096) -> float:
         """Top-1 accuracy (%) of the current model on ``eval_set``'s cached features."""
-        f, y = self.dm.features_of(eval_set), _labels(eval_set)
+        f, y = self.dm.features_of(eval_set), eval_labels(eval_set)
         dev = self.model.W.device
         correct = sum(int((self.logits(f[i:i + chunk].float().to(dev), eval_set).argmax(-1).cpu()
                            == y[i:i + chunk]).sum()) for i in range(0, len(y), chunk))
@@ -501,7 +500,7 @@ class TipAdapterMethod(XmxModule):
         ``selection: paper`` says test) with the current keys; applies the best pair."""
         dev = self._device_for_search()
         sel = self.selection_set(dm)
-        f_val, y_val = dm.features_of(sel).float(), _labels(sel)
+        f_val, y_val = dm.features_of(sel).float(), eval_labels(sel)
         m = self.model
         res = search_alpha_beta(f_val.to(dev), y_val.to(dev), m.W.to(dev), m.cache_keys().detach().float().to(dev),
                                 m.values.to(dev), self.hp["beta_max"], self.hp["alpha_max"], self.hp["n_beta"],
@@ -558,7 +557,8 @@ class TipAdapterMethod(XmxModule):
 
 
 class TipAdapterFMethod(TipAdapterMethod):
-    """Tip-Adapter-F (spec §2): the cache keys become a trainable ``Linear(C -> NK)`` trained with cross-entropy at
+    """Tip-Adapter-F (docs/methods/tip_adapter.md#the-cache-model-and-its-search): the cache keys become a trainable
+    ``Linear(C -> NK)`` trained with cross-entropy at
     the initial (alpha, beta) of the dataset entry; one cached view per epoch (``data.view_sampling=cycle``); the
     epoch is selected on validation accuracy by the checkpoint callback (monitor ``val/acc``; the run restores the
     best checkpoint before testing); then (beta, alpha) are searched on validation with the selected keys

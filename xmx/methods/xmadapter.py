@@ -1,4 +1,5 @@
-"""XMAdapter (Yang et al., arXiv 2404.12588) as reconstructed in spec §4: a Tip-Adapter-F image cache plus a text
+"""XMAdapter (Yang et al., arXiv 2404.12588) as reconstructed in docs/methods/xmadapter.md#reconstruction: a
+Tip-Adapter-F image cache plus a text
 cache whose keys are text-side features of the same training images, fused with a ratio gamma, and a loss that
 up-weights the samples on which the two caches disagree. No code was published; every open choice is a constructor
 argument (and a config key), and results are a reimplementation.
@@ -22,6 +23,9 @@ With ``gamma_mode="fixed"``, ``gamma=1`` and ``kappa=0`` this is exactly :class:
 
 Below the equations: :class:`XMAdapterMethod`, the Lightning module (trained like Tip-Adapter-F; the search over
 beta, beta_txt, alpha and gamma on validation before testing).
+
+Long file: three image-to-text maps, the two-cache model, its four-way vectorised search and the module are one
+family's equations; each part is short and refers to the ones above it.
 """
 
 from __future__ import annotations
@@ -36,8 +40,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xmx.errors import XmxError
-from xmx.methods.tip_adapter import (FULL_GRID_CELLS, ZS_SCALE, TipAdapterFMethod, _check_feats, _chunk_rows,
-                                     affinity, check_cache, correct_counts, grid_summary, norm, search_grid)
+from xmx.methods.base import chunk_rows
+from xmx.methods.tip_adapter import (FULL_GRID_CELLS, ZS_SCALE, TipAdapterFMethod, affinity, check_cache, check_feats,
+                                     correct_counts, grid_summary, norm, search_grid)
 
 __all__ = ["IMG2TXT", "GAMMA_MODES", "TXT_KEYS_FROM", "Img2TxtNet", "MetaNet", "TextMixture", "LinearImg2Txt",
            "PseudoTokenImg2Txt", "make_pseudo_token_prompt", "hard_sample_weights", "XMAdapter", "XMSearchResult",
@@ -197,7 +202,8 @@ class XMAdapter(nn.Module):
     """XMAdapter on frozen CLIP features. ``keys [NK, C]`` (normalised mean-view cache keys), ``values [NK, N]``,
     ``W [C, N]`` as for Tip-Adapter.
 
-    Options (spec §4): ``img2txt`` (text_mixture | linear | pseudo_token), ``img2txt_temp`` (s, 100),
+    Options (docs/methods/xmadapter.md#reconstruction): ``img2txt`` (text_mixture | linear | pseudo_token),
+    ``img2txt_temp`` (s, 100),
     ``learn_img2txt_temp``, ``img2txt_proj`` (text_mixture only), ``img2txt_bias``; ``txt_keys_from``
     (``mean_view``: F_txt = g(the built cache keys); ``trained``: g(the current trained image keys));
     ``txt_keys_refresh`` (``step``: recomputed in every forward; ``manual``: cached, refreshed by
@@ -300,7 +306,7 @@ class XMAdapter(nn.Module):
 
     def branches(self, f: Tensor) -> Branches:
         """f [B, C] raw -> zero-shot logits, both affinities and the fused logits."""
-        _check_feats(f, self.W)
+        check_feats(f, self.W)
         f = norm(f.to(self.W.dtype))                                                   # [B, C]
         zs = ZS_SCALE * f @ self.W                                                      # [B, N]
         A_img = affinity(self.adapter(f), self.beta)                                   # [B, NK]
@@ -366,7 +372,7 @@ def search_xmadapter(model: XMAdapter, f_val: Tensor, y_val: Tensor, beta_max: f
     ``A L = gamma C_img + (1 - gamma) C_txt`` with
     ``C_* = exp(-beta_* (1 - S_*)) L``, so per beta all (beta_txt, alpha, gamma) are scored in one tensor op."""
     W, L = model.W, model.values
-    _check_feats(f_val, W)
+    check_feats(f_val, W)
     if y_val.ndim != 1 or y_val.shape[0] != f_val.shape[0] or f_val.shape[0] == 0:
         raise XmxError(f"search: {tuple(y_val.shape)} labels for {f_val.shape[0]} validation features "
                        "(need one label per feature and at least one feature)")
@@ -394,13 +400,13 @@ def search_xmadapter(model: XMAdapter, f_val: Tensor, y_val: Tensor, beta_max: f
     N, nbt, G = L.shape[1], (1 if tied else len(bt_l)), len(gammas)
     correct = torch.zeros(n_beta, nbt, n_alpha, G, dtype=torch.long, device=dev)
     per_row = (n_beta + len(bt_l)) * N + 2 * NK + G * nbt * (1 + n_alpha) * N
-    rows = _chunk_rows(M, per_row, max_elements)
+    rows = chunk_rows(M, per_row, max_elements)
 
     def caches(S: Tensor, bs: Tensor) -> Tensor:                                      # -> [len(bs), m, N]
-        step = _chunk_rows(len(bs), S.shape[0] * S.shape[1], max_elements)
+        step = chunk_rows(len(bs), S.shape[0] * S.shape[1], max_elements)
         return torch.cat([affinity(S[None], bs[i:i + step, None, None]) @ L for i in range(0, len(bs), step)])
 
-    nb = _chunk_rows(n_beta, rows * G * nbt * (1 + n_alpha) * N, max_elements)         # betas per chunk
+    nb = chunk_rows(n_beta, rows * G * nbt * (1 + n_alpha) * N, max_elements)         # betas per chunk
     for r0 in range(0, M, rows):
         zs_r, y_r = zs[r0:r0 + rows], y[r0:r0 + rows]
         C_img = caches(S_img[r0:r0 + rows], beta_t)                                   # [n_beta, m, N]
@@ -428,7 +434,8 @@ BETA_TXT_SEARCH = ("separate", "tied")
 def search_beta_txt_separately(model: XMAdapter, f_val: Tensor, y_val: Tensor, beta_max: float, alpha_max: float,
                                n_beta: int = 200, n_alpha: int = 20, gammas: Sequence[float] | None = None,
                                max_elements: int = 1 << 28) -> XMSearchResult:
-    """beta_txt searched on its own grid (spec §4.3), in two stages: (beta, alpha, gamma) with beta_txt tied to beta;
+    """beta_txt searched on its own grid (docs/methods/xmadapter.md#search), in two stages: (beta, alpha, gamma) with
+    beta_txt tied to beta;
     then, at that beta, (beta_txt, alpha, gamma) over Tip-Adapter's beta grid. The second stage contains the tied
     point, so it never scores lower; it replaces the first only when strictly better. A joint 4-D search
     (``search_betas_txt: [values]``) costs n_beta times more."""
@@ -447,14 +454,16 @@ def search_beta_txt_separately(model: XMAdapter, f_val: Tensor, y_val: Tensor, b
 # selected on validation), then (beta, [beta_txt,] alpha[, gamma]) searched on validation before testing.
 # =================================================================================================================
 class XMAdapterMethod(TipAdapterFMethod):
-    """XMAdapter (spec §4) on cached features; every option of :class:`XMAdapter` is a constructor argument (a key
+    """XMAdapter (docs/methods/xmadapter.md#reconstruction) on cached features; every option of :class:`XMAdapter` is
+    a constructor argument (a key
     of ``conf/method/xmadapter.yaml``). Per-dataset search ranges and initial alpha/beta as Tip-Adapter-F.
 
     ``gamma_mode``: ``fixed`` (``gamma`` throughout), ``searched`` (trained at ``gamma``, then searched on the
     validation grid ``gamma_grid(gamma_steps)`` with beta/alpha) or ``learned`` (``sigmoid`` of a trained scalar
     starting at ``gamma``). ``search_betas_txt``: ``separate`` (default: beta_txt on its own grid after the tied
     search, :func:`search_beta_txt_separately`), ``tied``/null (beta_txt = beta), or a list searched jointly. The
-    text branch trains by default (``img2txt_proj`` and ``learn_img2txt_temp`` on; spec §4.2).
+    text branch trains by default (``img2txt_proj`` and ``learn_img2txt_temp`` on;
+    docs/methods/xmadapter.md#text-branch).
     The search runs on ``search_device`` like Tip-Adapter's (the model visits it for the search)."""
 
     def __init__(self, img2txt: str = "text_mixture", img2txt_temp: float = 100.0, learn_img2txt_temp: bool = True,
@@ -561,5 +570,5 @@ class XMAdapterMethod(TipAdapterFMethod):
             out.update(beta_txt=sr.get("beta_txt", float(m.beta_txt)),
                        gamma=float(m.gamma) if learned else sr.get("gamma", float(m.gamma)), gamma_mode=m.gamma_mode,
                        kappa=m.kappa, tau=m.tau, shots_K=m.shots, img2txt=m.img2txt_kind)
-        out["reimplementation"] = "XMAdapter has no public code; this is xmx's reconstruction (spec §4)"
+        out["reimplementation"] = "XMAdapter has no public code; this is xmx's reconstruction (docs/methods/xmadapter.md#reconstruction)"
         return out

@@ -1,4 +1,5 @@
-"""Zero-shot CLIP (spec §0): logits = exp(logit_scale) · norm(f) · W (+ logit_bias), W from class names × prompt
+"""Zero-shot CLIP (docs/methods/shared.md#zero-shot-classifier): logits = exp(logit_scale) · norm(f) · W (+
+logit_bias), W from class names × prompt
 templates. ``logit_scale`` and ``logit_bias`` are the backbone's own: SigLIP-family models carry a learned bias and
 score each class with a sigmoid (the bias shifts every class alike, so top-1/top-5 do not change; the logits kept in
 ``predictions.safetensors`` are the model's own)."""

@@ -9,12 +9,12 @@ from pathlib import Path
 import pandas as pd
 
 from xmx.errors import XmxError
-from xmx.report.gather import (CAVEAT_NOTE, TABLES, _assign_variants, find_results, load_runs, observations,
+from xmx.report.gather import (CAVEAT_NOTE, TABLES, assign_variants, find_results, load_runs, observations,
                                swept_keys)
 from xmx.report.plots import plot_base2new, plot_fewshot, plot_sweeps, plot_variance
 from xmx.report.references import compare, load_references
 from xmx.report.stats import (Predictions, cell_intervals, compare_methods, decompose, interval_text, win_tie_loss)
-from xmx.report.tables import _md, _slug, aggregate, build_tables, latex_table, markdown_table
+from xmx.report.tables import md_cell, slug, aggregate, build_tables, latex_table, markdown_table
 from xmx.utils import atomic_write_bytes
 
 NOTES = ("Cells are mean ± sample std (ddof 1) over seeds. A cell marked '(n/m seeds)' has fewer seeds than expected "
@@ -42,7 +42,7 @@ def pair_markdown(p: pd.DataFrame) -> str:
              "|---|---|---|---|---:|---|---|---|"]
     for r in p.itertuples():
         lines.append(f"| {r.table} | {r.dataset} | {r.column} | {r.seeds} | {r.diff:+.2f} | "
-                     f"{interval_text(r.lo, r.hi) or '–'} | {r.verdict or '–'} | {_md(r.note)} |")
+                     f"{interval_text(r.lo, r.hi) or '–'} | {r.verdict or '–'} | {md_cell(r.note)} |")
     return "\n".join(lines)
 
 
@@ -70,7 +70,7 @@ def build_report(folders, out="report", seeds=None, params=(), references=(), do
             raise XmxError(f"--param {p}: no run's resolved config has this key; pass a dotted key of the config, "
                            "e.g. method.lam")
     swept = swept_keys(runs, params)
-    runs, dups = _assign_variants(runs, swept)
+    runs, dups = assign_variants(runs, swept)
     skipped = pd.concat([skipped, dups], ignore_index=True)
     obs = observations(runs)
     cells = aggregate(obs, seeds)
@@ -118,7 +118,7 @@ def build_report(folders, out="report", seeds=None, params=(), references=(), do
     files["skipped.csv"] = skipped.to_csv(index=False).encode()
     if len(skipped):
         md += ["## Skipped runs", "", "| results.json | reason |", "|---|---|"]
-        md += [f"| {_md(p)} | {_md(r)} |" for p, r in skipped.itertuples(index=False)] + [""]
+        md += [f"| {md_cell(p)} | {md_cell(r)} |" for p, r in skipped.itertuples(index=False)] + [""]
     if cmp is not None:
         md += ["## Comparison with references", ""]
         if len(cmp):
@@ -126,16 +126,16 @@ def build_report(folders, out="report", seeds=None, params=(), references=(), do
                    "| table | method | dataset | column | ours | xmx 95 % interval | reference | ours − ref | "
                    "reference inside | reference source | note |",
                    "|---|---|---|---|---:|---|---:|---:|---|---|---|"]
-            md += [f"| {r.table} | {_md(r.label)} | {r.dataset} | {r.column} | {r.ours_text} | "
+            md += [f"| {r.table} | {md_cell(r.label)} | {r.dataset} | {r.column} | {r.ours_text} | "
                    f"{interval_text(r.ci_lo, r.ci_hi) or '–'} | {r.reference:.2f} | {r.diff:+.2f} | "
-                   f"{ {'yes': 'yes', 'no': '**no**'}.get(r.inside, '– (no predictions)')} | {_md(r.source)} | "
+                   f"{ {'yes': 'yes', 'no': '**no**'}.get(r.inside, '– (no predictions)')} | {md_cell(r.source)} | "
                    f"{r.note} |" for r in cmp.itertuples()] + [""]
         else:
             md += ["No cell has a reference number.", ""]
         files["compare.csv"] = cmp.drop(columns="ours_text").to_csv(index=False).encode()
     for p in pair or []:
         a, b = p.a.iloc[0], p.b.iloc[0]
-        stem = f"compare_{_slug(a)}_vs_{_slug(b)}"
+        stem = f"compare_{slug(a)}_vs_{slug(b)}"
         md += [f"## {a} − {b}: paired differences", "", PAIR_NOTE, "", pair_markdown(p), ""]
         wtl = win_tie_loss(p)
         if len(wtl):
@@ -150,7 +150,7 @@ def build_report(folders, out="report", seeds=None, params=(), references=(), do
                "| table | method | dataset | column | runs | seed | subset | training | test |",
                "|---|---|---|---|---:|---:|---:|---:|---:|"]
         f = lambda v: "–" if pd.isna(v) else f"{v:.3f}"  # noqa: E731
-        md += [f"| {r.table} | {_md(r.method)} | {r.dataset} | {r.column} | {r.runs} | {f(r.seed)} | {f(r.subset)} | "
+        md += [f"| {r.table} | {md_cell(r.method)} | {r.dataset} | {r.column} | {r.runs} | {f(r.seed)} | {f(r.subset)} | "
                f"{f(r.training)} | {f(r.test)} |" for r in var.itertuples()] + [""]
         files["variance.csv"] = var.to_csv(index=False).encode()
     files["report.md"] = "\n".join(md).encode()

@@ -12,20 +12,18 @@ from pathlib import Path
 import pandas as pd
 
 from xmx.errors import XmxError
-
-SCHEMA = "xmx.results/1"
+from xmx.results import SCHEMA, SELECTION_MODES  # noqa: F401 - the one definition; SCHEMA offered here too
 TABLES = ("fewshot", "base2new", "domain_shift", "cross_dataset", "glue", "colour")
 TITLES = {"fewshot": "Few-shot classification", "base2new": "Base-to-new generalisation",
           "domain_shift": "Domain shift", "cross_dataset": "Cross-dataset transfer", "glue": "GLUE (dev)",
           "colour": "Colour probing"}
 AVG = "average"  # the dataset name of the averages
-# results.json "selection": val (nothing chosen on test) | paper (the authors' code where it selects on test). It is
-# part of every row's identity, so a mean never mixes the two; paper rows carry PAPER_MARK.
-SELECTION_MODES = ("val", "paper")
+# results.json "selection" (xmx.results.SELECTION_MODES) is part of every row's identity, so a mean never mixes val
+# and paper; paper rows carry PAPER_MARK.
 PAPER_MARK = "†"
 
 
-def _norm(s) -> str:
+def norm_name(s) -> str:
     """Lower-case alphanumerics only: 'Tip-Adapter-F' == 'tip_adapter_f'."""
     return re.sub(r"[^a-z0-9]", "", str(s).lower())
 
@@ -43,7 +41,7 @@ _DATASETS = [
     ("MNLI", ["mnli"]), ("QNLI", ["qnli"]), ("RTE", ["rte"]), ("WNLI", ["wnli"]),
     ("MemoryColor", ["memorycolor", "memory_color"]), ("ColorTerms", ["colorterms", "color_terms"]),
 ]
-_ALIAS = {_norm(a): disp for disp, names in _DATASETS for a in [disp, *names]}
+_ALIAS = {norm_name(a): disp for disp, names in _DATASETS for a in [disp, *names]}
 _ORDER = {disp: i for i, (disp, _) in enumerate(_DATASETS)}
 IMAGENET_VARIANTS = {"ImageNet-V2", "ImageNet-Sketch", "ImageNet-A", "ImageNet-R"}
 GLUE_TASKS = {"CoLA", "SST-2", "MRPC", "QQP", "STS-B", "MNLI", "QNLI", "RTE", "WNLI"}
@@ -57,14 +55,14 @@ def dataset_name(name) -> str:
     """Canonical display name of a dataset (unknown names are kept as given)."""
     if str(name) == AVG:
         return AVG
-    return _ALIAS.get(_norm(name), str(name))
+    return _ALIAS.get(norm_name(name), str(name))
 
 
-def _dataset_order(name: str):
+def dataset_order(name: str):
     return (name == AVG, _ORDER.get(name, len(_ORDER)), name)
 
 
-def _col_order(col: str):
+def col_order(col: str):
     try:
         return (0, float(col), col)
     except ValueError:
@@ -147,10 +145,10 @@ def _colour_targets(metrics: dict) -> list[str]:
 
 
 def _classify(protocol: str, dataset: str, metrics: dict) -> str:
-    p = _norm(protocol)
+    p = norm_name(protocol)
     if dataset in GLUE_TASKS or "glue" in p:
         return "glue"
-    if (dataset in COLOUR_SETS or "color" in p or "colour" in p or "color" in _norm(dataset)
+    if (dataset in COLOUR_SETS or "color" in p or "colour" in p or "color" in norm_name(dataset)
             or _colour_targets(metrics)):  # the colour probe's eval sets are not transfer targets
         return "colour"
     if "test_base/acc" in metrics or "test_new/acc" in metrics or ("base" in p and "new" in p):
@@ -203,7 +201,7 @@ def _observations(table: str, dataset: str, metrics: dict) -> list[tuple[str, st
     for k in sorted(keys):
         evalset, metric = k.split("/", 1)
         sub = evalset[len(prefix):].lstrip("_")
-        name = _METRIC_NAMES.get(_norm(metric), metric)
+        name = _METRIC_NAMES.get(norm_name(metric), metric)
         obs.append((dataset, f"{sub}_{name}" if sub else name, _finite(metrics, k)))
     return obs
 
@@ -215,7 +213,7 @@ def caveat(rec: dict) -> str:
     if any(isinstance(rec.get(k), dict) and rec[k].get("random_init") for k in ("weights", "weights_plm")):
         parts.append("random-init weights")
     data = rec.get("data") if isinstance(rec.get("data"), dict) else {}
-    if data.get("synthetic") or _norm(rec.get("dataset")) == "synthetic":
+    if data.get("synthetic") or norm_name(rec.get("dataset")) == "synthetic":
         parts.append("synthetic data")
     return " + ".join(parts)
 
@@ -298,14 +296,14 @@ def swept_keys(runs: pd.DataFrame, forced: list[str] = ()) -> dict[tuple, list[s
     return out
 
 
-def _fmt_value(v) -> str:
+def fmt_value(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def _assign_variants(runs: pd.DataFrame, swept: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+def assign_variants(runs: pd.DataFrame, swept: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Add the ``variant`` column; drop older duplicates of the same run (returned as skipped)."""
     runs = runs.copy()
-    runs["variant"] = [", ".join(f"{k}={_fmt_value(r.cfg.get(k))}" for k in swept[tuple(getattr(r, g) for g in GROUP)])
+    runs["variant"] = [", ".join(f"{k}={fmt_value(r.cfg.get(k))}" for k in swept[tuple(getattr(r, g) for g in GROUP)])
                        for r in runs.itertuples()]
     runs = runs.sort_values("mtime", ascending=False, kind="stable")
     dup = runs.duplicated(GROUP + ["variant"] + CELL, keep="first")
@@ -326,7 +324,7 @@ def hm(b, n) -> float:
     return 2 * b * n / (b + n) if (b + n) else float("nan")
 
 
-def _label_rows(rows: pd.DataFrame) -> pd.Series:
+def label_rows(rows: pd.DataFrame) -> pd.Series:
     """Row labels: the method, plus whatever else tells two rows of one table apart."""
     labels = []
     for r in rows.itertuples():

@@ -9,9 +9,9 @@ import math
 import numpy as np
 import pandas as pd
 
-from xmx.report.gather import AVG, GROUP, _col_order, _dataset_order, _fmt_value, hm
-from xmx.report.references import _bb
-from xmx.report.tables import _slug
+from xmx.report.gather import AVG, GROUP, col_order, dataset_order, fmt_value, hm
+from xmx.report.references import backbone_key
+from xmx.report.tables import slug
 
 
 def colours(labels) -> dict[str, tuple]:
@@ -61,25 +61,25 @@ def plot_fewshot(cells: pd.DataFrame, refs: pd.DataFrame | None, colour: dict | 
         return out
     # a row measured at 0 shots only (zero-shot) is drawn as a horizontal line, so 0 gets no tick of its own
     only0 = fs.groupby("label").column.agg(lambda c: set(c) == {"0"})
-    shots = sorted(fs.column.unique(), key=_col_order)
+    shots = sorted(fs.column.unique(), key=col_order)
     if "0" in shots and len(shots) > 1 and not (~only0[fs[fs.column == "0"].label.unique()]).any():
         shots.remove("0")
     pos = {s: i for i, s in enumerate(shots)}
     colour = colour or colours(cells.label)
-    for d in sorted(fs.dataset.unique(), key=_dataset_order):
+    for d in sorted(fs.dataset.unique(), key=dataset_order):
         fig, ax = plt.subplots(figsize=(5.5, 4))
         groups = list(fs[fs.dataset == d].groupby("label"))
         lines = [lab for lab, _ in groups if not (only0[lab] and "0" not in pos)]
         off = dict(zip(lines, _dodge(len(lines))))
         for label, g in groups:
-            g = g.sort_values("column", key=lambda c: c.map(_col_order))
+            g = g.sort_values("column", key=lambda c: c.map(col_order))
             if only0[label] and "0" not in pos:
                 ax.axhline(g["mean"].iloc[0], ls=":", color=colour.get(label, "gray"), label=label)
                 continue
             ax.errorbar([pos[c] + off[label] for c in g.column], g["mean"], yerr=g["std"].fillna(0), marker="o",
                         capsize=3, label=label, color=colour.get(label))
         if d == AVG and refs is not None and len(refs):
-            bbs = {_bb(b) for b in fs.backbone if b}
+            bbs = {backbone_key(b) for b in fs.backbone if b}
             for (m, src), r in refs[(refs.table == "fewshot") & (refs.dataset == AVG)].groupby(["method", "source"]):
                 r = r[[not rb or not bbs or bool(rb & bbs) for rb in r.backbones]]
                 if r.empty:
@@ -87,7 +87,7 @@ def plot_fewshot(cells: pd.DataFrame, refs: pd.DataFrame | None, colour: dict | 
                 if (r.column == "*").any():
                     ax.axhline(r.value.iloc[0], ls="--", lw=0.8, color="black", alpha=0.5, label=f"{m} (ref)")
                     continue
-                r = r[r.column.isin(pos)].sort_values("column", key=lambda c: c.map(_col_order))
+                r = r[r.column.isin(pos)].sort_values("column", key=lambda c: c.map(col_order))
                 if len(r):
                     ax.plot([pos[c] for c in r.column], r.value, ls="--", marker="x", alpha=0.6, label=f"{m} (ref)")
         ax.set_xticks(range(len(shots)), shots)
@@ -96,7 +96,7 @@ def plot_fewshot(cells: pd.DataFrame, refs: pd.DataFrame | None, colour: dict | 
         ax.set_title("Average over datasets" if d == AVG else d)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-        out[f"fewshot_{_slug(d)}.png"] = _png(fig, _caveat_of(fs[fs.dataset == d].caveat))
+        out[f"fewshot_{slug(d)}.png"] = _png(fig, _caveat_of(fs[fs.dataset == d].caveat))
     return out
 
 
@@ -112,7 +112,7 @@ def plot_base2new(cells: pd.DataFrame, colour: dict | None = None) -> dict[str, 
         return {}
     colour = colour or colours(cells.label)
     labels = sorted(b2n.label.unique())
-    datasets = sorted(b2n.dataset.unique(), key=_dataset_order)
+    datasets = sorted(b2n.dataset.unique(), key=dataset_order)
     width = 0.8 / len(labels)
     fig, axes = plt.subplots(3, 1, figsize=(max(6.0, 0.6 * len(datasets) * max(1, len(labels)) ** 0.5 + 2), 8),
                              sharex=True)
@@ -164,7 +164,7 @@ def plot_variance(var: pd.DataFrame) -> dict[str, bytes]:
         ax.grid(axis="x", alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # never over the bars
         fig.tight_layout()
-        out[f"variance_{_slug(table)}.png"] = _png(fig, _caveat_of(t.get("caveat", [])))
+        out[f"variance_{slug(table)}.png"] = _png(fig, _caveat_of(t.get("caveat", [])))
     return out
 
 
@@ -189,7 +189,7 @@ def plot_sweeps(runs: pd.DataFrame, obs: pd.DataFrame, swept: dict, params: list
             if len({json.dumps(v, sort_keys=True, default=str) for v in xs.values()}) < 2:
                 continue
             o = obs[obs.run.isin(list(xs))]
-            others = {i: ", ".join(f"{k}={_fmt_value(sel.cfg[i].get(k))}" for k in swept[gkey] if k != key)
+            others = {i: ", ".join(f"{k}={fmt_value(sel.cfg[i].get(k))}" for k in swept[gkey] if k != key)
                       for i in xs}
             d = o.assign(x=o.run.map(xs), other=o.run.map(others), xkey=o.run.map(lambda i: str(xs[i])))
             numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in xs.values())
@@ -219,6 +219,6 @@ def plot_sweeps(runs: pd.DataFrame, obs: pd.DataFrame, swept: dict, params: list
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
             caveat = gkey[GROUP.index("caveat")]
-            out[f"sweep_{_slug(gkey[0])}_{_slug(gkey[1])}_{_slug(gkey[2])}_{_slug(key)}"
-                + (f"_{_slug(caveat)}" if caveat else "") + ".png"] = _png(fig, caveat)
+            out[f"sweep_{slug(gkey[0])}_{slug(gkey[1])}_{slug(gkey[2])}_{slug(key)}"
+                + (f"_{slug(caveat)}" if caveat else "") + ".png"] = _png(fig, caveat)
     return out

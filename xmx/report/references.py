@@ -10,7 +10,7 @@ import pandas as pd
 import yaml
 
 from xmx.errors import XmxError
-from xmx.report.gather import AVG, TABLES, _norm, dataset_name
+from xmx.report.gather import AVG, TABLES, norm_name, dataset_name
 
 REF_FIELDS = ("table", "method", "dataset", "column", "value", "source")
 
@@ -53,8 +53,8 @@ def load_references(path=None) -> pd.DataFrame:
             raise XmxError(f"reference file {where}, entry {i + 1}: value {e['value']!r} is not a number") from None
         aliases, bb, ex = e.get("aliases") or [], e.get("backbone") or [], e.get("experiment") or []
         rows.append({"table": e["table"], "method": str(e["method"]),
-                     "methods": {_norm(m) for m in [e["method"], *([aliases] if isinstance(aliases, str) else aliases)]},
-                     "backbones": {_bb(b) for b in ([bb] if isinstance(bb, str) else bb)},
+                     "methods": {norm_name(m) for m in [e["method"], *([aliases] if isinstance(aliases, str) else aliases)]},
+                     "backbones": {backbone_key(b) for b in ([bb] if isinstance(bb, str) else bb)},
                      # the presets whose runs the number may be compared with (empty: any run of the method)
                      "experiments": {str(x) for x in ([ex] if isinstance(ex, str) else ex)},
                      "dataset": dataset_name(e["dataset"]), "column": str(e["column"]), "value": value,
@@ -63,8 +63,8 @@ def load_references(path=None) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _bb(name) -> str:
-    return _norm(name).replace("quickgelu", "")
+def backbone_key(name) -> str:
+    return norm_name(name).replace("quickgelu", "")
 
 
 def compare(cells: pd.DataFrame, refs: pd.DataFrame) -> pd.DataFrame:
@@ -72,9 +72,9 @@ def compare(cells: pd.DataFrame, refs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for c in cells.itertuples():
         for r in refs.itertuples():
-            if (r.table == c.table and _norm(c.method) in r.methods and r.dataset == c.dataset
+            if (r.table == c.table and norm_name(c.method) in r.methods and r.dataset == c.dataset
                     and r.column in ("*", c.column)
-                    and (not r.backbones or not c.backbone or _bb(c.backbone) in r.backbones)
+                    and (not r.backbones or not c.backbone or backbone_key(c.backbone) in r.backbones)
                     and (not r.experiments or c.experiment in r.experiments)):
                 note = ""
                 if c.dataset == AVG and r.n_datasets and not pd.isna(r.n_datasets) and c.n_datasets != r.n_datasets:

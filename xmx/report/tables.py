@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pandas as pd
 
-from xmx.report.gather import AVG, PAPER_MARK, ROW, TABLES, TITLES, _col_order, _dataset_order, _label_rows, hm
+from xmx.report.gather import AVG, PAPER_MARK, ROW, TABLES, TITLES, col_order, dataset_order, label_rows, hm
 
 
 SYNTHETIC = "synthetic"  # the dataset name of xmx's generated demo set (conf/data/synthetic.yaml)
@@ -112,10 +112,10 @@ def aggregate(obs: pd.DataFrame, expected_seeds: list[int] | None = None) -> pd.
     out["complete"] = out.complete.astype(bool)
     out["n_seeds"] = out.n_seeds.astype(int)
     rows = out[ROW].drop_duplicates()
-    out = out.merge(rows.assign(label=_label_rows(rows)), on=ROW, how="left")
+    out = out.merge(rows.assign(label=label_rows(rows)), on=ROW, how="left")
     out["text"] = [_cell_text(r) for r in out.itertuples()]
-    out["sort_d"] = out.dataset.map(_dataset_order)
-    out["sort_c"] = out.column.map(_col_order)
+    out["sort_d"] = out.dataset.map(dataset_order)
+    out["sort_c"] = out.column.map(col_order)
     out = out.sort_values(["table", "label", "sort_d", "sort_c"]).drop(columns=["sort_d", "sort_c"])
     cols = ["table", "label", "method", "experiment", "backbone", "caveat", "protocol", "selection", "variant",
             "rshots", "dataset", "column",
@@ -141,9 +141,9 @@ def _cell_text(r) -> str:
 def _wide(cells: pd.DataFrame, columns: str, index="label", rename=None, by_dataset=False) -> pd.DataFrame:
     w = cells.pivot_table(index=index, columns=columns, values="text", aggfunc="first").fillna("–")
     if columns == "dataset" or by_dataset:
-        order = sorted(w.columns, key=_dataset_order)
+        order = sorted(w.columns, key=dataset_order)
     else:
-        order = sorted(w.columns, key=_col_order)
+        order = sorted(w.columns, key=col_order)
     w = w[order]
     w.columns = [(rename or {}).get(c, "Average" if c == AVG else c) for c in w.columns]
     w.columns.name, w.index.name = None, "method"
@@ -159,29 +159,29 @@ def build_tables(cells: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
         w.columns = [f"{c} shots" for c in w.columns]
         nd = int(fs[fs.dataset == AVG].expected_datasets.max())
         out.append(("fewshot_average", f"Few-shot: mean accuracy (%) over {nd} datasets", w))
-        for shots in sorted(fs.column.unique(), key=_col_order):
+        for shots in sorted(fs.column.unique(), key=col_order):
             out.append((f"fewshot_{shots}shot", f"Few-shot: {shots} shots, test accuracy (%)",
                         _wide(fs[fs.column == shots], "dataset")))
     b2n = cells[cells.table == "base2new"]
     if len(b2n):
         names = {"base": "Base", "new": "New", "hm": "HM"}
-        for d in sorted(b2n.dataset.unique(), key=lambda x: (x != AVG, _dataset_order(x))):
+        for d in sorted(b2n.dataset.unique(), key=lambda x: (x != AVG, dataset_order(x))):
             n = int(b2n[b2n.dataset == AVG].expected_datasets.max()) if d == AVG else 0
             title = f"Base-to-new: average over {n} datasets" if d == AVG else f"Base-to-new: {d}"
-            out.append((f"base2new_{_slug(d)}", title, _wide(b2n[b2n.dataset == d], "column", rename=names)))
+            out.append((f"base2new_{slug(d)}", title, _wide(b2n[b2n.dataset == d], "column", rename=names)))
     for table in ("domain_shift", "cross_dataset"):
         t = cells[cells.table == table]
-        for src in sorted(t.dataset.unique(), key=_dataset_order):
+        for src in sorted(t.dataset.unique(), key=dataset_order):
             s = t[t.dataset == src]
             w = _wide(s, "column", by_dataset=True)
             cols = [src] + [c for c in w.columns if c not in (src, "Average")] + ["Average"]
             w = w[[c for c in cols if c in w.columns]]
             w.columns = [f"{c} (source)" if c == src else c for c in w.columns]
-            out.append((f"{table}_{_slug(src)}", f"{TITLES[table]}: {src} → targets, test accuracy (%)", w))
+            out.append((f"{table}_{slug(src)}", f"{TITLES[table]}: {src} → targets, test accuracy (%)", w))
     g = cells[cells.table == "glue"]
     if len(g):
         g = g.assign(key=[("GLUE score" if d == AVG else f"{d} {c}") for d, c in zip(g.dataset, g.column)],
-                     order=[(_dataset_order(d), _col_order(c)) for d, c in zip(g.dataset, g.column)])
+                     order=[(dataset_order(d), col_order(c)) for d, c in zip(g.dataset, g.column)])
         keys = list(dict.fromkeys(g.sort_values("order").key))
         w = g.pivot_table(index="label", columns="key", values="text", aggfunc="first").fillna("–")[keys]
         w.columns.name, w.index.name = None, "method"
@@ -192,19 +192,19 @@ def build_tables(cells: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
     return out
 
 
-def _slug(s: str) -> str:
+def slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", str(s)).strip("_").lower() or "x"
 
 
-def _md(s) -> str:
+def md_cell(s) -> str:
     return str(s).replace("|", "\\|")
 
 
 def markdown_table(df: pd.DataFrame) -> str:
     head = [df.index.name or ""] + [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(map(_md, head)) + " |", "|" + "|".join(["---"] + ["---:"] * len(df.columns)) + "|"]
+    lines = ["| " + " | ".join(map(md_cell, head)) + " |", "|" + "|".join(["---"] + ["---:"] * len(df.columns)) + "|"]
     for idx, row in df.iterrows():
-        lines.append("| " + " | ".join([_md(idx)] + [_md(v) for v in row]) + " |")
+        lines.append("| " + " | ".join([md_cell(idx)] + [md_cell(v) for v in row]) + " |")
     return "\n".join(lines)
 
 

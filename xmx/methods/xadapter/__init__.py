@@ -1,4 +1,5 @@
-"""X-adapter (Zhang et al., arXiv 2305.07358; spec §5): CLIP knowledge plugged into a frozen BERT / RoBERTa.
+"""X-adapter (Zhang et al., arXiv 2305.07358; docs/methods/xadapter.md#design): CLIP knowledge plugged into a frozen
+BERT / RoBERTa.
 
 Read :mod:`xmx.methods.xadapter.expert` first: the expert block's equations, its placement and PEFT-style injection,
 and the V-/T-expert inputs. :mod:`~xmx.methods.xadapter.glue` holds the GLUE metrics, :mod:`~xmx.methods.xadapter.module`

@@ -1,4 +1,5 @@
-r"""X-adapter (Zhang et al., arXiv 2305.07358; spec §5): plug CLIP knowledge into a frozen BERT / RoBERTa.
+r"""X-adapter (Zhang et al., arXiv 2305.07358; docs/methods/xadapter.md#design): plug CLIP knowledge into a frozen
+BERT / RoBERTa.
 
 Expert block, inserted after chosen PLM layers; ``H ∈ R^{B×L×d}`` the PLM hidden states, ``E ∈ R^{B×M×d_clip}`` a CLIP
 feature sequence with a key-padding mask (V-expert: the pooled CLIP image embeddings of the top-k images retrieved

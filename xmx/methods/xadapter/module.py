@@ -1,4 +1,5 @@
-"""The xmx runs of the language track (X-adapter, spec §5): MLM pre-training, the zero-shot colour probe and GLUE
+"""The xmx runs of the language track (X-adapter, docs/methods/xadapter.md#design): MLM pre-training, the zero-shot
+colour probe and GLUE
 fine-tuning, as LightningModules over the blocks of :mod:`xmx.methods.xadapter.expert`."""
 
 from __future__ import annotations
