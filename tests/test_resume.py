@@ -124,7 +124,6 @@ def test_full_disk_is_one_line_leaves_no_truncated_checkpoint_and_marks_the_job_
     failed, every checkpoint on disk loads (the previous whole ones), no temporary file is left; the same command
     then resumes."""
     import errno
-    import json
 
     from fsspec.implementations.local import LocalFileOpener
     args = [*TINY, "method.epochs=3", "logger=none", "callbacks.rich_progress_bar=null",
