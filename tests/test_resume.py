@@ -100,7 +100,10 @@ def test_killed_run_of_every_family_resumes_to_the_same_numbers(make_cfg, xmx_ca
         [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "xmx.run", *args, f"paths.cache_dir={xmx_cache}", f"paths.log_dir={logs}",
            f"hydra.run.dir={folder}"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal's Ctrl-C delivers it: a test run in the background inherits SIGINT ignored, and Python
+    # then installs no KeyboardInterrupt handler (the run would not be stopped at all)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     last = folder / "checkpoints" / "last.ckpt"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not last.is_file():
