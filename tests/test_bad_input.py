@@ -149,6 +149,8 @@ RUN_CASES = [
      "method.stage1_fraction=1.0: the share of the steps given to stage 1 must be in (0, 1)", False),
     ("2SFS: unknown stage-1 tuning", ["backbone=tiny", "method=twosfs", "method.peft=lora"],
      "method.peft='lora': only ln", False),
+    ("resume schedule not positive", ["callbacks.resume.every_minutes=0"],
+     "callbacks.resume.every_minutes=0: must be a positive number of minutes", True),
     ("TDA outside protocol=test_time", ["method=tda"], "method=tda runs on protocol=test_time", False),
     ("TDA views that keep no confident view", ["method=tda", "protocol=test_time", "method.views=5"],
      "method.views=5 keeps int(5 x 0.1) = 0 confident views", False),

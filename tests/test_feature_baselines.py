@@ -321,3 +321,23 @@ def test_bad_keys_fail_in_one_line():
     one_line_error(lambda: LPPMethod(alpha_grad="sum"), "method.alpha_grad")
     one_line_error(lambda: ProLIPMethod(feature_output="raw"), "method.feature_output=pre_projection")
     one_line_error(lambda: ProLIPMethod(lambda_rule="1/N"), "method.lambda_rule", "inv_shots")
+
+
+def test_lpp_auto_precision_follows_the_cpu(tmp_path, monkeypatch):
+    """precision=auto: bf16 only on a CPU with native bf16 instructions (emulated bf16 is ~5x slower than fp32 on an
+    AVX2-only EPYC), else fp32; the choice and its reason are recorded."""
+    import xmx.methods.lpp as lpp
+    plain, native = tmp_path / "plain", tmp_path / "native"
+    plain.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n")
+    native.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16\n")
+    assert lpp.cpu_bf16_flags(str(plain)) == [] and lpp.cpu_bf16_flags(str(native)) == ["avx512_bf16", "amx_bf16"]
+    assert lpp.cpu_bf16_flags(str(tmp_path / "absent")) == []
+    for flags, dtype in (([], torch.float32), (["avx512_bf16"], torch.bfloat16)):
+        monkeypatch.setattr(lpp, "cpu_bf16_flags", lambda flags=flags: flags)
+        h, why = lpp.matmul_choice("auto", "cpu")
+        assert h == dtype and ("no native bf16" in why) == (not flags)
+        x, y = _problem(K=3, per=4, d=8, seed=1)
+        r = lpp.fit_lpp(x.float(), y, _text_for(x, y).float(), 3, epochs=2, precision="auto")
+        assert r["matmul_dtype"] == str(dtype).removeprefix("torch.") and r["matmul_dtype_why"] == why
+    assert lpp.matmul_choice("auto", "cuda")[0] == torch.float16
+    assert lpp.matmul_choice("bf16", "cpu") == (torch.bfloat16, "method.precision")

@@ -105,15 +105,24 @@ def test_unreadable_file_is_one_line_or_skipped(tiny_clip, tree, tmp_path):
     dm = _dm(tiny_clip, root, "tensor", noise=0.0)
     dm.prepare_lists()
     bad = dm.protocol.train[3].path
-    (root / bad).write_bytes(b"\xff\xd8\xffnot really a jpeg")  # a JPEG header, no decodable body
     dm.setup()
-    raw = next(iter(dm.train_dataloader()))
+    (root / bad).write_bytes(b"\xff\xd8\xffnot really a jpeg")  # a JPEG header, no decodable body
+    raw = next(iter(dm.train_dataloader()))  # broken after the check: the decoder still names it in one line
     one_line_error(lambda: dm.decode_batch(raw, "cpu"), "cannot read image", bad.split("/")[-1], "data.unreadable=skip")
+    fresh = _dm(tiny_clip, root, "tensor", noise=0.0)  # broken before the run: refused before training
+    one_line_error(fresh.setup, "unreadable image", bad.split("/")[-1], "before training", "data.unreadable=skip")
     skip = CLIPDataModule("synthetic", str(root), tiny_clip, shots=2, inputs="images", batch_size=64, num_workers=0,
                           augment={"preset": "coop"}, features={"enabled": False}, decode="tensor", unreadable="skip")
     skip.setup()
     x, y = skip.decode_batch(next(iter(skip.train_dataloader())), "cpu")
     assert skip.skipped == {"train": [bad]} and len(x) == len(y) == len(dm.protocol.train) - 1
+    shutil.copy(tree[0] / bad, root / bad)
+    probe = _dm(tiny_clip, root, "pil", noise=0.0)
+    probe.prepare_lists()
+    test_img = probe.eval_sets[-1].items[-1].path  # the last image of the last test set, read only after training
+    (root / test_img).write_bytes(b"not an image")
+    one_line_error(_dm(tiny_clip, root, "pil", noise=0.0).setup, "unreadable image", test_img.split("/")[-1],
+                   f"in the {probe.eval_sets[-1].name} set, found before training")
 
 
 def test_clip_lora_trains_on_the_byte_path(make_cfg, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+import lightning as L
 import torch
 from torch import nn
 
@@ -42,3 +43,12 @@ class TinyTrainable(XmxModule):
     def configure_optimizers(self):
         opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
         return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)}
+
+
+class SlowSteps(L.Callback):
+    """Sleeps ``$XMX_TEST_STEP_SLEEP`` seconds after every training batch (unset: not at all), so a test can kill a
+    subprocess in the middle of training; the config (hence the job id) is the same with and without the sleep."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        import os
+        time.sleep(float(os.environ.get("XMX_TEST_STEP_SLEEP") or 0))

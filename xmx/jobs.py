@@ -42,7 +42,7 @@ RESUME_MODES = ("auto", "never")
 _VOLATILE_TOP = ("paths", "hydra", "logger", "notice", "skip_done", "resume", "optimized_metric", "threads")
 _VOLATILE_KEYS = {"num_workers", "device", "devices", "accelerator", "strategy", "num_nodes", "default_root_dir",
                   "enable_progress_bar", "enable_model_summary", "log_every_n_steps"}
-_VOLATILE_CALLBACK = re.compile(r"(ProgressBar|ModelSummary|LearningRateMonitor|DeviceStatsMonitor|RNGState)$")
+_VOLATILE_CALLBACK = re.compile(r"(ProgressBar|ModelSummary|LearningRateMonitor|DeviceStatsMonitor|RNGState|ResumeCheckpoint)$")
 
 
 def _strip(node: Any) -> Any:
@@ -142,6 +142,41 @@ class JobIndex:
         if entry and entry.get("output_dir") and read_complete(entry["output_dir"], jid) is not None:
             return Path(entry["output_dir"]) / "results.json"
         return None
+
+
+def lock_job(cfg: DictConfig, out: Path, jid: str):
+    """An exclusive lock on job ``jid`` for this process (``<log_dir>/.index/<jid>.lock``, else in the output
+    folder), released when the run ends or the process dies. A second identical run started meanwhile refuses in
+    one line naming the first, instead of writing into its files."""
+    if not is_rank_zero():
+        return None
+    from filelock import FileLock, Timeout
+    log_dir = cfg.paths.get("log_dir") if "paths" in cfg else None
+    folder = Path(str(log_dir)).expanduser() / ".index" if log_dir is not None else out
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder / f"{jid}.lock"), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        holder = JobIndex(Path(str(log_dir)).expanduser()).read(jid) if log_dir is not None else None
+        who = f" (pid {holder.get('pid')} on {holder.get('host')}, writing {holder.get('output_dir')})" \
+            if holder and holder.get("status") == "running" else ""
+        raise XmxError(f"job {jid} is already running{who}: an identical run never writes into another's files; "
+                       "wait for it to finish (the same command then reports its results) or change the config "
+                       "(e.g. seed=) to make it another job") from None
+    return lock
+
+
+def disk_full(e: BaseException) -> OSError | None:
+    """The ENOSPC / EDQUOT error behind ``e`` (itself, its cause or context), if a full disk is why it failed."""
+    import errno
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def readable_checkpoint(path: Path) -> bool:

@@ -81,6 +81,61 @@ def check_init_from(cfg: DictConfig) -> None:
             check_checkpoint(cfg.init_from, target, backbone_identity(cfg.backbone))
 
 
+def _hub_wanted(cfg: DictConfig) -> bool:
+    """Whether the run may download from the Hugging Face Hub: a backbone tag (not a local file, not random init),
+    an ``hf-hub:`` model, or a language model named by its hub id (not a local folder, not ``tiny``)."""
+    weights = OmegaConf.select(cfg, "backbone.weights", default=None)
+    if isinstance(weights, str) and weights and not Path(weights).expanduser().exists():
+        return True
+    plm = OmegaConf.select(cfg, "plm.name_or_path", default=None)
+    return isinstance(plm, str) and plm not in ("tiny", "") and not Path(plm).expanduser().exists()
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One short probe (a TCP connection to the hub's host, name lookup included, in at most ``timeout`` s)."""
+    import os
+    import socket
+    import threading
+    from urllib.parse import urlparse
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    ok: list[bool] = []
+
+    def probe():
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            ok.append(False)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 0.5)
+    return bool(ok and ok[0])
+
+
+def check_hub(cfg: DictConfig) -> None:
+    """Offline without ``HF_HUB_OFFLINE``: one short probe before any download is tried; when the hub is unreachable
+    the run works offline (cached weights only; a missing one is then one line) instead of minutes of retries."""
+    import logging
+    import os
+    if os.environ.get("HF_HUB_OFFLINE") or not _hub_wanted(cfg) or hub_reachable():
+        return
+    os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    logging.getLogger("xmx").warning("the Hugging Face Hub is unreachable: working offline (cached weights only; set "
+                                     "HF_HUB_OFFLINE=1 to skip this check)")
+
+
+def check_resume_schedule(cfg: DictConfig) -> None:
+    """``callbacks.resume.every_minutes``: a positive number of minutes, or null (epoch ends only)."""
+    every = OmegaConf.select(cfg, "callbacks.resume.every_minutes", default=None)
+    if every is None:
+        return
+    import math
+    if isinstance(every, bool) or not isinstance(every, (int, float)) or not math.isfinite(every) or every <= 0:
+        raise XmxError(f"callbacks.resume.every_minutes={every!r}: must be a positive number of minutes (or null: "
+                       "save the resume point at epoch ends only)")
+
+
 def preflight(cfg: DictConfig, plan_only: bool = False) -> int | None:
     """Every check before work, in one order; returns the intra-op thread count it set (None with ``plan_only``).
 
@@ -91,6 +146,7 @@ def preflight(cfg: DictConfig, plan_only: bool = False) -> int | None:
         check_paths(cfg)
     check_selection_mode(cfg.get("selection", "val"))
     check_resume(cfg)
+    check_resume_schedule(cfg)
     if plan_only:
         check_targets(cfg)
         check_values(cfg)
@@ -98,6 +154,7 @@ def preflight(cfg: DictConfig, plan_only: bool = False) -> int | None:
         return None
     threads = plan_run_threads(cfg)  # sets OMP_NUM_THREADS & co. before torch and numpy load
     check_dataset(cfg)
+    check_hub(cfg)  # before huggingface_hub is imported (it reads HF_HUB_OFFLINE once)
     from xmx.utils import apply_threads
     apply_threads(threads)  # torch loads here
     check_targets(cfg)

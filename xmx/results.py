@@ -67,6 +67,14 @@ def best_score(ckpt_cb, best: str) -> float | None:
     return None
 
 
+def checkpoint_record(best: str, out: Path) -> str | None:
+    """The checkpoint whose weights were tested: best.ckpt, else (no selection) the last epoch's resume point."""
+    if not best:
+        last = Path(out) / "checkpoints" / "last.ckpt"
+        best = str(last) if last.is_file() else ""
+    return str(Path(best).relative_to(out)) if best and Path(best).is_relative_to(out) else best or None
+
+
 def record(cfg, *, jid: str, outcome: str, metrics: dict, method, datamodule, encoders: dict, trainer, t0: float,
            best: str, out: Path, resolved: dict, recipe: dict | None = None) -> dict:
     """The results dict of a finished run (every field of :data:`FIELDS`, plus ``weights_plm`` with a PLM)."""
@@ -85,7 +93,7 @@ def record(cfg, *, jid: str, outcome: str, metrics: dict, method, datamodule, en
                     "precision": str(trainer.precision)},
         "predictions": "predictions.safetensors" if method.predictions else None,
         "init_from": getattr(method, "init_record", None),
-        "checkpoint": str(Path(best).relative_to(out)) if best and Path(best).is_relative_to(out) else best or None,
+        "checkpoint": checkpoint_record(best, out),
         "recipe": recipe,  # the preset's recipe table and its named deviations (xmx.recipes.recipe_record)
         "config": resolved,
     }

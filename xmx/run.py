@@ -74,11 +74,27 @@ def _run(cfg: DictConfig) -> tuple[dict, str]:
     _JOB.clear()
     try:
         return _run_job(cfg)
-    except Exception as e:
+    except BaseException as e:  # also Ctrl-C / SIGTERM (Lightning exits through SystemExit): never left "running"
+        full = jobs.disk_full(e)
         if "indexed" in _JOB:
             index, jid, out = _JOB["indexed"]
-            index.write(jid, "failed", out, error=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+            why = "interrupted" if isinstance(e, (KeyboardInterrupt, SystemExit)) else \
+                f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+            try:
+                index.write(jid, "failed", out, error=why)
+            except OSError as w:  # the index lives on the full disk too
+                log.warning("could not mark job %s failed in the index (%s)", jid, w)
+        if full is not None:
+            out = _JOB["indexed"][2] if "indexed" in _JOB else cfg.paths.get("output_dir")
+            raise XmxError(f"no space left on the device writing {full.filename or out}: the run stopped and kept "
+                           "nothing half-written (checkpoints/last.ckpt is the last complete resume point); free "
+                           "space or set paths.log_dir to another disk, then run the same command again to "
+                           "resume") from None
         raise
+    finally:
+        lock = _JOB.pop("lock", None)
+        if lock is not None:
+            lock.release()
 
 
 def _run_job(cfg: DictConfig) -> tuple[dict, str]:
@@ -87,13 +103,19 @@ def _run_job(cfg: DictConfig) -> tuple[dict, str]:
     import lightning as L
     import torch
     from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+
+    from xmx.utils import quiet_logs
+    quiet_logs()  # each message once, only those that matter (after Lightning's import added its handler)
     out = _output_dir(cfg)
     datamodule, data_fp = jobs.early_datamodule(cfg)  # lists + one stat per image (content hashes cached)
     jid = job_id(cfg, data_fp)
     _JOB["id"] = jid  # a job that fails from here on is recorded under its real identity (config + data)
+    _JOB["lock"] = jobs.lock_job(cfg, out, jid)  # a second identical run refuses instead of writing into our files
     outcome, folder, done, ckpt = jobs.plan(cfg, out, jid)
     if outcome == "skipped":
         log.info("skip: job %s is already complete: %s", jid, folder / "results.json")
+        if jobs.is_rank_zero():
+            record.print_summary(done, folder)  # a second `make run`: the finished run's numbers, not nothing
         return done, outcome
     if folder != out:
         with open_dict(cfg):

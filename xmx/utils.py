@@ -182,3 +182,67 @@ class Heartbeat:
         eta = f", ~{el * (self.total - done) / done:.0f}s left" if self.total and done else ""
         of = f"/{self.total}" if self.total else ""
         self.log.info("%s: %d%s (%.0fs%s)%s", self.what, done, of, el, eta, f" {note}" if note else "")
+
+    def during(self, note: str = "running"):
+        """A context manager for one opaque call (a solver fit inside a library): a background thread logs
+        ``what: note (Ns)`` every ``every_s`` seconds until the call returns."""
+        import contextlib
+        import threading
+
+        @contextlib.contextmanager
+        def _alive():
+            stop = threading.Event()
+            t0 = self._clock()
+
+            def tick():
+                while not stop.wait(self.every_s):
+                    self.log.info("%s: %s (%.0fs)", self.what, note, self._clock() - t0)
+
+            th = threading.Thread(target=tick, name="xmx-heartbeat", daemon=True)
+            th.start()
+            try:
+                yield self
+            finally:
+                stop.set()
+                th.join()
+
+        return _alive()
+
+
+# ---- one message once, and only those that matter -----------------------------------------------------------------
+_NOISE = ("litlogger", "LitLogger",  # Lightning's advert for its cloud logger
+          "`weights_only` was not set")  # Lightning loading xmx's own checkpoints, on every load
+
+
+class _Quiet:
+    """A logging filter: drops Lightning's litlogger advert and open_clip's step-by-step INFO lines (logged on the
+    root logger: "Parsing model identifier", "Loaded built-in ... config", ...); warnings and errors always pass."""
+
+    def filter(self, record) -> bool:
+        msg = record.getMessage()
+        if any(n in msg for n in _NOISE):
+            return False
+        if record.levelno < 30 and record.name == "root" and "open_clip" in (record.pathname or ""):
+            return False
+        return True
+
+
+def quiet_logs() -> None:
+    """Each message once, and only those that matter: Lightning's own console handler is removed (its INFO lines
+    reach the run's handlers through propagation: they were printed twice), the litlogger advert and open_clip's
+    INFO chatter are filtered, and two warnings that are no news for xmx are silenced: "Found N module(s) in eval
+    mode" (the frozen encoders are in eval mode by design) and Lightning's own deprecation of ``LeafSpec``."""
+    import logging
+    import warnings
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        lg = logging.getLogger(name)
+        for h in list(lg.handlers):
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                lg.removeHandler(h)
+        lg.propagate = True
+    quiet = _Quiet()
+    for h in logging.getLogger().handlers:
+        if not any(isinstance(f, _Quiet) for f in h.filters):
+            h.addFilter(quiet)
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")

@@ -1,8 +1,9 @@
 """``python -m xmx.data check <root>``: which CoOp datasets are under ``$DATA``, and are they complete?
 
-One line per dataset: ``found`` (every listed image present and the counts equal docs/protocols.md#dataset-sizes),
-``missing`` (no dataset
-folder) or ``incomplete`` (anything else, with the reason and the first few missing paths). Exit status 0 only when
+One line per dataset: ``found`` (every listed image present and the counts equal the published sizes,
+docs/protocols.md#dataset-sizes; for a tree written by ``python -m xmx.data fake``, the counts its marker file
+records, and the line says ``fake``), ``missing`` (no dataset folder) or ``incomplete`` (anything else, with the
+reason and the first few missing paths). Exit status 0 only when
 every dataset that was found is complete (and at least one was found).
 """
 
@@ -25,6 +26,9 @@ def check_dataset(name: str, root: str | Path) -> dict:
     info = get_info(name)
     root = Path(root).expanduser()
     expected = dict(zip(SPLITS + ("classes",), info.sizes)) if info.sizes else None
+    fake = _fake_counts(root / info.dir)
+    if fake is not None:
+        expected = fake
     out = {"train": 0, "val": 0, "test": 0, "classes": 0, "status": "missing", "expected": expected,
            "message": "", "missing": []}
     if not (root / info.dir).is_dir():
@@ -46,11 +50,27 @@ def check_dataset(name: str, root: str | Path) -> dict:
     if expected:
         diff = [f"{k} {out[k]} (expected {v})" for k, v in expected.items() if out[k] != v]
         if diff:
-            problems.append("counts differ from the published sizes (docs/protocols.md#dataset-sizes): " + ", ".join(diff))
+            problems.append(("counts differ from those its fake-data marker records: " if fake is not None else
+                             "counts differ from the published sizes (docs/protocols.md#dataset-sizes): ")
+                            + ", ".join(diff))
     out["status"] = "incomplete" if problems else "found"
+    if fake is not None:
+        problems.append("fake data (python -m xmx.data fake), not the real images")
     out["message"] = "; ".join(problems)
     out["manifest"] = _manifest_note(root / info.dir)
     return out
+
+
+def _fake_counts(folder: Path) -> dict | None:
+    """The split counts a fake tree's marker records (None for a real dataset folder)."""
+    from xmx.data.fake import MARKER
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or not marker.get("fake"):
+        return None
+    return {k: int(marker[k]) for k in SPLITS + ("classes",) if isinstance(marker.get(k), int)}
 
 
 def _manifest_note(folder: Path) -> str:
@@ -87,7 +107,7 @@ def exit_code(results: dict[str, dict]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m xmx.data check",
-                                     description="Check the CoOp datasets under a $DATA folder against spec sizes.")
+                                     description="Check the CoOp datasets under a $DATA folder against their real sizes.")
     parser.add_argument("root", help="the $DATA folder (CoOp layout)")
     parser.add_argument("--json", action="store_true",
                         help='print {dataset: {"train", "val", "test", "classes", "status"}} as JSON')

@@ -78,13 +78,18 @@ class _Probe(Dataset):
             return False
 
 
-def find_unreadable(root: str | Path, items: list[Datum], num_workers: int = 0) -> list[int]:
+def find_unreadable(root: str | Path, items: list[Datum], num_workers: int = 0, what: str = "the") -> list[int]:
     """Indices of ``items`` that PIL cannot decode (one full decode each, in ``num_workers`` processes)."""
     if not items:
         return []
+    from xmx.utils import Heartbeat
     loader = torch.utils.data.DataLoader(_Probe(Path(root), items), batch_size=64, num_workers=num_workers,
                                          collate_fn=list)
-    ok = [flag for batch in loader for flag in batch]
+    beat = Heartbeat(f"checking {what} images", total=len(items), logger=log)  # a line every 10 s
+    ok: list[bool] = []
+    for batch in loader:
+        ok += batch
+        beat(len(ok))
     return [i for i, good in enumerate(ok) if not good]
 
 

@@ -100,6 +100,52 @@ class EpochBatchSampler(Sampler):
             yield torch.stack([idx, view[idx]], dim=1)
 
 
+class ResumableLoader(DataLoader):
+    """The feature path's training loader, resumable in the middle of an epoch (Lightning checkpoints the
+    ``state_dict`` of a loader that has one): its order comes from the sampler's (seed, epoch) alone, so a run resumed
+    from a checkpoint taken after batch k of epoch e skips the first k batches of epoch e and goes on with the very
+    batches the uninterrupted run saw. ``progress()`` says how many batches of the current epoch the trainer has
+    consumed (set by the datamodule)."""
+
+    resumes_mid_epoch = True
+
+    def __init__(self, *args, progress=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.progress = progress
+        self._pending: dict | None = None
+
+    def state_dict(self) -> dict:
+        done = int(self.progress()) if self.progress else 0
+        epoch = int(getattr(self.sampler, "epoch", 0))
+        return {"epoch": epoch, "batches_done": done if done < len(self) else 0}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._pending = dict(state) if state and state.get("batches_done") else None
+
+    def __iter__(self):
+        pending, self._pending = self._pending, None
+        if not pending:
+            return super().__iter__()
+        rng = torch.get_rng_state()  # creating an iterator draws a seed: the run resumed mid-epoch must not
+        it = super().__iter__()
+        torch.set_rng_state(rng)
+        return self._skip(it, pending)
+
+    def _skip(self, it, pending: dict):
+        first = next(it, None)  # the sampler reads its epoch here (Lightning sets it before the first batch)
+        if first is None:
+            return
+        if int(getattr(self.sampler, "epoch", 0)) == pending["epoch"]:
+            for _ in range(int(pending["batches_done"]) - 1):
+                if next(it, None) is None:
+                    return
+            first = next(it, None)
+            if first is None:
+                return
+        yield first
+        yield from it
+
+
 class FeatureBatches(Dataset):
     """Indexed by a ``[B,2]`` (sample, view) tensor: returns ``(features[B,C], labels[B])`` in one gather."""
 
@@ -211,10 +257,14 @@ class CLIPDataModule(L.LightningDataModule):
             for s in [self.val_set, *self.eval_sets]:
                 feats = self._image_features(s.items, s.name, "none", 1, eval_noise)[0]
                 self._eval_features[s.name] = self._keep(s.name, s, feats, dim=0)
-        elif self.unreadable == "skip":  # images decoded in every step: find the unreadable ones once, up front
+        else:  # images decoded in every step: every image the run will read is decoded once, before training
             for name, s in [("train", self.protocol), *((e.name, e) for e in [self.val_set, *self.eval_sets])]:
                 items = s.train if name == "train" else s.items
-                bad = find_unreadable(self.root, items, self.num_workers)
+                bad = find_unreadable(self.root, items, self.num_workers, what=name)
+                if bad and self.unreadable == "error":
+                    raise XmxError(f"unreadable image {self.root / items[bad[0]].path} ({len(bad)} unreadable in the "
+                                   f"{name} set, found before training); replace the file(s), or set "
+                                   "data.unreadable=skip to leave such files out")
                 if bad:
                     self.skipped[name] = [items[i].path for i in bad]
                     drop = set(bad)
@@ -366,10 +416,11 @@ class CLIPDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.inputs == "features":
             n = self.train_features.shape[1]
-            return DataLoader(FeatureBatches(self.train_features, self.train_labels), batch_size=None,
-                              sampler=EpochBatchSampler(n, self.train_features.shape[0], self.batch_size, self.seed,
-                                                        view_sampling=self.view_sampling,
-                                                        drop_last=self.drop_last))
+            return ResumableLoader(FeatureBatches(self.train_features, self.train_labels), batch_size=None,
+                                   sampler=EpochBatchSampler(n, self.train_features.shape[0], self.batch_size,
+                                                             self.seed, view_sampling=self.view_sampling,
+                                                             drop_last=self.drop_last),
+                                   progress=self._batches_done)
         aug = self.augment
         ds, collate = self._online_images("train", self.protocol.train, aug["preset"], aug["noise_std"])
         bs = self.batch_size or len(self.protocol.train)
@@ -381,6 +432,11 @@ class CLIPDataModule(L.LightningDataModule):
                               collate_fn=collate, drop_last=False)
         return DataLoader(ds, batch_size=bs, shuffle=True, num_workers=self.num_workers, collate_fn=collate,
                           drop_last=self.drop_last and len(ds) >= bs)
+
+    def _batches_done(self) -> int:
+        """Training batches of the current epoch the trainer has taken (for a mid-epoch checkpoint)."""
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.ready) if trainer is not None else 0
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.val_set)

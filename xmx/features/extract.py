@@ -27,6 +27,7 @@ from xmx.errors import XmxError
 from xmx.features.decode import (RATIO, RESIZE_MODES, JPEGBytes, PILViews, Preprocess, collate_bytes,  # noqa: F401
                                  collate_pil, decode_ahead, resolve_decode, transform_batch, unreadable_message)
 from xmx.features.store import FeatureStore, tensors_checksum
+from xmx.utils import Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ def _as_paths(images, root) -> list[str]:
 class _Progress:
     def __init__(self, enabled: bool, total: int, label: str):
         self.bar = None
+        self.beat, self.done = Heartbeat(label, total=total), 0  # without a bar: a log line every 10 s
         if enabled and total:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -78,17 +80,19 @@ class _Progress:
             self.bar.start()
 
     def update(self, n: int, rate: float):
+        self.done += n
         if self.bar is not None:
             self.bar.update(self.task, advance=n, rate=f"{rate:,.0f} img/s")
+        else:
+            self.beat(self.done, f"{rate:,.0f} img/s")
 
     def stop(self):
         if self.bar is not None and self.bar.live.is_started:
             self.bar.stop()
 
     def finish(self, line: str):
-        if self.bar is not None:
+        if self.bar is not None:  # the line itself is logged once by the caller
             self.stop()
-            self.bar.console.print(line)
 
 
 @torch.no_grad()

@@ -10,12 +10,15 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import os
+import time
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import torch
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from lightning.pytorch.callbacks import Checkpoint
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassStatScores
 
@@ -125,6 +128,77 @@ class RNGState(L.Callback):
             name, keys, pos, has_gauss, gauss = states["numpy"]
             states["numpy"] = (name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss)
         _set_rng_states(states)
+
+
+class ResumeCheckpoint(Checkpoint):
+    """``last.ckpt``, the resume point, on a schedule independent of validation: at every training epoch end (after
+    that epoch's validation, when there is one) and, inside long epochs, every ``every_minutes`` of training when the
+    training loader can resume mid-epoch (the feature path: its batch order comes from (seed, epoch) alone; the
+    online image loaders save at epoch ends only). The file is written to a temporary name, flushed to disk and
+    renamed into place, so a process killed (SIGKILL, pre-emption, a full disk) while saving leaves the previous
+    ``last.ckpt`` intact and never a truncated one. A ``Checkpoint`` subclass: Lightning adds no default
+    checkpointing of its own when this is the only one."""
+
+    def __init__(self, dirpath: str, filename: str = "last", every_minutes: float | None = 10.0):
+        if every_minutes is not None and (isinstance(every_minutes, bool) or not isinstance(every_minutes, (int, float))
+                                          or not math.isfinite(every_minutes) or every_minutes <= 0):
+            raise XmxError(f"callbacks.resume.every_minutes={every_minutes!r}: must be a positive number of minutes "
+                           "(or null: save at epoch ends only)")
+        self.dirpath, self.filename, self.every_minutes = Path(str(dirpath)), filename, every_minutes
+        self._last_save = time.monotonic()
+        self.saves = {"epoch_end": 0, "timed": 0}
+
+    @property
+    def path(self) -> Path:
+        return self.dirpath / f"{self.filename}.ckpt"
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._last_save = time.monotonic()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.every_minutes or time.monotonic() - self._last_save < 60.0 * self.every_minutes:
+            return
+        if batch_idx + 1 >= trainer.num_training_batches:  # the epoch-end save follows (after validation)
+            return
+        if not getattr(trainer.train_dataloader, "resumes_mid_epoch", False):
+            return
+        self._save(trainer, "timed")
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._save(trainer, "epoch_end")
+
+    def _save(self, trainer, why: str) -> None:
+        if trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        path = self.path
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            trainer.save_checkpoint(tmp)  # every rank calls it (barrier); rank 0 writes
+            if trainer.is_global_zero:
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+                fsync_dir(path.parent)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self._last_save = time.monotonic()
+        self.saves[why] += 1
+        log.debug("resume: %s saved (%s, epoch %d, step %d)", path, why, trainer.current_epoch, trainer.global_step)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (best effort: some file systems cannot open a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 TOP_K = 5  # the second accuracy every classification result reports (CLIP_benchmark's acc5)

@@ -48,6 +48,7 @@ from xmx.errors import XmxError
 from xmx.validate import Ge, NonNegInt, PosFloat
 from xmx.methods.base import XmxModule, class_columns, eval_labels, fit_device
 from xmx.results import SELECTION_MODES
+from xmx.utils import Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,9 @@ def class_mean_precision(x: Tensor, y: Tensor, mu: Tensor) -> Tensor:
                        "method.covariance=ks (the shrinkage estimator) for 1-shot problems")
     c = x - mu[y]
     covs = torch.zeros(K, d, d, dtype=x.dtype, device=x.device)
+    beat = Heartbeat("GDA class covariances", total=K)  # a line every 10 s
     for k in range(K):  # one [d,d] at a time keeps memory at K·d² (the result) rather than n·d²
+        beat(k)
         ck = c[y == k]
         covs[k] = ck.T @ ck / (ck.shape[0] - 1)
     return torch.linalg.pinv(covs.mean(dim=0), hermitian=True)
@@ -154,7 +157,9 @@ def synthesize_new_classes(x: Tensor, text_new: Tensor, topk: int = 64, text_rep
     M = text_new.shape[1]
     mus, prec = [], torch.zeros(d, d, dtype=x.dtype, device=x.device)
     eye = torch.eye(d, dtype=x.dtype, device=x.device)
+    beat = Heartbeat("GDA new-class Gaussians", total=M)  # a line every 10 s
     for s in range(0, M, chunk):
+        beat(s)
         nb = x[idx[s:s + chunk]]                                     # [m,k,d]
         w = text_new[:, s:s + chunk].T                               # [m,d]
         mus.append((nb.sum(dim=1) + text_repeats * w) / (k + text_repeats))
@@ -172,7 +177,9 @@ def search_alpha(zs_logits: Tensor, gda_logits: Tensor, labels: Tensor, alphas=A
     when no alpha has accuracy above 0 the fallback stays. Returns (alpha, accuracy %, [(alpha, acc), ...])."""
     curve = []
     best_a, best_acc = float(fallback), 0.0
-    for a in alphas:
+    beat = Heartbeat("GDA alpha search", total=len(alphas))  # a line every 10 s
+    for i, a in enumerate(alphas):
+        beat(i)
         acc = 100.0 * float(((zs_logits + a * gda_logits).argmax(dim=1) == labels).float().mean())
         curve.append((float(a), acc))
         if acc > best_acc:

@@ -30,6 +30,7 @@ from torch import nn
 from xmx.errors import XmxError
 from xmx.validate import NonNegFloat, NonNegInt, PosFloat, PosInt
 from xmx.methods.base import XmxModule
+from xmx.utils import Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,8 @@ def lpclip_search(fit: Fit, Xtr: np.ndarray, ytr: np.ndarray, Xval: np.ndarray, 
     curve: list[dict] = []
 
     def score(C: float, stage: str, step: int) -> float:
-        W, b = fit(Xtr, ytr, num_classes, float(C))
+        with Heartbeat(f"linear probe {stage} C={float(C):.4g}").during("fitting"):  # a line every 10 s
+            W, b = fit(Xtr, ytr, num_classes, float(C))
         entry = {"C": float(C), "val_acc": accuracy(Xval, yval, W, b), "stage": stage, "step": step}
         curve.append(entry)
         if report is not None:

@@ -22,7 +22,8 @@ The equations, as in the authors' code::
 
 300 epochs. The release trains in CLIP's fp16 (weights, features and updates); xmx keeps parameters, softmax and
 updates in fp32 and runs the two big products per epoch in ``precision`` (``auto``: fp16 on CUDA as the release,
-bf16 on a CPU, where it is ~3x faster than fp32; ``fp32`` is a [choice]).
+bf16 on a CPU with native bf16 instructions, where it is ~3x faster than fp32, else fp32: emulated bf16 is ~5x
+slower; ``fp32`` is a [choice]; ``extra.matmul_dtype_why`` in results.json says which and why).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from xmx.methods.base import (
     fast_dev_run,
     fit_device,
 )
+from xmx.utils import Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +88,41 @@ def lpp_step_sizes(x: Tensor, T: Tensor) -> tuple[float, float]:
     return lr_w, lr_alpha
 
 
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX-512 BF16 / AMX, aarch64 BF16 (/proc/cpuinfo flags)
+
+
+def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
+    """The CPU's native bf16 instruction flags (empty when it has none, or when the OS does not say)."""
+    try:
+        text = open(cpuinfo).read()
+    except OSError:
+        return []
+    flags = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return [f for f in BF16_CPU_FLAGS if f in flags]
+
+
+def matmul_choice(precision: str, device: torch.device | str) -> tuple[torch.dtype, str]:
+    """(the dtype of the products, the softmax and G; why). ``fp32``; ``bf16``; ``fp16``; ``auto`` = fp16 on CUDA
+    (the release's dtype), bf16 on a CPU with native bf16 instructions (AVX-512 BF16, AMX, Arm BF16), else fp32:
+    without them bf16 products are emulated and ~5x slower than fp32 (fp16 ~15x). Parameters, gradients and updates
+    stay fp32 in every case."""
+    if precision != "auto":
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision], "method.precision"
+    if torch.device(device).type == "cuda":
+        return torch.float16, "auto: cuda (the release's fp16)"
+    flags = cpu_bf16_flags()
+    if flags:
+        return torch.bfloat16, f"auto: the CPU has native bf16 ({', '.join(flags)})"
+    return torch.float32, "auto: the CPU has no native bf16 (no avx512_bf16/amx_bf16/bf16 flag): fp32 is faster"
+
+
 def matmul_dtype(precision: str, device: torch.device | str) -> torch.dtype:
-    """The dtype of the products, the softmax and G: ``fp32``; ``bf16``; ``fp16``; ``auto`` = fp16 on CUDA (the
-    release's dtype) and bf16 elsewhere (a CPU's fast half type: fp16 products are ~15x slower there). Parameters,
-    gradients and updates stay fp32 in every case."""
-    if precision == "auto":
-        return torch.float16 if torch.device(device).type == "cuda" else torch.bfloat16
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    """The dtype :func:`matmul_choice` picks."""
+    return matmul_choice(precision, device)[0]
 
 
 def fit_lpp(x: Tensor, y: Tensor, T: Tensor, num_classes: int, epochs: int = 300, alpha_every: int = 10,
@@ -109,13 +139,13 @@ def fit_lpp(x: Tensor, y: Tensor, T: Tensor, num_classes: int, epochs: int = 300
     fp32 (tested).
 
     Returns {"W", "b", "alpha", "epoch", "val_acc", "curve", "lr_w", "lr_alpha", "alpha_init", "final_loss",
-    "matmul_dtype"}; with validation data the state of the last epoch with the best validation accuracy, else the
+    "matmul_dtype", "matmul_dtype_why"}; with validation data the state of the last epoch with the best validation accuracy, else the
     last epoch's."""
     n, d = x.shape
     W, b, alpha = lpp_init(x, y, T, num_classes, bias, generator)
     alpha_init = float(alpha[0])
     lr_w, lr_alpha = lpp_step_sizes(x, T)
-    h = matmul_dtype(precision, x.device)
+    h, why = matmul_choice(precision, x.device)
 
     def with_ones(f: Tensor) -> Tensor:                                        # [f, 1]: the bias rides in the product
         return torch.cat([f, torch.ones(len(f), 1, dtype=f.dtype, device=f.device)], 1).to(h)
@@ -140,7 +170,9 @@ def fit_lpp(x: Tensor, y: Tensor, T: Tensor, num_classes: int, epochs: int = 300
     best = {"val_acc": -1.0}
     curve = []
     loss = torch.tensor(float("nan"))
+    beat = Heartbeat(f"LP++ fit ({n} rows, {num_classes} classes), epochs", total=epochs)  # a line every 10 s
     for epoch in range(epochs):
+        beat(epoch)
         torch.softmax(torch.mm(Xa, W_aug.T, out=L), dim=1, out=P)              # [n, K], in dtype h
         loss = -P[rows, y].float().clamp_min(torch.finfo(torch.float32).tiny).log().mean()
         P[rows, y] -= 1.0                                                      # n·G
@@ -168,7 +200,7 @@ def fit_lpp(x: Tensor, y: Tensor, T: Tensor, num_classes: int, epochs: int = 300
     if Xv is None:
         best = {"val_acc": None, "epoch": epochs - 1, "W": W, "b": b, "alpha": alpha}
     return {**best, "curve": curve, "lr_w": lr_w, "lr_alpha": lr_alpha, "alpha_init": alpha_init,
-            "final_loss": float(loss), "matmul_dtype": str(h).removeprefix("torch.")}
+            "final_loss": float(loss), "matmul_dtype": str(h).removeprefix("torch."), "matmul_dtype_why": why}
 
 
 # ==================================================================================================== LightningModule
@@ -255,4 +287,5 @@ class LPPMethod(XmxModule):
                 "alpha_mean": None if "alpha" not in r else float(r["alpha"].mean()),
                 "epochs": self.epochs, "alpha_grad": self.alpha_grad, "bias_init": self.bias_init,
                 "train_view": self.train_view, "precision": self.precision,
-                "matmul_dtype": r.get("matmul_dtype"), "epoch_curve": r.get("curve")}
+                "matmul_dtype": r.get("matmul_dtype"), "matmul_dtype_why": r.get("matmul_dtype_why"),
+                "epoch_curve": r.get("curve")}

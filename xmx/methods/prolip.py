@@ -34,6 +34,7 @@ from torch import Tensor
 from xmx.errors import XmxError
 from xmx.validate import NonNegFloat, PosFloat, PosInt
 from xmx.methods.base import XmxModule, eval_labels, fast_dev_run, fit_device
+from xmx.utils import Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,9 @@ def fit_projection(views: Tensor, y: Tensor, P0: Tensor, bias: Tensor | None, W:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     t0 = time.perf_counter()
     loss = torch.tensor(float("nan"))
+    beat = Heartbeat(f"ProLIP fit (lr {lr:g}, lambda {lam:g}), epochs", total=epochs)  # a line every 10 s
     for epoch in range(epochs):
+        beat(epoch)
         z = views[epoch % views.shape[0]].to(dtype)  # views stay in their stored precision (300 views are large)
         loss = prolip_loss(z, y, P, P0, bias, W, lam, scale).float()
         opt.zero_grad()

@@ -282,14 +282,16 @@ def search_alpha_beta(f_val: Tensor, y_val: Tensor, W: Tensor, keys: Tensor, val
     per_row = NK + N + n_alpha * N                        # affinity + cache + all-alpha logits, for one beta
     rows = chunk_rows(M, per_row, max_elements)
     nb = chunk_rows(n_beta, rows * per_row, max_elements)                       # betas per chunk
-    beat = Heartbeat(f"alpha/beta search ({n_beta}x{n_alpha} on {M} images)", total=M)  # a line every 10 s
+    # a line at least every 10 s, counted in betas scored over all images (also when all rows fit in one chunk)
+    beat = Heartbeat(f"alpha/beta search ({n_beta}x{n_alpha} on {M} images), betas", total=n_beta)
     for r0 in range(0, M, rows):
         S_r, zs_r, y_r = S[r0:r0 + rows], zs[r0:r0 + rows], y[r0:r0 + rows]
+        m = S_r.shape[0]
         for b0 in range(0, n_beta, nb):
             A = affinity(S_r[None], betas[b0:b0 + nb, None, None])               # [nb, m, NK]
             caches = A @ L                                                       # [nb, m, N]
             correct[b0:b0 + nb] += correct_counts(zs_r, caches, alphas, y_r)     # [nb, n_alpha]
-        beat(min(r0 + rows, M))
+            beat(int((r0 * n_beta + m * min(b0 + nb, n_beta)) // M))
     flat = int(torch.argmax(correct.flatten()))          # first maximum = first pair in beta-major order
     i, j = divmod(flat, n_alpha)
     grid = correct.double().cpu() * (100.0 / M)
