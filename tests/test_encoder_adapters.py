@@ -179,7 +179,7 @@ def test_stopped_run_resumes_to_the_same_numbers(make_cfg, tmp_path, monkeypatch
 
 @pytest.mark.parametrize("override,needles", [
     ("method.params=[q,x]", ["method.params", "q, k, v, o"]),
-    ("method.r=0", ["method.r=0", "positive integer"]),
+    ("method.r=0", ["method.r=0", "whole number >= 1"]),
     ("method.position=middle", ["method.position='middle'", "top3"]),
 ])
 def test_bad_lora_keys_are_one_line(make_cfg, override, needles):

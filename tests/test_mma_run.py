@@ -194,6 +194,6 @@ def test_bad_input_is_one_clear_line(make_cfg, monkeypatch, case, pattern):
 
 
 def test_bad_variant_fails_before_any_feature_is_extracted(make_cfg, tmp_path):
-    with pytest.raises(XmxError, match=r"MMA: unknown mask 'hard'; choose one of block, bias, none"):
+    with pytest.raises(XmxError, match=r"method.mask='hard'; valid choices: block, bias, none"):
         run(make_cfg(["experiment=mma_16shot", *FDR, "method.mask=hard", f"paths.feature_dir={tmp_path / 's'}"]))
     assert not (tmp_path / "s" / "image_features").exists()

@@ -3,6 +3,9 @@ built from config partials, and checkpoints that leave the frozen encoders out.
 
 A method implements ``build(dm)`` (create parameters from the set-up datamodule), ``logits(x, eval_set)`` and,
 when it trains, ``training_step``.
+
+Long file: the one base every family extends (evaluation, predictions, checkpoints, schedules, resume points);
+what is shared lives here once instead of in each family's file.
 """
 
 from __future__ import annotations
@@ -427,6 +430,11 @@ class XmxModule(L.LightningModule):
         cb = getattr(self._trainer, "checkpoint_callback", None) if self._trainer is not None else None
         if sel is not None and cb is not None and getattr(cb, "monitor", "") is None:
             selected_by = "last epoch (the restored checkpoint monitors nothing: no validation selection)"
+        monitored = self._trainer is not None and any(getattr(c, "monitor", None)
+                                                      for c in self._trainer.checkpoint_callbacks)
+        if sel is None and self.fit_progress and not monitored:  # the last epoch's weights, in memory, were tested
+            sel = self.fit_progress["epochs"] - 1
+            selected_by = "last epoch (the weights at the end of training: no validation selection)"
         ran = self.fit_progress or {}
         return {"epochs": self.epochs, "epochs_run": ran.get("epochs", len(self.epoch_curve)),
                 "steps_run": ran.get("steps"), "schedule_length": self.schedule_length, "epoch_curve": self.epoch_curve,

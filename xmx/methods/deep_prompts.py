@@ -134,10 +134,11 @@ class DeepPromptMethod(EncoderMethod):
         if self.coupled and self.depth_text > 0:
             check_deep_towers(bb, f"{self.label} (method.coupling=true)", text=True, vision=True)
         check_deep_towers(bb, self.label, text=True, vision=vision)
-        for tower, depth in (("text", self.depth_text), ("vision", self.depth_vision if vision else 0)):
+        for tower, key, depth in (("text", "method.depth_text", self.depth_text),
+                                  ("vision", "method.depth_vision", self.depth_vision if vision else 0)):
             blocks = tower_depth(bb, tower)
             if depth > blocks:
-                raise XmxError(f"method.depth_{tower}={depth} goes beyond the {blocks} layers of the {tower} tower; "
+                raise XmxError(f"{key}={depth} goes beyond the {blocks} layers of the {tower} tower; "
                                f"pick a depth within 0..{blocks}")
         phrase, init = " ".join(["X"] * self.n_text), None
         if self.ctx_init and self.n_text <= self.init_max_tokens:  # the release: phrase init only for n_ctx <= 4

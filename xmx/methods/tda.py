@@ -23,6 +23,10 @@ it evicts) runs first on plain numbers; every entry then has a lifetime ``[t_in,
 of images are one masked matrix product against the entries alive during the chunk (:func:`tda_stream`). The
 results equal the release's per-image loop (tests/test_tda.py replays it) up to floating-point summation order.
 docs/methods/test_time.md#tda; the recipe: xmx/recipes/tda.yaml.
+
+Long file: the release's stream loop, its replay-exact vectorised form, the checkpointed stream state and the
+rebuilding of a trained base method (``init_from``) belong to one test-time method; split them and each half
+reads only with the other open.
 """
 
 from __future__ import annotations

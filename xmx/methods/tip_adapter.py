@@ -583,7 +583,7 @@ class TipAdapterFMethod(TipAdapterMethod):
         if self.selection == "paper" and trainer is not None:
             # the release keeps the epoch with the best test accuracy: the best checkpoint follows that score
             for cb in trainer.checkpoint_callbacks:
-                if cb.monitor == "val/acc":
+                if getattr(cb, "monitor", None) == "val/acc":  # the resume checkpoint monitors nothing
                     cb.monitor = PAPER_EPOCH_MONITOR
         if getattr(dm, "view_sampling", "cycle") != "cycle":
             log.warning("%s: data.view_sampling=%s; the Tip-Adapter-F recipe trains on one cached view per epoch "
