@@ -171,3 +171,39 @@ def test_a_second_identical_run_refuses_while_the_first_holds_the_job(make_cfg, 
     finally:
         held.release()
     assert run(make_cfg(args, output_dir=tmp_path / "logs" / "b"))["job_id"] == first["job_id"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_killed_xadapter_pretraining_resumes_to_the_same_numbers(make_cfg, xmx_cache, tmp_path, sig):
+    """The language track's family (X-adapter's T-expert MLM pre-training, step-based) on generated WikiText."""
+    from test_xadapter_run import _sentence
+    wiki = tmp_path / "data" / "wikitext-103-raw"
+    wiki.mkdir(parents=True)
+    for split, n in (("train", 40), ("valid", 6), ("test", 6)):
+        (wiki / f"wiki.{split}.raw").write_text(
+            " \n = Heading = \n \n" + "".join(f" {_sentence(i, 12)} . \n \n" for i in range(n)))
+    args = ["experiment=xadapter_texpert_wiki", "backbone=tiny", "plm=tiny", f"paths.data_dir={tmp_path / 'data'}",
+            "trainer.accelerator=cpu", "trainer.precision=32-true", "data.num_workers=0", "method.adapter.heads=4",
+            "logger=none", "callbacks.rich_progress_bar=null", "threads=1", "method.batch_size=8", "method.steps=24",
+            "+callbacks.slow._target_=tiny_trainable.SlowSteps"]
+    ref = run(make_cfg([*args, f"paths.log_dir={tmp_path / 'ref_logs'}"], output_dir=tmp_path / "ref"))
+    folder, logs = tmp_path / "logs" / "run", tmp_path / "logs"
+    env = dict(os.environ, XMX_TEST_STEP_SLEEP="0.25", PYTHONPATH=os.pathsep.join(
+        [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "xmx.run", *args, f"paths.cache_dir={xmx_cache}", f"paths.log_dir={logs}",
+           f"hydra.run.dir={folder}"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    last = folder / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not last.is_file():
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the run ended before it could be stopped: {proc.stderr.read()[-2000:]}"
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    assert not (folder / "results.json").exists()
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] >= 1
+    res = run(make_cfg([*args, f"paths.log_dir={logs}"], output_dir=folder))
+    assert res["resumed"] is True and res["job_id"] == ref["job_id"]
+    assert res["metrics"] == ref["metrics"]
