@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from tiny_trainable import interrupted_at_epoch
 import torch
 import torch.nn.functional as F
 from conftest import ONLINE_TINY, one_line_error
@@ -207,17 +208,8 @@ def test_stopped_run_resumes_to_the_same_numbers(make_cfg, tmp_path, monkeypatch
             "method.batch_size=8", f"paths.log_dir={tmp_path / 'logs'}"]
     ref = run(make_cfg(args, output_dir=tmp_path / "ref"))
 
-    class Stop(Exception):
-        pass
-
-    def stop_at_epoch_2(self):
-        if self.current_epoch == 2:
-            raise Stop()
-
-    with monkeypatch.context() as mp:
-        mp.setattr(PromptSRCMethod, "on_train_epoch_start", stop_at_epoch_2, raising=False)
-        with pytest.raises(Stop):
-            run(make_cfg(args, output_dir=tmp_path / "logs" / "run"))
+    with interrupted_at_epoch(monkeypatch, PromptSRCMethod):
+        run(make_cfg(args, output_dir=tmp_path / "logs" / "run"))
     res = run(make_cfg(args, output_dir=tmp_path / "logs" / "run"))
     assert res["resumed"] is True and res["metrics"] == ref["metrics"]
     assert res["extra"]["gpa_epochs"] == [1, 2, 3, 4]

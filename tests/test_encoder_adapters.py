@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+from tiny_trainable import interrupted_at_epoch
 import torch
 from safetensors.torch import load_file
 from torch import nn
@@ -156,18 +157,8 @@ def test_stopped_run_resumes_to_the_same_numbers(make_cfg, tmp_path, monkeypatch
     args = [*TINY, *method, "method.batch_size=8", f"paths.log_dir={tmp_path / 'logs'}", f"data.decode={decode}"]
     ref = run(make_cfg(args, output_dir=tmp_path / "ref"))
 
-    class Stop(Exception):
-        pass
-
-    def stop_at_epoch_2(self):
-        if self.current_epoch == 2:
-            raise Stop()
-
-    with monkeypatch.context() as m:
-        m.setattr(MMAYangMethod if kind == "mma_yang" else ClipLoRAMethod, "on_train_epoch_start", stop_at_epoch_2,
-                  raising=False)
-        with pytest.raises(Stop):
-            run(make_cfg(args, output_dir=tmp_path / "logs" / "run"))
+    with interrupted_at_epoch(monkeypatch, MMAYangMethod if kind == "mma_yang" else ClipLoRAMethod):
+        run(make_cfg(args, output_dir=tmp_path / "logs" / "run"))
     ckpt = tmp_path / "logs" / "run" / "checkpoints" / "last.ckpt"
     assert torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"] == 1
     res = run(make_cfg(args, output_dir=tmp_path / "logs" / "run"))

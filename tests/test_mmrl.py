@@ -8,6 +8,7 @@ import copy
 from types import SimpleNamespace
 
 import pytest
+from tiny_trainable import interrupted_at_epoch
 import torch
 import torch.nn.functional as F
 from conftest import ONLINE_TINY, one_line_error
@@ -127,17 +128,8 @@ def test_checkpoint_holds_only_learned_tensors_and_resumes(make_cfg, tmp_path, m
     assert sd and all(k.startswith("rep.") for k in sd)
     assert sum(v.numel() for v in sd.values()) == ref["parameters"]["trainable"]
 
-    class Stop(Exception):
-        pass
-
-    def stop_at_epoch_2(self):
-        if self.current_epoch == 2:
-            raise Stop()
-
-    with monkeypatch.context() as mp:
-        mp.setattr(MMRLMethod, "on_train_epoch_start", stop_at_epoch_2, raising=False)
-        with pytest.raises(Stop):
-            run(make_cfg(args, output_dir=tmp_path / "logs" / "run"))
+    with interrupted_at_epoch(monkeypatch, MMRLMethod):
+        run(make_cfg(args, output_dir=tmp_path / "logs" / "run"))
     res = run(make_cfg(args, output_dir=tmp_path / "logs" / "run"))
     assert res["resumed"] is True and res["metrics"] == ref["metrics"]
     a = load_file(tmp_path / "logs" / "run" / "predictions.safetensors")

@@ -87,11 +87,9 @@ FAMILIES = {
 }
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_killed_run_of_every_family_resumes_to_the_same_numbers(make_cfg, xmx_cache, tmp_path, family, sig):
-    args = [*QUICK, *FAMILIES[family]]
+def kill_then_resume(args, make_cfg, xmx_cache, tmp_path, sig) -> tuple[dict, dict, Path]:
+    """An uninterrupted reference run; the same run as a subprocess stopped by ``sig`` once its first last.ckpt
+    exists; then that run resumed in its folder. Returns (reference results, resumed results, resumed folder)."""
     ref = run(make_cfg([*args, f"paths.log_dir={tmp_path / 'ref_logs'}"], output_dir=tmp_path / "ref"))
     assert ref["resumed"] is False
 
@@ -118,6 +116,14 @@ def test_killed_run_of_every_family_resumes_to_the_same_numbers(make_cfg, xmx_ca
     res = run(make_cfg([*args, f"paths.log_dir={logs}"], output_dir=folder))
     assert res["resumed"] is True and res["job_id"] == ref["job_id"]
     assert res["metrics"] == ref["metrics"]
+    return ref, res, folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_killed_run_of_every_family_resumes_to_the_same_numbers(make_cfg, xmx_cache, tmp_path, family, sig):
+    _, _, folder = kill_then_resume([*QUICK, *FAMILIES[family]], make_cfg, xmx_cache, tmp_path, sig)
     assert torch.equal(_logits(folder), _logits(tmp_path / "ref"))
 
 
@@ -187,23 +193,4 @@ def test_killed_xadapter_pretraining_resumes_to_the_same_numbers(make_cfg, xmx_c
             "trainer.accelerator=cpu", "trainer.precision=32-true", "data.num_workers=0", "method.adapter.heads=4",
             "logger=none", "callbacks.rich_progress_bar=null", "threads=1", "method.batch_size=8", "method.steps=24",
             "+callbacks.slow._target_=tiny_trainable.SlowSteps"]
-    ref = run(make_cfg([*args, f"paths.log_dir={tmp_path / 'ref_logs'}"], output_dir=tmp_path / "ref"))
-    folder, logs = tmp_path / "logs" / "run", tmp_path / "logs"
-    env = dict(os.environ, XMX_TEST_STEP_SLEEP="0.25", PYTHONPATH=os.pathsep.join(
-        [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "xmx.run", *args, f"paths.cache_dir={xmx_cache}", f"paths.log_dir={logs}",
-           f"hydra.run.dir={folder}"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    last = folder / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not last.is_file():
-        time.sleep(0.05)
-    assert proc.poll() is None, f"the run ended before it could be stopped: {proc.stderr.read()[-2000:]}"
-    proc.send_signal(sig)
-    proc.wait(timeout=120)
-    assert not (folder / "results.json").exists()
-    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] >= 1
-    res = run(make_cfg([*args, f"paths.log_dir={logs}"], output_dir=folder))
-    assert res["resumed"] is True and res["job_id"] == ref["job_id"]
-    assert res["metrics"] == ref["metrics"]
+    kill_then_resume(args, make_cfg, xmx_cache, tmp_path, sig)

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from tiny_trainable import interrupted_at_epoch
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -309,18 +310,9 @@ def test_stopped_run_resumes_to_the_same_numbers(make_cfg, tmp_path, monkeypatch
     args = [*ONLINE_TINY, *method, "method.batch_size=8", f"paths.log_dir={tmp_path / 'logs'}"]
     ref = run(make_cfg(args, output_dir=tmp_path / "ref"))
 
-    class Stop(Exception):
-        pass
-
-    def stop_at_epoch_2(self):
-        if self.current_epoch == 2:
-            raise Stop()
-
     cls = ClipSVDMethod if kind == "clip_svd" else TwoSFSMethod
-    with monkeypatch.context() as m:
-        m.setattr(cls, "on_train_epoch_start", stop_at_epoch_2, raising=False)
-        with pytest.raises(Stop):
-            run(make_cfg(args, output_dir=tmp_path / "logs" / "run"))
+    with interrupted_at_epoch(monkeypatch, cls):
+        run(make_cfg(args, output_dir=tmp_path / "logs" / "run"))
     ckpt = tmp_path / "logs" / "run" / "checkpoints" / "last.ckpt"
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert saved["epoch"] == 1 and saved["global_step"] == 6

@@ -5,8 +5,10 @@ draw from the global RNG, so resumed-equals-uninterrupted also checks the RNG st
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 import lightning as L
+import pytest
 import torch
 from torch import nn
 
@@ -52,3 +54,21 @@ class SlowSteps(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         import os
         time.sleep(float(os.environ.get("XMX_TEST_STEP_SLEEP") or 0))
+
+
+class Stop(Exception):
+    """The interruption ``interrupted_at_epoch`` raises."""
+
+
+@contextmanager
+def interrupted_at_epoch(monkeypatch, method_cls, epoch: int = 2):
+    """A run of ``method_cls`` inside the block stops (raises :class:`Stop`) as epoch ``epoch`` starts: an
+    interruption between epochs, after last.ckpt of the epoch before was written. The block must raise it."""
+    def stop(self):
+        if self.current_epoch == epoch:
+            raise Stop()
+
+    with monkeypatch.context() as m:
+        m.setattr(method_cls, "on_train_epoch_start", stop, raising=False)
+        with pytest.raises(Stop):
+            yield
